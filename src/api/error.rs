@@ -1,0 +1,212 @@
+//! The one place where errors become HTTP: [`ApiError`], its status table and the OpenAI
+//! error body `{"error":{"message","type","param","code"}}`, used before a stream starts
+//! and, through [`ApiError::body`], inside one.
+
+use axum::{
+    Json,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+
+use super::{
+    types::{ErrorBody, ErrorResponse},
+    validate::ValidationError,
+};
+use crate::{
+    backend::{BackendError, ErrorKind},
+    router::RouteError,
+};
+
+/// Every way a request can fail, as the API reports it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    #[error("Request body is larger than the limit of {limit} bytes.")]
+    PayloadTooLarge { limit: usize },
+    #[error("Could not read the request body: {0}")]
+    BadBody(String),
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("Unknown request URL: {method} {path}. Please check the URL and method.")]
+    RouteNotFound { method: String, path: String },
+    #[error("Method {method} is not allowed for {path}.")]
+    MethodNotAllowed { method: String, path: String },
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// A bug; the detail is logged, the client gets a generic text.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Status, OpenAI `type` and `code` for an [`ApiError`].
+struct Classified {
+    status: StatusCode,
+    kind: &'static str,
+    code: Option<&'static str>,
+}
+
+fn classify(status: StatusCode, kind: &'static str, code: Option<&'static str>) -> Classified {
+    Classified { status, kind, code }
+}
+
+/// The status table for failed backend attempts. A client's own mistake keeps its 4xx;
+/// everything that is the gateway's fault is a 5xx, since the client cannot fix it.
+fn classify_backend(error: &BackendError) -> Classified {
+    use StatusCode as S;
+    match error.kind {
+        ErrorKind::BadRequest => classify(S::BAD_REQUEST, "invalid_request_error", None),
+        ErrorKind::RateLimited => classify(S::TOO_MANY_REQUESTS, "rate_limit_error", Some("rate_limit_exceeded")),
+        ErrorKind::Timeout(_) => classify(S::GATEWAY_TIMEOUT, "api_error", Some("upstream_timeout")),
+        ErrorKind::Connect => classify(S::BAD_GATEWAY, "api_error", Some("upstream_unreachable")),
+        ErrorKind::ServerError => classify(S::BAD_GATEWAY, "api_error", Some("upstream_error")),
+        ErrorKind::Unauthorized => classify(S::BAD_GATEWAY, "api_error", Some("upstream_auth_failed")),
+        ErrorKind::PaymentRequired => classify(S::BAD_GATEWAY, "api_error", Some("upstream_out_of_credit")),
+        ErrorKind::NotFound => classify(S::BAD_GATEWAY, "api_error", Some("upstream_model_not_found")),
+        ErrorKind::MalformedFrame => classify(S::BAD_GATEWAY, "api_error", Some("upstream_malformed_response")),
+        ErrorKind::StreamCut => classify(S::BAD_GATEWAY, "api_error", Some("upstream_stream_cut")),
+        ErrorKind::Internal => classify(S::INTERNAL_SERVER_ERROR, "api_error", Some("internal_error")),
+    }
+}
+
+impl ApiError {
+    fn classified(&self) -> Classified {
+        use StatusCode as S;
+        match self {
+            ApiError::Validation(_) | ApiError::BadBody(_) => classify(S::BAD_REQUEST, "invalid_request_error", None),
+            ApiError::ModelNotFound(_) | ApiError::Route(RouteError::UnknownModel(_)) => {
+                classify(S::NOT_FOUND, "invalid_request_error", Some("model_not_found"))
+            }
+            ApiError::PayloadTooLarge { .. } => {
+                classify(S::PAYLOAD_TOO_LARGE, "invalid_request_error", Some("request_too_large"))
+            }
+            ApiError::Unauthorized(_) => classify(S::UNAUTHORIZED, "invalid_request_error", Some("invalid_api_key")),
+            ApiError::RouteNotFound { .. } => classify(S::NOT_FOUND, "invalid_request_error", Some("unknown_url")),
+            ApiError::MethodNotAllowed { .. } => {
+                classify(S::METHOD_NOT_ALLOWED, "invalid_request_error", Some("method_not_allowed"))
+            }
+            ApiError::Route(RouteError::NoBackend { .. }) => {
+                classify(S::SERVICE_UNAVAILABLE, "api_error", Some("no_backend_available"))
+            }
+            ApiError::Route(RouteError::Backend { error, .. }) => classify_backend(error),
+            ApiError::Internal(_) => classify(S::INTERNAL_SERVER_ERROR, "api_error", Some("internal_error")),
+        }
+    }
+
+    /// HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        self.classified().status
+    }
+
+    /// The OpenAI error object, for a JSON body or an in-band stream event.
+    pub fn body(&self) -> ErrorBody {
+        let classified = self.classified();
+        let (message, param, code) = match self {
+            ApiError::Validation(err) => (err.to_string(), err.param().map(str::to_string), None),
+            ApiError::Route(RouteError::Backend { error, .. }) if error.kind == ErrorKind::BadRequest => {
+                (error.message.clone(), error.param.clone(), error.code.clone())
+            }
+            ApiError::Internal(_) => ("The server had an error while processing your request.".to_string(), None, None),
+            ApiError::Route(RouteError::Backend { error, .. }) if error.kind == ErrorKind::Internal => {
+                ("The server had an error while processing your request.".to_string(), None, None)
+            }
+            other => (other.to_string(), None, None),
+        };
+        ErrorBody {
+            message,
+            kind: classified.kind,
+            param,
+            code: code.or_else(|| classified.code.map(str::to_string)),
+        }
+    }
+
+    /// Build from a failure after the commit point (sent in-band).
+    pub fn from_stream(backend: &str, error: BackendError) -> ApiError {
+        ApiError::Route(RouteError::Backend {
+            backend: backend.to_string(),
+            error,
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), error = %self, "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), error = %self, "request rejected");
+        }
+        let mut response = (status, Json(ErrorResponse { error: self.body() })).into_response();
+        let headers = response.headers_mut();
+        if let ApiError::Route(RouteError::Backend { backend, error }) = &self {
+            if let Ok(value) = HeaderValue::from_str(backend) {
+                headers.insert("x-lifeboat-backend", value);
+            }
+            if let Some(after) = error.retry_after {
+                // Round up: `Retry-After: 0` would invite an immediate retry storm.
+                let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::backend::{Origin, TimeoutPhase};
+
+    fn backend_error(kind: ErrorKind) -> ApiError {
+        ApiError::Route(RouteError::Backend {
+            backend: "g".into(),
+            error: BackendError::new(kind, Origin::Upstream, "detail"),
+        })
+    }
+
+    #[test]
+    fn status_table() {
+        let cases = [
+            (backend_error(ErrorKind::BadRequest), 400),
+            (backend_error(ErrorKind::RateLimited), 429),
+            (backend_error(ErrorKind::Timeout(TimeoutPhase::Idle)), 504),
+            (backend_error(ErrorKind::Connect), 502),
+            (backend_error(ErrorKind::Unauthorized), 502),
+            (backend_error(ErrorKind::PaymentRequired), 502),
+            (backend_error(ErrorKind::Internal), 500),
+            (ApiError::ModelNotFound("x".into()), 404),
+            (ApiError::PayloadTooLarge { limit: 1 }, 413),
+            (ApiError::Unauthorized("no"), 401),
+        ];
+        for (error, status) in cases {
+            assert_eq!(error.status().as_u16(), status, "{error:?}");
+        }
+    }
+
+    #[test]
+    fn internal_detail_is_not_sent() {
+        let body = ApiError::Internal("secret stack trace".into()).body();
+        assert!(!body.message.contains("secret"));
+    }
+
+    #[test]
+    fn rate_limit_carries_retry_after_rounded_up() {
+        let mut error = BackendError::new(ErrorKind::RateLimited, Origin::Upstream, "slow down");
+        error.retry_after = Some(Duration::from_millis(1500));
+        let response = ApiError::Route(RouteError::Backend {
+            backend: "g".into(),
+            error,
+        })
+        .into_response();
+        assert_eq!(response.headers()["retry-after"], "2");
+        assert_eq!(response.headers()["x-lifeboat-backend"], "g");
+    }
+}

@@ -1,0 +1,318 @@
+//! The generation handlers (`/v1/chat/completions`, `/v1/completions`): validate, hand
+//! the request to the router, and answer as one JSON body or as an SSE stream.
+
+use std::{collections::BTreeMap, time::SystemTime};
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{State, rejection::BytesRejection},
+    http::{HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+};
+use futures_util::StreamExt;
+use rand::{Rng, distr::Alphanumeric};
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+
+use super::{
+    error::ApiError,
+    sse,
+    types::{AssistantMessage, ChatChoice, Completion, TextChoice},
+    validate,
+};
+use crate::{
+    app::AppState,
+    backend::{ChoiceDelta, Endpoint, GenerationEvent, Usage},
+    metrics::{self, InFlight},
+    router::Routed,
+};
+
+/// What every response of one request shares.
+#[derive(Debug, Clone)]
+pub(crate) struct ResponseMeta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub endpoint: Endpoint,
+    pub backend: String,
+    pub include_usage: bool,
+    pub started: Instant,
+}
+
+impl ResponseMeta {
+    fn new(endpoint: Endpoint, routed: &Routed, include_usage: bool, started: Instant) -> ResponseMeta {
+        let prefix = match endpoint {
+            Endpoint::ChatCompletions => "chatcmpl-",
+            Endpoint::Completions => "cmpl-",
+        };
+        let suffix: String = rand::rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect();
+        ResponseMeta {
+            id: format!("{prefix}{suffix}"),
+            created: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            model: routed.model.clone(),
+            endpoint,
+            backend: routed.backend.clone(),
+            include_usage,
+            started,
+        }
+    }
+
+    /// Record the end of the request in the metrics.
+    pub(crate) fn finish(&self, status: u16, usage: Option<&Usage>) {
+        metrics::request_finished(self.endpoint.as_str(), &self.backend, status, self.started.elapsed());
+        if let Some(usage) = usage {
+            metrics::tokens(&self.backend, usage.prompt_tokens, usage.completion_tokens);
+        }
+    }
+}
+
+/// `POST /v1/chat/completions`
+pub(crate) async fn chat_completions(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    generate(state, Endpoint::ChatCompletions, body).await
+}
+
+/// `POST /v1/completions`
+pub(crate) async fn completions(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    generate(state, Endpoint::Completions, body).await
+}
+
+async fn generate(
+    state: AppState,
+    endpoint: Endpoint,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let in_flight = InFlight::start();
+    let result = async move {
+        let body = body.map_err(|rejection| body_error(rejection, state.max_body_bytes))?;
+        let request = validate::parse(endpoint, &body)?;
+        if !state.router.knows_model(&request.model) {
+            return Err(ApiError::ModelNotFound(request.model));
+        }
+        let (stream, include_usage) = (request.stream, request.include_usage);
+        let routed = state.router.dispatch(request).await?;
+        metrics::first_token(&routed.backend, started.elapsed());
+        let meta = ResponseMeta::new(endpoint, &routed, include_usage, started);
+        let headers = [
+            ("x-lifeboat-backend", header_value(&routed.backend)),
+            ("x-lifeboat-attempts", HeaderValue::from(routed.attempts)),
+        ];
+        if stream {
+            Ok((headers, sse::respond(routed.events, meta, in_flight)).into_response())
+        } else {
+            let body = collect(routed, &meta).await?;
+            Ok((headers, body).into_response())
+        }
+    }
+    .await;
+    if let Err(error) = &result {
+        let backend = match error {
+            ApiError::Route(crate::router::RouteError::Backend { backend, .. }) => backend.as_str(),
+            _ => "none",
+        };
+        metrics::request_finished(endpoint.as_str(), backend, error.status().as_u16(), started.elapsed());
+    }
+    result
+}
+
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+fn body_error(rejection: BytesRejection, limit: usize) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge { limit }
+    } else {
+        ApiError::BadBody(rejection.body_text())
+    }
+}
+
+/// One choice being assembled from deltas.
+#[derive(Debug, Default)]
+struct ChoiceAcc {
+    content: Option<String>,
+    reasoning: Option<String>,
+    /// Tool calls by their `index`.
+    tool_calls: BTreeMap<u64, Map<String, Value>>,
+    logprobs: Option<Value>,
+    finish_reason: Option<String>,
+}
+
+impl ChoiceAcc {
+    fn add(&mut self, delta: ChoiceDelta) {
+        if let Some(text) = delta.content {
+            self.content.get_or_insert_with(String::new).push_str(&text);
+        }
+        if let Some(text) = delta.reasoning_content {
+            self.reasoning.get_or_insert_with(String::new).push_str(&text);
+        }
+        for call in delta.tool_calls.into_iter().flatten() {
+            let Value::Object(call) = call else { continue };
+            let index = call.get("index").and_then(Value::as_u64).unwrap_or(0);
+            merge_tool_call(self.tool_calls.entry(index).or_default(), call);
+        }
+        if let Some(logprobs) = delta.logprobs {
+            match &mut self.logprobs {
+                Some(acc) => merge_logprobs(acc, logprobs),
+                None => self.logprobs = Some(logprobs),
+            }
+        }
+        if delta.finish_reason.is_some() {
+            self.finish_reason = delta.finish_reason;
+        }
+    }
+}
+
+/// Merge one tool-call delta: strings inside `function` are concatenated (arguments
+/// arrive in pieces), other fields are set once.
+fn merge_tool_call(acc: &mut Map<String, Value>, delta: Map<String, Value>) {
+    for (key, value) in delta {
+        match (key.as_str(), value) {
+            ("index", _) => {}
+            ("function", Value::Object(function)) => {
+                let Value::Object(target) = acc.entry("function").or_insert_with(|| Value::Object(Map::new())) else {
+                    continue;
+                };
+                for (field, piece) in function {
+                    match (target.get_mut(&field), piece) {
+                        (Some(Value::String(existing)), Value::String(piece)) => existing.push_str(&piece),
+                        (_, piece) => {
+                            target.insert(field, piece);
+                        }
+                    }
+                }
+            }
+            (_, Value::Null) => {}
+            (_, value) => {
+                acc.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Logprobs arrive per chunk as objects of arrays (`content`, `tokens`, …): append them.
+fn merge_logprobs(acc: &mut Value, next: Value) {
+    match (acc, next) {
+        (Value::Object(acc), Value::Object(next)) => {
+            for (key, value) in next {
+                match (acc.get_mut(&key), value) {
+                    (Some(Value::Array(existing)), Value::Array(more)) => existing.extend(more),
+                    (_, value) => {
+                        acc.insert(key, value);
+                    }
+                }
+            }
+        }
+        (acc, next) => *acc = next,
+    }
+}
+
+/// Drain a routed stream into one complete response body.
+async fn collect(mut routed: Routed, meta: &ResponseMeta) -> Result<Response, ApiError> {
+    let mut choices: BTreeMap<u32, ChoiceAcc> = BTreeMap::new();
+    let mut usage: Option<Usage> = None;
+    while let Some(event) = routed.events.next().await {
+        match event {
+            Ok(GenerationEvent::Delta(delta)) => choices.entry(delta.index).or_default().add(delta),
+            Ok(GenerationEvent::Usage(u)) => usage = Some(u),
+            Err(error) => {
+                // Nothing was sent yet, so a late failure is still a clean error response.
+                metrics::stream_failed(&meta.backend, error.kind);
+                return Err(ApiError::from_stream(&meta.backend, error));
+            }
+        }
+    }
+    meta.finish(200, usage.as_ref());
+    let response = match meta.endpoint {
+        Endpoint::ChatCompletions => Json(Completion {
+            id: meta.id.clone(),
+            object: "chat.completion",
+            created: meta.created,
+            model: meta.model.clone(),
+            choices: choices
+                .into_iter()
+                .map(|(index, acc)| {
+                    let tool_calls: Vec<Value> = acc.tool_calls.into_values().map(Value::Object).collect();
+                    ChatChoice {
+                        index,
+                        message: AssistantMessage {
+                            role: "assistant",
+                            content: acc.content,
+                            reasoning_content: acc.reasoning,
+                            tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
+                        },
+                        logprobs: acc.logprobs,
+                        finish_reason: acc.finish_reason,
+                    }
+                })
+                .collect(),
+            usage,
+        })
+        .into_response(),
+        Endpoint::Completions => Json(Completion {
+            id: meta.id.clone(),
+            object: "text_completion",
+            created: meta.created,
+            model: meta.model.clone(),
+            choices: choices
+                .into_iter()
+                .map(|(index, acc)| TextChoice {
+                    index,
+                    text: acc.content.unwrap_or_default(),
+                    logprobs: acc.logprobs,
+                    finish_reason: acc.finish_reason,
+                })
+                .collect(),
+            usage,
+        })
+        .into_response(),
+    };
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn tool_call_deltas_merge_by_index() {
+        let mut acc = ChoiceAcc::default();
+        let pieces = [
+            json!([{"index": 0, "id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]),
+            json!([{"index": 0, "function": {"arguments": "{\"city\":"}}]),
+            json!([{"index": 1, "id": "c2", "type": "function", "function": {"name": "f", "arguments": "{}"}}]),
+            json!([{"index": 0, "function": {"arguments": "\"Paris\"}"}}]),
+        ];
+        for piece in pieces {
+            let Value::Array(calls) = piece else { unreachable!() };
+            acc.add(ChoiceDelta {
+                tool_calls: Some(calls),
+                ..ChoiceDelta::default()
+            });
+        }
+        let calls: Vec<Value> = acc.tool_calls.into_values().map(Value::Object).collect();
+        assert_eq!(
+            calls[0],
+            json!({"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}})
+        );
+        assert_eq!(calls[1]["id"], "c2");
+    }
+
+    #[test]
+    fn logprobs_append() {
+        let mut acc = json!({"content": [{"token": "a"}]});
+        merge_logprobs(&mut acc, json!({"content": [{"token": "b"}], "refusal": null}));
+        assert_eq!(acc["content"].as_array().map(Vec::len), Some(2));
+    }
+}

@@ -1,0 +1,117 @@
+//! The application: shared state, the axum app built by a function, and the server entry
+//! that takes a listener and a shutdown future (so tests start it on port 0).
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use axum::{
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tower_http::{catch_panic::CatchPanicLayer, trace::TraceLayer};
+
+use crate::{
+    api::{self, auth::ClientKeys, types::ErrorResponse},
+    backend::Backend,
+    config::{Config, ConfigError, EnvSource, resolve_secret},
+    metrics,
+    router::{RouteTable, Router},
+    upstream::RemoteBackend,
+};
+
+/// Handles shared by every request.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub router: Arc<Router>,
+    pub metrics: PrometheusHandle,
+    pub client_keys: Arc<ClientKeys>,
+    pub max_body_bytes: usize,
+    /// Process start, reported as `created` of the models.
+    pub started_unix: u64,
+}
+
+impl AppState {
+    /// Build backends and the router from a validated config; secrets come from `env`.
+    pub fn from_config(config: &Config, env: &dyn EnvSource) -> Result<AppState, ConfigError> {
+        config.validate()?;
+        let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
+        for (name, remote) in &config.remotes {
+            let key = match &remote.api_key_env {
+                Some(var) => Some(resolve_secret(env, &format!("remotes.{name}.api_key_env"), var)?),
+                None => None,
+            };
+            let backend = RemoteBackend::new(name.clone(), remote, key).map_err(|err| ConfigError::Invalid {
+                key: format!("remotes.{name}"),
+                message: err.message,
+            })?;
+            backends.push(Arc::new(backend));
+        }
+        let client_keys = config
+            .server
+            .client_api_key_envs
+            .iter()
+            .enumerate()
+            .map(|(i, var)| resolve_secret(env, &format!("server.client_api_key_envs[{i}]"), var))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(AppState {
+            router: Arc::new(Router::new(RouteTable::from_config(config), backends)),
+            metrics: metrics::install(),
+            client_keys: Arc::new(ClientKeys::new(&client_keys)),
+            max_body_bytes: config.server.max_body_bytes,
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        })
+    }
+}
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> axum::Router {
+    api::routes(state)
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(TraceLayer::new_for_http())
+}
+
+/// A panic is a bug: log it, answer with a generic OpenAI error, keep the server up.
+fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let detail = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    tracing::error!(panic = detail, "request handler panicked");
+    let body = ErrorResponse {
+        error: api::error::ApiError::Internal(detail.to_string()).body(),
+    };
+    (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()
+}
+
+/// Serve `app` on `listener` until `shutdown` resolves; then stop accepting and give
+/// in-flight requests `grace` to finish before returning.
+pub async fn run(
+    listener: TcpListener,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = signalled_tx.send(());
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown).into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result,
+        _ = signalled_rx => {}
+    }
+    tracing::info!(grace = %humantime::format_duration(grace), "shutting down: draining in-flight requests");
+    match tokio::time::timeout(grace, server).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!("grace period over; closing the remaining connections");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Command-line interface: `lifeboat serve` and `lifeboat mock-upstream`, one file each.
+
+pub mod mock_upstream;
+pub mod serve;
+
+use clap::{Parser, Subcommand};
+
+/// On-prem OpenAI-compatible endpoint that prefers a hosted gateway and keeps answering
+/// when it fails.
+#[derive(Debug, Parser)]
+#[command(name = "lifeboat", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the OpenAI-compatible API.
+    Serve(serve::ServeArgs),
+    /// Run the scriptable fake gateway used by tests and benchmarks.
+    MockUpstream(mock_upstream::MockUpstreamArgs),
+}
+
+/// A failed command: the message is printed as it is, with exit code 2 for bad input
+/// (config, arguments) and 1 for runtime failures.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Usage(_) => 2,
+            CliError::Runtime(_) => 1,
+        }
+    }
+}
+
+/// Run the parsed command.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Serve(args) => serve::run(args).await,
+        Command::MockUpstream(args) => mock_upstream::run(args).await,
+    }
+}

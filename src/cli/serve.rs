@@ -1,0 +1,79 @@
+//! `lifeboat serve`: load the config, apply flags and environment, build the backends and
+//! the router, and serve until SIGTERM/SIGINT with a graceful drain.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::Args;
+use tokio::net::TcpListener;
+
+use super::CliError;
+use crate::{
+    app::{self, AppState},
+    config::{Config, Overrides, ProcessEnv},
+    shutdown,
+};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file (see lifeboat.example.toml). Without it, defaults apply.
+    #[arg(long, short, env = "LIFEBOAT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "LIFEBOAT_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Base URL of the remote OpenAI-compatible gateway, ending in /v1.
+    #[arg(long, env = "LIFEBOAT_REMOTE_URL", value_name = "URL")]
+    pub remote_url: Option<String>,
+    /// Name of the environment variable holding the gateway's API key.
+    #[arg(long, env = "LIFEBOAT_REMOTE_API_KEY_ENV", value_name = "NAME")]
+    pub remote_api_key_env: Option<String>,
+    /// Model served by the remote (repeat or comma-separate for several).
+    #[arg(long, env = "LIFEBOAT_REMOTE_MODEL", value_name = "NAME", value_delimiter = ',')]
+    pub remote_model: Vec<String>,
+}
+
+impl ServeArgs {
+    /// The config this invocation means: file (or defaults), then flags/environment.
+    pub fn load_config(&self) -> Result<Config, CliError> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path).map_err(|e| CliError::Usage(e.to_string()))?,
+            None => Config::default(),
+        };
+        config
+            .apply(&Overrides {
+                listen: self.listen,
+                remote_url: self.remote_url.clone(),
+                remote_api_key_env: self.remote_api_key_env.clone(),
+                remote_models: self.remote_model.clone(),
+            })
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        if let Some((name, remote)) = config.remotes.iter_mut().find(|(_, r)| r.models.is_empty()) {
+            // A gateway with no model listed would be unreachable; DeepSeek's chat model
+            // is the one lifeboat exists for.
+            tracing::info!(remote = %name, "no models listed for the remote; serving deepseek-chat");
+            remote.models.push("deepseek-chat".to_string());
+        }
+        Ok(config)
+    }
+}
+
+pub async fn run(args: ServeArgs) -> Result<(), CliError> {
+    let config = args.load_config()?;
+    let state = AppState::from_config(&config, &ProcessEnv).map_err(|e| CliError::Usage(e.to_string()))?;
+    if !state.router.has_backends() {
+        tracing::warn!("no backend configured: every generation request will fail; pass --remote-url URL");
+    }
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| CliError::Runtime(format!("cannot listen on {}: {e}", config.server.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CliError::Runtime(format!("cannot read the listening address: {e}")))?;
+    for (name, remote) in &config.remotes {
+        tracing::info!(remote = %name, base_url = %remote.base_url, models = ?remote.models, "remote gateway");
+    }
+    tracing::info!(%addr, "lifeboat listening; OpenAI base URL http://{addr}/v1");
+    app::run(listener, app::app(state), shutdown::signal(), config.server.shutdown_grace)
+        .await
+        .map_err(|e| CliError::Runtime(format!("server error: {e}")))
+}

@@ -1,0 +1,491 @@
+//! lifeboat's configuration: one strict TOML file, defaults that start with no file at
+//! all, overrides from flags and `LIFEBOAT_*` variables, and secrets only by reference.
+//!
+//! Precedence, highest first: command-line flags, environment (clap reads both into
+//! [`Overrides`]), the file, the defaults below. Every error names the key path.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt,
+    net::SocketAddr,
+    path::Path,
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// Remote OpenAI-compatible gateways by name, e.g. `[remotes.gateway]`.
+    pub remotes: BTreeMap<String, RemoteConfig>,
+    /// Public model names, aliases and renames, e.g. `[[routes]]`.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[server]`: the HTTP side facing clients.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Largest accepted request body in bytes. Default 8 MiB (base64 images are big).
+    pub max_body_bytes: usize,
+    /// How long in-flight requests may run after SIGTERM/SIGINT. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Names of environment variables that each hold one accepted client API key.
+    /// Empty (the default) means no client authentication.
+    pub client_api_key_envs: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 8 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(30),
+            client_api_key_envs: Vec::new(),
+        }
+    }
+}
+
+/// `[remotes.NAME]`: one OpenAI-compatible gateway.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteConfig {
+    /// Base URL ending in `/v1`, e.g. `https://api.deepseek.com/v1`.
+    pub base_url: String,
+    /// Name of the environment variable that holds the gateway key (never the key).
+    pub api_key_env: Option<String>,
+    /// Models served under the same name at the gateway and by lifeboat.
+    pub models: Vec<String>,
+    /// TCP + TLS connect deadline. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// From sending the request to the first content token. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub first_token_timeout: Duration,
+    /// Longest gap between two data frames; `: keep-alive` comments do not count. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Whole attempt. Default 10 min.
+    #[serde(with = "humantime_serde")]
+    pub total_timeout: Duration,
+    /// Idle keep-alive connections kept per host. Default 64.
+    pub pool_max_idle_per_host: usize,
+    /// How long an idle pooled connection is kept. Default 90 s.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            base_url: String::new(),
+            api_key_env: None,
+            models: Vec::new(),
+            connect_timeout: Duration::from_secs(5),
+            first_token_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+            total_timeout: Duration::from_secs(600),
+            pool_max_idle_per_host: 64,
+            pool_idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// `[[routes]]`: a public model name served by a remote under another name.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The name clients use and `/v1/models` lists.
+    pub name: String,
+    /// Other names that resolve to this route (e.g. `deepseek-v3`).
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Key of the remote in `[remotes]`.
+    pub remote: String,
+    /// Model name at the gateway; defaults to `name`.
+    pub remote_model: Option<String>,
+}
+
+/// Settings that flags or `LIFEBOAT_*` variables override (clap merges the two).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub remote_url: Option<String>,
+    pub remote_api_key_env: Option<String>,
+    pub remote_models: Vec<String>,
+}
+
+/// A configuration problem, always naming where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// `detail` is "line N, column M: key.path: message", each part when known.
+    #[error("{origin}: {detail}")]
+    Parse { origin: String, detail: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Name of the remote created by `--remote-url` when the file defines none.
+pub const DEFAULT_REMOTE_NAME: &str = "gateway";
+
+impl Config {
+    /// Read and parse a TOML file; the error names the file, line and key path.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parse TOML text; `origin` names the text in errors (usually the file name).
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let deserializer = toml::Deserializer::parse(text).map_err(|err| parse_error(origin, text, "", &err))?;
+        serde_path_to_error::deserialize(deserializer).map_err(|err| {
+            let key = err.path().to_string();
+            let key = if key == "." { String::new() } else { key };
+            parse_error(origin, text, &key, err.inner())
+        })
+    }
+
+    /// Apply flag/environment overrides on top of the file.
+    pub fn apply(&mut self, overrides: &Overrides) -> Result<(), ConfigError> {
+        if let Some(listen) = overrides.listen {
+            self.server.listen = listen;
+        }
+        let touches_remote = overrides.remote_url.is_some()
+            || overrides.remote_api_key_env.is_some()
+            || !overrides.remote_models.is_empty();
+        if !touches_remote {
+            return Ok(());
+        }
+        let name = match self.remotes.len() {
+            0 => DEFAULT_REMOTE_NAME.to_string(),
+            1 => self.remotes.keys().next().cloned().unwrap_or_default(),
+            _ => {
+                let names: Vec<&str> = self.remotes.keys().map(String::as_str).collect();
+                return Err(ConfigError::invalid(
+                    "--remote-url/--remote-api-key-env/--remote-model",
+                    format!(
+                        "ambiguous: the config file defines several remotes ({}); edit the file instead",
+                        names.join(", ")
+                    ),
+                ));
+            }
+        };
+        let remote = self.remotes.entry(name).or_default();
+        if let Some(url) = &overrides.remote_url {
+            remote.base_url = url.clone();
+        }
+        if let Some(env) = &overrides.remote_api_key_env {
+            remote.api_key_env = Some(env.clone());
+        }
+        if !overrides.remote_models.is_empty() {
+            remote.models = overrides.remote_models.clone();
+        }
+        Ok(())
+    }
+
+    /// Check everything that parsing cannot: URLs, references between sections,
+    /// duplicate model names, non-zero limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.max_body_bytes == 0 {
+            return Err(ConfigError::invalid("server.max_body_bytes", "must be greater than 0"));
+        }
+        for (i, env) in self.server.client_api_key_envs.iter().enumerate() {
+            check_env_name(&format!("server.client_api_key_envs[{i}]"), env)?;
+        }
+        let mut public: HashSet<&str> = HashSet::new();
+        for (name, remote) in &self.remotes {
+            let key = |field: &str| format!("remotes.{name}.{field}");
+            check_base_url(&key("base_url"), &remote.base_url)?;
+            if let Some(env) = &remote.api_key_env {
+                check_env_name(&key("api_key_env"), env)?;
+            }
+            for (field, value) in [
+                ("connect_timeout", remote.connect_timeout),
+                ("first_token_timeout", remote.first_token_timeout),
+                ("idle_timeout", remote.idle_timeout),
+                ("total_timeout", remote.total_timeout),
+            ] {
+                if value.is_zero() {
+                    return Err(ConfigError::invalid(key(field), "must be greater than 0"));
+                }
+            }
+            for (i, model) in remote.models.iter().enumerate() {
+                if model.trim().is_empty() {
+                    return Err(ConfigError::invalid(key(&format!("models[{i}]")), "must not be empty"));
+                }
+                if !public.insert(model) {
+                    return Err(ConfigError::invalid(
+                        key(&format!("models[{i}]")),
+                        format!("model name {model:?} is already served by another remote or route"),
+                    ));
+                }
+            }
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            let key = |field: &str| format!("routes[{i}].{field}");
+            if route.name.trim().is_empty() {
+                return Err(ConfigError::invalid(key("name"), "must not be empty"));
+            }
+            if !self.remotes.contains_key(&route.remote) {
+                let known: Vec<&str> = self.remotes.keys().map(String::as_str).collect();
+                return Err(ConfigError::invalid(
+                    key("remote"),
+                    format!(
+                        "no remote named {:?} (defined remotes: {})",
+                        route.remote,
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    ),
+                ));
+            }
+            for (j, name) in std::iter::once(&route.name).chain(&route.aliases).enumerate() {
+                if !public.insert(name) {
+                    let field = if j == 0 { "name".to_string() } else { format!("aliases[{}]", j - 1) };
+                    return Err(ConfigError::invalid(
+                        key(&field),
+                        format!("model name {name:?} is defined twice"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_error(origin: &str, text: &str, key: &str, err: &toml::de::Error) -> ConfigError {
+    let location = err.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!("line {line}, column {column}")
+    });
+    let parts: Vec<String> = [location, Some(key.to_string()), Some(err.message().trim().to_string())]
+        .into_iter()
+        .flatten()
+        .filter(|part| !part.is_empty())
+        .collect();
+    ConfigError::Parse {
+        origin: origin.to_string(),
+        detail: parts.join(": "),
+    }
+}
+
+fn check_base_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    if url.is_empty() {
+        return Err(ConfigError::invalid(key, "is required (the gateway's base URL ending in /v1)"));
+    }
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|err| ConfigError::invalid(key, format!("{url:?} is not a valid URL: {err}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(ConfigError::invalid(key, format!("{url:?} must start with http:// or https://")));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(ConfigError::invalid(key, format!("{url:?} must not have a query or fragment")));
+    }
+    Ok(())
+}
+
+fn check_env_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let valid = !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            format!("{name:?} is not an environment variable name (it must name the variable, never hold the key)"),
+        ))
+    }
+}
+
+/// Where secrets are looked up; the process environment in production, a map in tests.
+pub trait EnvSource {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl EnvSource for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl EnvSource for HashMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+/// A secret value (API key). Its `Debug` and `Display` never show the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The value itself; call only where it is sent (an HTTP header) or compared.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Read the secret held by environment variable `name`; `key` is the config path that
+/// named it, for the error message.
+pub fn resolve_secret(env: &dyn EnvSource, key: &str, name: &str) -> Result<Secret, ConfigError> {
+    match env.var(name) {
+        Some(value) if !value.trim().is_empty() => Ok(Secret(value.trim().to_string())),
+        Some(_) => Err(ConfigError::invalid(key, format!("environment variable {name} is empty"))),
+        None => Err(ConfigError::invalid(key, format!("environment variable {name} is not set"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, "test.toml")
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = parse("").expect("empty config parses");
+        assert_eq!(config, Config::default());
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
+        config.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn example_file_is_valid() {
+        let text = include_str!("../lifeboat.example.toml");
+        let config = parse(text).expect("example parses");
+        config.validate().expect("example validates");
+        assert_eq!(config.remotes["deepseek"].api_key_env.as_deref(), Some("DEEPSEEK_API_KEY"));
+    }
+
+    #[test]
+    fn durations_are_human_readable() {
+        let config = parse("[remotes.g]\nbase_url = \"http://x/v1\"\nfirst_token_timeout = \"1m 30s\"\n")
+            .expect("parses");
+        assert_eq!(config.remotes["g"].first_token_timeout, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = parse("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n").expect_err("unknown key");
+        let text = err.to_string();
+        assert!(text.starts_with("test.toml: line 3"), "{text}");
+        assert!(text.contains("unknown field `lisen`"), "{text}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key_path() {
+        let err = parse("[remotes.g]\nbase_url = \"http://x/v1\"\nidle_timeout = \"soon\"\n").expect_err("bad duration");
+        let text = err.to_string();
+        assert!(text.contains("remotes.g.idle_timeout"), "{text}");
+        let err = parse("[server]\nmax_body_bytes = \"big\"\n").expect_err("bad type");
+        assert!(err.to_string().contains("server.max_body_bytes"), "{err}");
+    }
+
+    #[test]
+    fn validate_names_bad_keys() {
+        let config = parse("[remotes.g]\nbase_url = \"ftp://x\"\n").expect("parses");
+        let err = config.validate().expect_err("ftp refused").to_string();
+        assert!(err.starts_with("remotes.g.base_url:"), "{err}");
+
+        let config = parse("[remotes.g]\nbase_url = \"http://x/v1\"\napi_key_env = \"sk-123 secret\"\n").expect("parses");
+        let err = config.validate().expect_err("key in place of env name").to_string();
+        assert!(err.starts_with("remotes.g.api_key_env:"), "{err}");
+
+        let config = parse("[[routes]]\nname = \"a\"\nremote = \"nope\"\n").expect("parses");
+        let err = config.validate().expect_err("dangling remote").to_string();
+        assert!(err.starts_with("routes[0].remote:"), "{err}");
+
+        let config = parse(
+            "[remotes.g]\nbase_url = \"http://x/v1\"\nmodels = [\"m\"]\n[[routes]]\nname = \"n\"\naliases = [\"m\"]\nremote = \"g\"\n",
+        )
+        .expect("parses");
+        let err = config.validate().expect_err("duplicate name").to_string();
+        assert!(err.starts_with("routes[0].aliases[0]:"), "{err}");
+    }
+
+    #[test]
+    fn overrides_beat_the_file() {
+        let mut config = parse("[server]\nlisten = \"127.0.0.1:1\"\n[remotes.g]\nbase_url = \"http://a/v1\"\n").expect("parses");
+        config
+            .apply(&Overrides {
+                listen: Some("127.0.0.1:2".parse().expect("addr")),
+                remote_url: Some("http://b/v1".into()),
+                remote_api_key_env: Some("KEY".into()),
+                remote_models: vec!["m".into()],
+            })
+            .expect("applies");
+        assert_eq!(config.server.listen.port(), 2);
+        assert_eq!(config.remotes["g"].base_url, "http://b/v1");
+        assert_eq!(config.remotes["g"].api_key_env.as_deref(), Some("KEY"));
+        assert_eq!(config.remotes["g"].models, vec!["m".to_string()]);
+    }
+
+    #[test]
+    fn remote_flags_create_a_remote_when_the_file_has_none() {
+        let mut config = Config::default();
+        config
+            .apply(&Overrides {
+                remote_url: Some("http://b/v1".into()),
+                ..Overrides::default()
+            })
+            .expect("applies");
+        assert_eq!(config.remotes[DEFAULT_REMOTE_NAME].base_url, "http://b/v1");
+    }
+
+    #[test]
+    fn secrets_are_redacted_and_missing_ones_named() {
+        let mut env = HashMap::new();
+        env.insert("GW".to_string(), "sk-very-secret".to_string());
+        let secret = resolve_secret(&env, "remotes.g.api_key_env", "GW").expect("set");
+        assert_eq!(secret.expose(), "sk-very-secret");
+        assert!(!format!("{secret:?} {secret}").contains("sk-very"));
+        let err = resolve_secret(&env, "remotes.g.api_key_env", "MISSING").expect_err("unset");
+        assert_eq!(err.to_string(), "remotes.g.api_key_env: environment variable MISSING is not set");
+    }
+}

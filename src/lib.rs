@@ -1,0 +1,28 @@
+//! lifeboat: an on-prem OpenAI-compatible endpoint that prefers a hosted gateway and
+//! keeps answering when it is slow, rate-limited, out of credit or down.
+//!
+//! # Layout
+//!
+//! Dependency direction: `api → router → backend ← upstream`; `metrics` is a leaf.
+//!
+//! - [`cli`]: the `lifeboat` subcommands, one file each.
+//! - [`config`]: the strict TOML config, overrides and secrets by reference.
+//! - [`app`]: shared state, the axum app and the server entry (listener + shutdown).
+//! - [`api`]: the OpenAI wire format, validation, errors → HTTP, SSE.
+//! - [`router`]: route table and the commit point; decides who serves.
+//! - [`backend`]: the `Backend` trait and the engine-neutral event stream.
+//! - [`upstream`]: the remote gateway over reqwest, SSE parsing, error classification.
+//! - [`metrics`]: metric names with units, Prometheus rendering.
+//! - [`mock_upstream`]: the scriptable fake gateway for tests, benches and the CLI.
+//! - [`shutdown`]: the SIGINT/SIGTERM future.
+
+pub mod api;
+pub mod app;
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod mock_upstream;
+pub mod router;
+pub mod shutdown;
+pub mod upstream;

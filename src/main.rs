@@ -1,0 +1,18 @@
+//! The `lifeboat` binary: parse the command line, set up logging, run the subcommand.
+
+use clap::Parser;
+use lifeboat::cli::{self, Cli};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("LIFEBOAT_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(err) = cli::run(cli).await {
+        eprintln!("lifeboat: {err}");
+        std::process::exit(err.exit_code());
+    }
+}

@@ -1,0 +1,116 @@
+//! Metric names (defined once, with their units) and the small helpers that record them.
+//! A leaf module: anyone may call it. Rendered in Prometheus text format at `/metrics`.
+
+use std::{sync::OnceLock, time::Duration};
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::backend::{BackendKind, ErrorKind};
+
+/// Client requests by `endpoint`, `backend` (or `none`) and HTTP `status`.
+pub const REQUESTS_TOTAL: &str = "lifeboat_requests_total";
+/// Time from receiving a request to its last byte, by `endpoint` and `backend`.
+pub const REQUEST_DURATION_SECONDS: &str = "lifeboat_request_duration_seconds";
+/// Time from receiving a request to its first output, by `backend`.
+pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "lifeboat_time_to_first_token_seconds";
+/// Attempts started on a backend, by `backend` and `kind` (`remote`/`local`).
+pub const ATTEMPTS_TOTAL: &str = "lifeboat_attempts_total";
+/// Failed attempts, by `backend` and error `kind` (see `ErrorKind::as_str`).
+pub const ATTEMPT_ERRORS_TOTAL: &str = "lifeboat_attempt_errors_total";
+/// Failures after the commit point, sent in-band to the client, by `backend` and `kind`.
+pub const STREAM_ERRORS_TOTAL: &str = "lifeboat_stream_errors_total";
+/// Tokens accounted, by `backend` and `type` (`prompt`/`completion`).
+pub const TOKENS_TOTAL: &str = "lifeboat_tokens_total";
+/// Requests being answered right now.
+pub const IN_FLIGHT_REQUESTS: &str = "lifeboat_in_flight_requests";
+
+/// Latency buckets in seconds, from 1 ms to 10 min.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// Install the process-wide recorder once and return its handle. Every app in the process
+/// (tests start several) shares it, because `metrics` has one global recorder.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder was installed first (a host program); then our
+            // handle renders nothing, which is better than refusing to start.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(REQUESTS_TOTAL, "Client requests by endpoint, backend and status");
+    metrics::describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Request duration until the last byte"
+    );
+    metrics::describe_histogram!(
+        TIME_TO_FIRST_TOKEN_SECONDS,
+        metrics::Unit::Seconds,
+        "Time from request to first output"
+    );
+    metrics::describe_counter!(ATTEMPTS_TOTAL, "Attempts started per backend");
+    metrics::describe_counter!(ATTEMPT_ERRORS_TOTAL, "Failed attempts per backend and error kind");
+    metrics::describe_counter!(STREAM_ERRORS_TOTAL, "Failures after the first streamed byte");
+    metrics::describe_counter!(TOKENS_TOTAL, "Tokens per backend and type");
+    metrics::describe_gauge!(IN_FLIGHT_REQUESTS, "Requests in flight");
+}
+
+pub fn attempt_started(backend: &str, kind: BackendKind) {
+    metrics::counter!(ATTEMPTS_TOTAL, "backend" => backend.to_string(), "kind" => kind.as_str()).increment(1);
+}
+
+pub fn attempt_failed(backend: &str, kind: ErrorKind) {
+    metrics::counter!(ATTEMPT_ERRORS_TOTAL, "backend" => backend.to_string(), "kind" => kind.as_str())
+        .increment(1);
+}
+
+pub fn stream_failed(backend: &str, kind: ErrorKind) {
+    metrics::counter!(STREAM_ERRORS_TOTAL, "backend" => backend.to_string(), "kind" => kind.as_str())
+        .increment(1);
+}
+
+pub fn request_finished(endpoint: &'static str, backend: &str, status: u16, elapsed: Duration) {
+    metrics::counter!(REQUESTS_TOTAL, "endpoint" => endpoint, "backend" => backend.to_string(), "status" => status.to_string())
+        .increment(1);
+    metrics::histogram!(REQUEST_DURATION_SECONDS, "endpoint" => endpoint, "backend" => backend.to_string())
+        .record(elapsed.as_secs_f64());
+}
+
+pub fn first_token(backend: &str, elapsed: Duration) {
+    metrics::histogram!(TIME_TO_FIRST_TOKEN_SECONDS, "backend" => backend.to_string()).record(elapsed.as_secs_f64());
+}
+
+pub fn tokens(backend: &str, prompt: u64, completion: u64) {
+    metrics::counter!(TOKENS_TOTAL, "backend" => backend.to_string(), "type" => "prompt").increment(prompt);
+    metrics::counter!(TOKENS_TOTAL, "backend" => backend.to_string(), "type" => "completion").increment(completion);
+}
+
+/// Counts a request as in flight until dropped.
+#[derive(Debug)]
+pub struct InFlight(());
+
+impl InFlight {
+    pub fn start() -> InFlight {
+        metrics::gauge!(IN_FLIGHT_REQUESTS).increment(1.0);
+        InFlight(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(IN_FLIGHT_REQUESTS).decrement(1.0);
+    }
+}

@@ -1,0 +1,737 @@
+//! A scriptable OpenAI-compatible upstream: the one fake gateway used by the tests, the
+//! benchmarks and `lifeboat mock-upstream`.
+//!
+//! It answers `/v1/chat/completions`, `/v1/completions` and `/v1/models` (streaming and not,
+//! with usage) with deterministic text, with configurable first-token delay, inter-token
+//! delay and length. A fault mode, switched at runtime through [`MockUpstream::set_fault`]
+//! or `POST /_mock/fault`, makes it misbehave the way real gateways do; it counts the
+//! requests it saw in each mode so tests can assert how many upstream calls were made.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    convert::Infallible,
+    fmt,
+    net::SocketAddr,
+    str::FromStr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use axum::{
+    Json, Router,
+    body::{Body, Bytes},
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use futures_util::StreamExt;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+    service::TowerToHyperService,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::{
+    net::TcpListener,
+    sync::{oneshot, watch},
+};
+
+/// How the mock misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultMode {
+    /// Behave.
+    None,
+    /// Close the listening socket and every open connection: connections are refused.
+    /// Requests are never seen, so this mode's count stays 0.
+    Refuse,
+    /// 500 with an OpenAI error body.
+    Http500,
+    /// 503 with an OpenAI error body.
+    Http503,
+    /// 429 with `Retry-After` (see [`MockSettings::retry_after`]).
+    Http429,
+    /// 402: the account is out of credit.
+    Http402,
+    /// 401: the key is wrong.
+    Http401,
+    /// Accept the request and never answer.
+    Hang,
+    /// Answer 200 and send only `: keep-alive` comments, forever.
+    Keepalive,
+    /// Stream [`MockSettings::cut_after`] content chunks, then drop the connection.
+    MidstreamCut,
+    /// Answer 200 with a frame that is not JSON.
+    Malformed,
+    /// Behave, but send the first token only after [`MockSettings::slow_first_token`].
+    Slow,
+}
+
+impl FaultMode {
+    pub const ALL: [FaultMode; 12] = [
+        FaultMode::None,
+        FaultMode::Refuse,
+        FaultMode::Http500,
+        FaultMode::Http503,
+        FaultMode::Http429,
+        FaultMode::Http402,
+        FaultMode::Http401,
+        FaultMode::Hang,
+        FaultMode::Keepalive,
+        FaultMode::MidstreamCut,
+        FaultMode::Malformed,
+        FaultMode::Slow,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultMode::None => "none",
+            FaultMode::Refuse => "refuse",
+            FaultMode::Http500 => "http500",
+            FaultMode::Http503 => "http503",
+            FaultMode::Http429 => "http429",
+            FaultMode::Http402 => "http402",
+            FaultMode::Http401 => "http401",
+            FaultMode::Hang => "hang",
+            FaultMode::Keepalive => "keepalive",
+            FaultMode::MidstreamCut => "midstream_cut",
+            FaultMode::Malformed => "malformed",
+            FaultMode::Slow => "slow",
+        }
+    }
+}
+
+impl fmt::Display for FaultMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for FaultMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        FaultMode::ALL.into_iter().find(|m| m.as_str() == s).ok_or_else(|| {
+            let names: Vec<&str> = FaultMode::ALL.iter().map(|m| m.as_str()).collect();
+            format!("unknown fault mode {s:?}; expected one of: {}", names.join(", "))
+        })
+    }
+}
+
+/// Behaviour when healthy, and the parameters of the faults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MockSettings {
+    /// Model ids it serves. Default `["deepseek-chat"]`.
+    pub models: Vec<String>,
+    /// Delay before the first content token. Default 0.
+    pub first_token_delay: Duration,
+    /// Delay between tokens. Default 0.
+    pub inter_token_delay: Duration,
+    /// Completion length when `max_tokens` does not cut it. Default 16.
+    pub tokens: u32,
+    /// `Retry-After` of `http429`. Default 1 s.
+    pub retry_after: Duration,
+    /// Content chunks sent before `midstream_cut` drops the connection. Default 3.
+    pub cut_after: u32,
+    /// First-token delay in `slow` mode. Default 2 s.
+    pub slow_first_token: Duration,
+    /// Interval of `: keep-alive` comments in `keepalive` mode. Default 100 ms.
+    pub keepalive_interval: Duration,
+    /// If set, requests must carry `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+}
+
+impl Default for MockSettings {
+    fn default() -> Self {
+        MockSettings {
+            models: vec!["deepseek-chat".to_string()],
+            first_token_delay: Duration::ZERO,
+            inter_token_delay: Duration::ZERO,
+            tokens: 16,
+            retry_after: Duration::from_secs(1),
+            cut_after: 3,
+            slow_first_token: Duration::from_secs(2),
+            keepalive_interval: Duration::from_millis(100),
+            api_key: None,
+        }
+    }
+}
+
+/// A request as the mock received it.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    pub path: String,
+    pub authorization: Option<String>,
+    pub body: Value,
+    pub mode: FaultMode,
+}
+
+#[derive(Debug)]
+struct Inner {
+    settings: MockSettings,
+    mode: FaultMode,
+    /// Requests left before the mode returns to `None`; `None` means until changed.
+    remaining: Option<u64>,
+    counts: BTreeMap<FaultMode, u64>,
+    recent: VecDeque<RecordedRequest>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    inner: Mutex<Inner>,
+    /// Bumped to close every open connection (entering `refuse`).
+    kill_connections: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave the counters inconsistent in a way
+        // that matters to a test double; keep serving.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Count a request and decide the mode it is served in.
+    fn admit(&self, path: &str, headers: &HeaderMap, body: &Value) -> (FaultMode, MockSettings) {
+        let mut inner = self.lock();
+        let mode = inner.mode;
+        *inner.counts.entry(mode).or_default() += 1;
+        if let Some(left) = inner.remaining.as_mut() {
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                inner.mode = FaultMode::None;
+                inner.remaining = None;
+            }
+        }
+        if inner.recent.len() == 64 {
+            inner.recent.pop_front();
+        }
+        inner.recent.push_back(RecordedRequest {
+            path: path.to_string(),
+            authorization: headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            body: body.clone(),
+            mode,
+        });
+        (mode, inner.settings.clone())
+    }
+}
+
+/// A running mock upstream. Dropping it stops accepting connections.
+#[derive(Debug)]
+pub struct MockUpstream {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    /// Stops the current accept loop; `None` while refusing.
+    accept_stop: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+}
+
+impl MockUpstream {
+    /// Start on `127.0.0.1:0`.
+    pub async fn start(settings: MockSettings) -> std::io::Result<MockUpstream> {
+        MockUpstream::bind(SocketAddr::from(([127, 0, 0, 1], 0)), settings).await
+    }
+
+    /// Start on `addr`.
+    pub async fn bind(addr: SocketAddr, settings: MockSettings) -> std::io::Result<MockUpstream> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let (kill_connections, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                settings,
+                mode: FaultMode::None,
+                remaining: None,
+                counts: BTreeMap::new(),
+                recent: VecDeque::new(),
+            }),
+            kill_connections,
+        });
+        let stop = spawn_accept_loop(listener, shared.clone());
+        Ok(MockUpstream {
+            addr,
+            shared,
+            accept_stop: Mutex::new(Some(stop)),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The base URL a client configures: `http://ADDR/v1`.
+    pub fn url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Switch the fault mode for every following request.
+    pub async fn set_fault(&self, mode: FaultMode) -> std::io::Result<()> {
+        self.set_fault_for(mode, None).await
+    }
+
+    /// Switch the fault mode for the next `count` requests (then back to `none`), or until
+    /// changed when `count` is `None`.
+    pub async fn set_fault_for(&self, mode: FaultMode, count: Option<u64>) -> std::io::Result<()> {
+        {
+            let mut inner = self.shared.lock();
+            inner.mode = mode;
+            inner.remaining = count.filter(|_| mode != FaultMode::Refuse);
+        }
+        let stop = self.accept_stop.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match (mode, stop) {
+            (FaultMode::Refuse, Some((stop_tx, stopped_rx))) => {
+                let _ = stop_tx.send(());
+                let _ = stopped_rx.await;
+                self.shared.kill_connections.send_modify(|generation| *generation += 1);
+            }
+            (FaultMode::Refuse, None) => {}
+            (_, Some(stop)) => *self.accept_stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(stop),
+            (_, None) => {
+                let listener = bind_again(self.addr).await?;
+                let stop = spawn_accept_loop(listener, self.shared.clone());
+                *self.accept_stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(stop);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn fault(&self) -> FaultMode {
+        self.shared.lock().mode
+    }
+
+    /// Change the healthy behaviour (delays, length, models).
+    pub fn update_settings(&self, change: impl FnOnce(&mut MockSettings)) {
+        change(&mut self.shared.lock().settings);
+    }
+
+    /// Requests received while in `mode`.
+    pub fn requests_in(&self, mode: FaultMode) -> u64 {
+        self.shared.lock().counts.get(&mode).copied().unwrap_or(0)
+    }
+
+    /// All generation and model requests received.
+    pub fn total_requests(&self) -> u64 {
+        self.shared.lock().counts.values().sum()
+    }
+
+    /// The most recent request, if any.
+    pub fn last_request(&self) -> Option<RecordedRequest> {
+        self.shared.lock().recent.back().cloned()
+    }
+
+    /// Forget counts and recorded requests.
+    pub fn reset_counts(&self) {
+        let mut inner = self.shared.lock();
+        inner.counts.clear();
+        inner.recent.clear();
+    }
+
+    /// Counts and mode as JSON (also served at `GET /_mock/stats`).
+    pub fn stats(&self) -> Value {
+        stats_json(&self.shared.lock())
+    }
+}
+
+fn stats_json(inner: &Inner) -> Value {
+    let by_mode: serde_json::Map<String, Value> =
+        inner.counts.iter().map(|(m, n)| (m.as_str().to_string(), json!(n))).collect();
+    json!({
+        "mode": inner.mode,
+        "remaining": inner.remaining,
+        "total": inner.counts.values().sum::<u64>(),
+        "by_mode": by_mode,
+    })
+}
+
+/// Re-bind the address given up while refusing; retried briefly since the kernel may
+/// still hold it for a moment.
+async fn bind_again(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for _ in 0..50 {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return Ok(listener),
+            Err(err) => last = Some(err),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("cannot re-bind")))
+}
+
+/// Accept connections until told to stop; reports back once the socket is closed.
+fn spawn_accept_loop(listener: TcpListener, shared: Arc<Shared>) -> (oneshot::Sender<()>, oneshot::Receiver<()>) {
+    let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+    let (stopped_tx, stopped_rx) = oneshot::channel::<()>();
+    let app = app(shared.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut stop_rx => break,
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    let _ = stream.set_nodelay(true);
+                    let service = TowerToHyperService::new(app.clone());
+                    let mut kill = shared.kill_connections.subscribe();
+                    tokio::spawn(async move {
+                        let builder = auto::Builder::new(TokioExecutor::new());
+                        let conn = builder.serve_connection(TokioIo::new(stream), service);
+                        tokio::select! {
+                            _ = conn => {}
+                            _ = kill.changed() => {}
+                        }
+                    });
+                }
+            }
+        }
+        drop(listener);
+        let _ = stopped_tx.send(());
+    });
+    // The caller keeps the receiver of "stopped" to wait on it.
+    (stop_tx, stopped_rx)
+}
+
+fn app(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .with_state(shared)
+}
+
+#[derive(Debug, Deserialize)]
+struct FaultRequest {
+    mode: FaultMode,
+    #[serde(default)]
+    count: Option<u64>,
+}
+
+/// The admin API, served on its own port so that `refuse` (which closes the API socket)
+/// can be switched off again: `POST /fault {"mode": "http500", "count": 2}`,
+/// `GET /stats`, `POST /reset`.
+pub fn admin_app(mock: Arc<MockUpstream>) -> Router {
+    Router::new()
+        .route("/fault", post(admin_fault))
+        .route("/stats", get(admin_stats))
+        .route("/reset", post(admin_reset))
+        .with_state(mock)
+}
+
+async fn admin_fault(State(mock): State<Arc<MockUpstream>>, Json(request): Json<FaultRequest>) -> Response {
+    match mock.set_fault_for(request.mode, request.count).await {
+        Ok(()) => Json(mock.stats()).into_response(),
+        Err(err) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            &format!("cannot switch to {}: {err}", request.mode),
+            None,
+        ),
+    }
+}
+
+async fn admin_stats(State(mock): State<Arc<MockUpstream>>) -> Response {
+    Json(mock.stats()).into_response()
+}
+
+async fn admin_reset(State(mock): State<Arc<MockUpstream>>) -> Response {
+    if let Err(err) = mock.set_fault(FaultMode::None).await {
+        return error_response(StatusCode::INTERNAL_SERVER_ERROR, "server_error", &err.to_string(), None);
+    }
+    mock.reset_counts();
+    Json(mock.stats()).into_response()
+}
+
+fn error_response(status: StatusCode, kind: &str, message: &str, code: Option<&str>) -> Response {
+    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+    (status, Json(body)).into_response()
+}
+
+fn authorized(settings: &MockSettings, headers: &HeaderMap) -> bool {
+    let Some(key) = &settings.api_key else { return true };
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == format!("Bearer {key}"))
+}
+
+async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let (mode, settings) = shared.admit("/v1/models", &headers, &Value::Null);
+    if let Some(response) = fault_response(mode, &settings).await {
+        return response;
+    }
+    if !authorized(&settings, &headers) {
+        return error_response(StatusCode::UNAUTHORIZED, "invalid_request_error", "Incorrect API key provided.", Some("invalid_api_key"));
+    }
+    let data: Vec<Value> = settings
+        .models
+        .iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 1_700_000_000, "owned_by": "mock"}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// The answer for a mode that fails before any content; `None` for modes that stream.
+async fn fault_response(mode: FaultMode, settings: &MockSettings) -> Option<Response> {
+    let server_error = |status: StatusCode, message: &str| Some(error_response(status, "server_error", message, None));
+    match mode {
+        FaultMode::Http500 => server_error(StatusCode::INTERNAL_SERVER_ERROR, "mock: internal server error"),
+        FaultMode::Http503 => server_error(StatusCode::SERVICE_UNAVAILABLE, "mock: service unavailable"),
+        FaultMode::Http429 => {
+            let mut response = error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "mock: rate limit reached",
+                Some("rate_limit_exceeded"),
+            );
+            let secs = settings.retry_after.as_secs_f64().ceil() as u64;
+            response.headers_mut().insert(header::RETRY_AFTER, secs.into());
+            Some(response)
+        }
+        FaultMode::Http402 => Some(error_response(
+            StatusCode::PAYMENT_REQUIRED,
+            "insufficient_quota",
+            "mock: insufficient balance",
+            Some("insufficient_quota"),
+        )),
+        FaultMode::Http401 => Some(error_response(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "mock: authentication fails",
+            Some("invalid_api_key"),
+        )),
+        FaultMode::Hang => std::future::pending().await,
+        _ => None,
+    }
+}
+
+async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    generate(shared, headers, body, true).await
+}
+
+async fn completions(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    generate(shared, headers, body, false).await
+}
+
+/// The deterministic text: token `i` of every answer is always the same word.
+pub fn mock_token(i: u32) -> &'static str {
+    const WORDS: [&str; 12] = [
+        "Life", "boat", " keeps", " the", " lights", " on", " when", " the", " gateway", " goes", " dark", ".",
+    ];
+    WORDS[i as usize % WORDS.len()]
+}
+
+/// The full answer text for `n` tokens.
+pub fn mock_text(n: u32) -> String {
+    (0..n).map(mock_token).collect()
+}
+
+async fn generate(shared: Arc<Shared>, headers: HeaderMap, body: Bytes, chat: bool) -> Response {
+    let path = if chat { "/v1/chat/completions" } else { "/v1/completions" };
+    let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let (mode, settings) = shared.admit(path, &headers, &parsed);
+    if let Some(response) = fault_response(mode, &settings).await {
+        return response;
+    }
+    if !authorized(&settings, &headers) {
+        return error_response(StatusCode::UNAUTHORIZED, "invalid_request_error", "Incorrect API key provided.", Some("invalid_api_key"));
+    }
+    let Value::Object(request) = parsed else {
+        return error_response(StatusCode::BAD_REQUEST, "invalid_request_error", "mock: body is not a JSON object", None);
+    };
+    let model = request.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
+    if !settings.models.contains(&model) {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            &format!("The model `{model}` does not exist"),
+            Some("model_not_found"),
+        );
+    }
+    let max = request
+        .get("max_completion_tokens")
+        .or_else(|| request.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .map_or(u32::MAX, |m| m.min(u64::from(u32::MAX)) as u32);
+    let completion_tokens = settings.tokens.min(max);
+    let finish_reason = if completion_tokens < settings.tokens { "length" } else { "stop" };
+    let prompt_tokens = count_prompt_words(&request);
+    let usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + u64::from(completion_tokens),
+    });
+    let answer = Answer {
+        chat,
+        model,
+        completion_tokens,
+        finish_reason,
+        usage,
+        include_usage: request
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    };
+    let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let first_delay = if mode == FaultMode::Slow { settings.slow_first_token } else { settings.first_token_delay };
+    if !stream {
+        tokio::time::sleep(first_delay + settings.inter_token_delay * completion_tokens.saturating_sub(1)).await;
+        return Json(answer.full()).into_response();
+    }
+    let body = match mode {
+        FaultMode::Keepalive => {
+            let interval = settings.keepalive_interval;
+            Body::from_stream(futures_util::stream::unfold((), move |()| async move {
+                tokio::time::sleep(interval).await;
+                Some((Ok::<_, Infallible>(Bytes::from_static(b": keep-alive\n\n")), ()))
+            }))
+        }
+        FaultMode::Malformed => Body::from(
+            "data: {\"id\":\"mock\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\n\ndata: [DONE]\n\n",
+        ),
+        _ => {
+            let cut = (mode == FaultMode::MidstreamCut).then_some(settings.cut_after);
+            answer_stream(answer, first_delay, settings.inter_token_delay, cut)
+        }
+    };
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+fn count_prompt_words(request: &serde_json::Map<String, Value>) -> u64 {
+    fn words(value: &Value) -> u64 {
+        match value {
+            Value::String(s) => s.split_whitespace().count() as u64,
+            Value::Array(items) => items.iter().map(words).sum(),
+            Value::Object(map) => map.get("content").or_else(|| map.get("text")).map_or(0, words),
+            _ => 0,
+        }
+    }
+    request.get("messages").or_else(|| request.get("prompt")).map_or(0, words)
+}
+
+struct Answer {
+    chat: bool,
+    model: String,
+    completion_tokens: u32,
+    finish_reason: &'static str,
+    usage: Value,
+    include_usage: bool,
+}
+
+impl Answer {
+    fn full(&self) -> Value {
+        let text = mock_text(self.completion_tokens);
+        let choice = if self.chat {
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": self.finish_reason})
+        } else {
+            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": self.finish_reason})
+        };
+        json!({
+            "id": "mock-1", "object": if self.chat { "chat.completion" } else { "text_completion" },
+            "created": 1_700_000_000, "model": self.model, "choices": [choice], "usage": self.usage,
+        })
+    }
+
+    fn chunk(&self, choice: Value) -> Bytes {
+        let object = if self.chat { "chat.completion.chunk" } else { "text_completion" };
+        let chunk = json!({"id": "mock-1", "object": object, "created": 1_700_000_000, "model": self.model, "choices": [choice]});
+        Bytes::from(format!("data: {chunk}\n\n"))
+    }
+
+    fn token_chunk(&self, i: u32) -> Bytes {
+        let text = mock_token(i);
+        if self.chat {
+            self.chunk(json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}))
+        } else {
+            self.chunk(json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null}))
+        }
+    }
+
+    fn finish_chunk(&self) -> Bytes {
+        if self.chat {
+            self.chunk(json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": self.finish_reason}))
+        } else {
+            self.chunk(json!({"index": 0, "text": "", "logprobs": null, "finish_reason": self.finish_reason}))
+        }
+    }
+}
+
+/// The SSE body: role chunk, one chunk per token, finish chunk, usage chunk if asked,
+/// `[DONE]`. With `cut = Some(k)` the body fails after `k` tokens, which aborts the
+/// connection mid-stream.
+fn answer_stream(answer: Answer, first_delay: Duration, inter_delay: Duration, cut: Option<u32>) -> Body {
+    let stream = async_stream_of(answer, first_delay, inter_delay, cut);
+    Body::from_stream(stream)
+}
+
+fn async_stream_of(
+    answer: Answer,
+    first_delay: Duration,
+    inter_delay: Duration,
+    cut: Option<u32>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    // Step 0: role chunk; 1..=n: tokens; n+1: finish; n+2: usage; n+3: [DONE].
+    let n = answer.completion_tokens;
+    futures_util::stream::unfold((answer, 0u32), move |(answer, step)| async move {
+        if let Some(k) = cut
+            && step == k + 1
+        {
+            return Some((Err(std::io::Error::other("mock: connection cut mid-stream")), (answer, u32::MAX)));
+        }
+        let bytes = match step {
+            u32::MAX => return None,
+            0 => {
+                if answer.chat {
+                    answer.chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
+                } else {
+                    Bytes::new()
+                }
+            }
+            s if s <= n => {
+                let delay = if s == 1 { first_delay } else { inter_delay };
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                answer.token_chunk(s - 1)
+            }
+            s if s == n + 1 => answer.finish_chunk(),
+            s if s == n + 2 => {
+                if answer.include_usage {
+                    let object = if answer.chat { "chat.completion.chunk" } else { "text_completion" };
+                    let chunk = json!({"id": "mock-1", "object": object, "created": 1_700_000_000, "model": answer.model, "choices": [], "usage": answer.usage});
+                    Bytes::from(format!("data: {chunk}\n\n"))
+                } else {
+                    Bytes::new()
+                }
+            }
+            s if s == n + 3 => Bytes::from_static(b"data: [DONE]\n\n"),
+            _ => return None,
+        };
+        Some((Ok(bytes), (answer, step + 1)))
+    })
+    .filter(|item| std::future::ready(!matches!(item, Ok(b) if b.is_empty())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_modes_round_trip_through_names() {
+        for mode in FaultMode::ALL {
+            assert_eq!(mode.as_str().parse::<FaultMode>(), Ok(mode));
+            assert_eq!(serde_json::to_value(mode).expect("serializes"), json!(mode.as_str()));
+        }
+        assert!("http418".parse::<FaultMode>().unwrap_err().contains("midstream_cut"));
+    }
+
+    #[test]
+    fn text_is_deterministic() {
+        assert_eq!(mock_text(3), "Lifeboat keeps");
+    }
+}

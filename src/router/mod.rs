@@ -1,0 +1,291 @@
+//! Decides who serves a request: resolves the public model name through the route table
+//! to a backend, starts the attempt, and holds everything back until the commit point
+//! (the first real output) so a failure before it never reaches the client half-sent.
+//!
+//! No HTTP types in here: the API layer turns [`RouteError`] into a response.
+
+use std::{collections::HashMap, sync::Arc};
+
+use futures_util::StreamExt;
+
+use crate::{
+    backend::{Backend, BackendError, BackendRequest, EventStream, GenerationEvent, GenerationRequest},
+    config::Config,
+    metrics,
+};
+
+/// One place a public model name can be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Backend id (the remote's key in `[remotes]`).
+    pub backend: String,
+    /// Model name at that backend.
+    pub model: String,
+}
+
+/// A public model name and where it is served, in order of preference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub name: String,
+    pub targets: Vec<Target>,
+}
+
+/// What `/v1/models` lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    pub id: String,
+    /// The backend that serves it first.
+    pub owned_by: String,
+}
+
+/// Public names and aliases → routes.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    /// Public names in listing order (aliases are not listed).
+    public: Vec<Arc<Route>>,
+    by_name: HashMap<String, Arc<Route>>,
+}
+
+impl RouteTable {
+    /// Build from a validated config: every remote model under its own name, then each
+    /// `[[routes]]` entry with its aliases.
+    pub fn from_config(config: &Config) -> RouteTable {
+        let mut table = RouteTable::default();
+        for (remote, settings) in &config.remotes {
+            for model in &settings.models {
+                table.add(
+                    Route {
+                        name: model.clone(),
+                        targets: vec![Target {
+                            backend: remote.clone(),
+                            model: model.clone(),
+                        }],
+                    },
+                    &[],
+                );
+            }
+        }
+        for route in &config.routes {
+            table.add(
+                Route {
+                    name: route.name.clone(),
+                    targets: vec![Target {
+                        backend: route.remote.clone(),
+                        model: route.remote_model.clone().unwrap_or_else(|| route.name.clone()),
+                    }],
+                },
+                &route.aliases,
+            );
+        }
+        table
+    }
+
+    fn add(&mut self, route: Route, aliases: &[String]) {
+        let route = Arc::new(route);
+        self.public.push(route.clone());
+        self.by_name.insert(route.name.clone(), route.clone());
+        for alias in aliases {
+            self.by_name.insert(alias.clone(), route.clone());
+        }
+    }
+
+    /// The route for a public name or alias.
+    pub fn resolve(&self, model: &str) -> Option<&Arc<Route>> {
+        self.by_name.get(model)
+    }
+}
+
+/// Why no response could be produced.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("the model `{0}` does not exist")]
+    UnknownModel(String),
+    #[error("the model `{model}` has no available backend")]
+    NoBackend { model: String },
+    #[error("{error}")]
+    Backend { backend: String, error: BackendError },
+}
+
+/// A response that has passed the commit point.
+pub struct Routed {
+    /// Id of the backend that serves it (`x-lifeboat-backend`).
+    pub backend: String,
+    /// The model name that backend served (`model` field of the response).
+    pub model: String,
+    /// How many attempts were made (`x-lifeboat-attempts`).
+    pub attempts: u32,
+    /// Every event from the first one on, including those held back before the commit point.
+    pub events: EventStream,
+}
+
+impl std::fmt::Debug for Routed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routed")
+            .field("backend", &self.backend)
+            .field("model", &self.model)
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The request router.
+#[derive(Debug)]
+pub struct Router {
+    table: RouteTable,
+    backends: HashMap<String, Arc<dyn Backend>>,
+}
+
+impl Router {
+    pub fn new(table: RouteTable, backends: Vec<Arc<dyn Backend>>) -> Router {
+        let backends = backends.into_iter().map(|b| (b.id().to_string(), b)).collect();
+        Router { table, backends }
+    }
+
+    /// Public model names for `/v1/models`.
+    pub fn models(&self) -> Vec<ModelInfo> {
+        self.table
+            .public
+            .iter()
+            .map(|route| ModelInfo {
+                id: route.name.clone(),
+                owned_by: route.targets.first().map(|t| t.backend.clone()).unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// Whether any backend is configured at all (`/ready`).
+    pub fn has_backends(&self) -> bool {
+        !self.backends.is_empty()
+    }
+
+    /// Ids of the configured backends.
+    pub fn backend_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.backends.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Whether `model` names a route (public name or alias).
+    pub fn knows_model(&self, model: &str) -> bool {
+        self.table.resolve(model).is_some()
+    }
+
+    /// Serve `request`: returns once the chosen backend produced its first output, or the
+    /// error that happened before that point.
+    pub async fn dispatch(&self, request: GenerationRequest) -> Result<Routed, RouteError> {
+        let route = self
+            .table
+            .resolve(&request.model)
+            .ok_or_else(|| RouteError::UnknownModel(request.model.clone()))?
+            .clone();
+        let request = Arc::new(request);
+        let target = route
+            .targets
+            .iter()
+            .find(|t| self.backends.contains_key(&t.backend))
+            .ok_or_else(|| RouteError::NoBackend {
+                model: route.name.clone(),
+            })?;
+        let backend = self.backends[&target.backend].clone();
+        metrics::attempt_started(backend.id(), backend.kind());
+        let attempt = BackendRequest {
+            model: target.model.clone(),
+            request: request.clone(),
+        };
+        let result = match backend.generate(attempt).await {
+            Ok(events) => commit(events).await,
+            Err(error) => Err(error),
+        };
+        match result {
+            Ok(events) => Ok(Routed {
+                backend: backend.id().to_string(),
+                model: target.model.clone(),
+                attempts: 1,
+                events,
+            }),
+            Err(error) => {
+                metrics::attempt_failed(backend.id(), error.kind);
+                Err(RouteError::Backend {
+                    backend: backend.id().to_string(),
+                    error,
+                })
+            }
+        }
+    }
+}
+
+/// Wait for the first output event (or the clean end of the stream). Everything before
+/// it is buffered and replayed, so the caller sees the whole stream; an error before it is
+/// returned instead of the stream.
+async fn commit(mut events: EventStream) -> Result<EventStream, BackendError> {
+    let mut held: Vec<GenerationEvent> = Vec::new();
+    loop {
+        match events.next().await {
+            Some(Ok(event)) => {
+                let output = event.is_output();
+                held.push(event);
+                if output {
+                    break;
+                }
+            }
+            Some(Err(error)) => return Err(error),
+            None => break,
+        }
+    }
+    let replay = futures_util::stream::iter(held.into_iter().map(Ok));
+    Ok(Box::pin(replay.chain(events)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{ChoiceDelta, ErrorKind, Origin};
+
+    fn delta(content: &str) -> GenerationEvent {
+        GenerationEvent::Delta(ChoiceDelta {
+            content: Some(content.into()),
+            ..ChoiceDelta::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn errors_before_the_first_output_are_returned_not_streamed() {
+        let events: EventStream = Box::pin(futures_util::stream::iter(vec![
+            Ok(delta("")),
+            Err(BackendError::new(ErrorKind::StreamCut, Origin::Upstream, "cut")),
+        ]));
+        let err = commit(events).await.err().expect("error before commit");
+        assert_eq!(err.kind, ErrorKind::StreamCut);
+    }
+
+    #[tokio::test]
+    async fn held_events_are_replayed_in_order() {
+        let events: EventStream = Box::pin(futures_util::stream::iter(vec![
+            Ok(delta("")),
+            Ok(delta("a")),
+            Err(BackendError::new(ErrorKind::StreamCut, Origin::Upstream, "cut")),
+        ]));
+        let stream = commit(events).await.expect("committed");
+        let items: Vec<_> = stream.collect().await;
+        assert_eq!(items.len(), 3);
+        assert!(matches!(&items[1], Ok(e) if *e == delta("a")));
+        assert!(items[2].is_err());
+    }
+
+    #[test]
+    fn route_table_resolves_names_and_aliases() {
+        let config = Config::from_toml(
+            "[remotes.g]\nbase_url = \"http://x/v1\"\nmodels = [\"deepseek-chat\"]\n\
+             [[routes]]\nname = \"deepseek-v3\"\naliases = [\"ds/v3\"]\nremote = \"g\"\nremote_model = \"deepseek-chat\"\n",
+            "t",
+        )
+        .expect("parses");
+        let table = RouteTable::from_config(&config);
+        assert_eq!(table.resolve("ds/v3").expect("alias").targets[0].model, "deepseek-chat");
+        assert_eq!(table.resolve("deepseek-v3").expect("name").name, "deepseek-v3");
+        assert!(table.resolve("gpt-4").is_none());
+        let router = Router::new(table, vec![]);
+        let ids: Vec<String> = router.models().into_iter().map(|m| m.id).collect();
+        assert_eq!(ids, vec!["deepseek-chat", "deepseek-v3"]);
+    }
+}

@@ -1,0 +1,239 @@
+//! The remote backend: an OpenAI-compatible gateway reached over pooled reqwest
+//! connections. It always streams from the gateway (so the first-token and idle deadlines
+//! apply to every request) and always asks for usage.
+
+pub mod sse;
+pub mod stream;
+
+use std::sync::Once;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::{
+    backend::{Backend, BackendError, BackendKind, BackendRequest, ErrorKind, EventStream, Origin},
+    config::{RemoteConfig, Secret},
+};
+use stream::{Deadlines, classify_send_error, classify_status, error_chain};
+
+/// Largest error body read from the gateway; the rest is not needed for a message.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// One remote gateway.
+#[derive(Debug)]
+pub struct RemoteBackend {
+    id: String,
+    /// Base URL with a trailing `/`, so joining `chat/completions` keeps its `/v1`.
+    base_url: reqwest::Url,
+    api_key: Option<Secret>,
+    client: reqwest::Client,
+    config: RemoteConfig,
+}
+
+impl RemoteBackend {
+    /// Build the client for `config` (already validated); `api_key` is the resolved secret.
+    pub fn new(id: impl Into<String>, config: &RemoteConfig, api_key: Option<Secret>) -> Result<Self, BackendError> {
+        let mut base = config.base_url.trim_end_matches('/').to_string();
+        base.push('/');
+        let base_url = reqwest::Url::parse(&base).map_err(|err| {
+            BackendError::new(ErrorKind::Internal, Origin::Upstream, format!("bad base URL {base:?}: {err}"))
+        })?;
+        install_crypto_provider();
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("lifeboat/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(config.connect_timeout)
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle_per_host)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|err| {
+                BackendError::new(
+                    ErrorKind::Internal,
+                    Origin::Upstream,
+                    format!("cannot build HTTP client: {}", error_chain(&err)),
+                )
+            })?;
+        Ok(RemoteBackend {
+            id: id.into(),
+            base_url,
+            api_key,
+            client,
+            config: config.clone(),
+        })
+    }
+
+    /// The body sent upstream: the client's JSON with the gateway's model name, streaming
+    /// forced on and usage always requested (stripped later if the client did not ask).
+    fn upstream_body(request: &BackendRequest) -> Value {
+        let mut body = request.request.raw.clone();
+        body.insert("model".into(), Value::String(request.model.clone()));
+        body.insert("stream".into(), Value::Bool(true));
+        let mut options = match body.remove("stream_options") {
+            Some(Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        options.insert("include_usage".into(), Value::Bool(true));
+        body.insert("stream_options".into(), Value::Object(options));
+        Value::Object(body)
+    }
+}
+
+/// reqwest is built without a default crypto provider (ring builds far faster than
+/// aws-lc here); install ring once per process.
+fn install_crypto_provider() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // An error only means another provider was installed first, which is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+#[async_trait]
+impl Backend for RemoteBackend {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn kind(&self) -> BackendKind {
+        BackendKind::Remote
+    }
+
+    async fn generate(&self, request: BackendRequest) -> Result<EventStream, BackendError> {
+        let deadlines = Deadlines {
+            started: Instant::now(),
+            first_token: self.config.first_token_timeout,
+            idle: self.config.idle_timeout,
+            total: self.config.total_timeout,
+        };
+        let url = self
+            .base_url
+            .join(request.request.endpoint.path())
+            .map_err(|err| BackendError::new(ErrorKind::Internal, Origin::Upstream, err.to_string()))?;
+        let body = serde_json::to_vec(&Self::upstream_body(&request))
+            .map_err(|err| BackendError::new(ErrorKind::Internal, Origin::Upstream, err.to_string()))?;
+        let mut builder = self
+            .client
+            .post(url)
+            .header(CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .body(body);
+        if let Some(key) = &self.api_key {
+            let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
+                BackendError::new(
+                    ErrorKind::Unauthorized,
+                    Origin::Upstream,
+                    "the gateway API key contains characters not allowed in an HTTP header",
+                )
+            })?;
+            value.set_sensitive(true);
+            builder = builder.header(AUTHORIZATION, value);
+        }
+
+        let (response_deadline, phase) = deadlines.next(false, deadlines.started);
+        let response = match tokio::time::timeout_at(response_deadline, builder.send()).await {
+            Err(_) => return Err(deadlines.timeout_error(phase)),
+            Ok(Err(err)) => return Err(classify_send_error(&err)),
+            Ok(Ok(response)) => response,
+        };
+
+        let status = response.status();
+        if !status.is_success() {
+            let headers = response.headers().clone();
+            let body = read_limited(response, response_deadline).await;
+            return Err(classify_status(
+                status,
+                &headers,
+                &body,
+                self.api_key.as_ref().map(Secret::expose),
+            ));
+        }
+        let is_json = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        if is_json {
+            // A gateway that ignored `stream: true` and answered in one piece.
+            let (deadline, phase) = deadlines.next(false, deadlines.started);
+            return match tokio::time::timeout_at(deadline, response.bytes()).await {
+                Err(_) => Err(deadlines.timeout_error(phase)),
+                Ok(Err(err)) => Err(BackendError::new(
+                    ErrorKind::StreamCut,
+                    Origin::Upstream,
+                    format!("upstream response broke: {}", error_chain(&err)),
+                )),
+                Ok(Ok(bytes)) => Ok(stream::json_events(&bytes)),
+            };
+        }
+        Ok(stream::sse_events(Box::pin(response.bytes_stream()), deadlines))
+    }
+}
+
+/// Read at most [`MAX_ERROR_BODY`] bytes of an error response before `deadline`.
+async fn read_limited(response: reqwest::Response, deadline: Instant) -> Vec<u8> {
+    let mut body = Vec::new();
+    let mut chunks = response.bytes_stream();
+    let read = async {
+        while let Some(Ok(chunk)) = chunks.next().await {
+            body.extend_from_slice(&chunk);
+            if body.len() >= MAX_ERROR_BODY {
+                body.truncate(MAX_ERROR_BODY);
+                break;
+            }
+        }
+    };
+    // A gateway that sends a status and then stalls still gets classified by its status.
+    let _ = tokio::time::timeout_at(deadline, read).await;
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::backend::{Endpoint, GenerationRequest, Prompt, SamplingParams};
+
+    #[test]
+    fn upstream_body_renames_model_and_forces_usage_keeping_unknown_fields() {
+        let raw = serde_json::json!({
+            "model": "public", "messages": [], "stream": false,
+            "stream_options": {"include_usage": false, "future_option": 1},
+            "brand_new_field": {"x": [1, 2]}
+        });
+        let Value::Object(raw) = raw else { unreachable!() };
+        let request = BackendRequest {
+            model: "deepseek-chat".into(),
+            request: Arc::new(GenerationRequest {
+                endpoint: Endpoint::ChatCompletions,
+                model: "public".into(),
+                stream: false,
+                include_usage: false,
+                prompt: Prompt::Chat(vec![]),
+                sampling: SamplingParams::default(),
+                has_tools: false,
+                raw,
+            }),
+        };
+        let body = RemoteBackend::upstream_body(&request);
+        assert_eq!(body["model"], "deepseek-chat");
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        assert_eq!(body["stream_options"]["future_option"], 1);
+        assert_eq!(body["brand_new_field"]["x"][1], 2);
+    }
+
+    #[test]
+    fn base_url_keeps_its_path() {
+        let config = RemoteConfig {
+            base_url: "http://127.0.0.1:1/v1".into(),
+            ..RemoteConfig::default()
+        };
+        let backend = RemoteBackend::new("g", &config, None).expect("builds");
+        let url = backend.base_url.join(Endpoint::ChatCompletions.path()).expect("joins");
+        assert_eq!(url.as_str(), "http://127.0.0.1:1/v1/chat/completions");
+    }
+}
