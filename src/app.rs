@@ -41,10 +41,11 @@ impl AppState {
                 Some(var) => Some(resolve_secret(env, &format!("remotes.{name}.api_key_env"), var)?),
                 None => None,
             };
-            let backend = RemoteBackend::new(name.clone(), remote, key).map_err(|err| ConfigError::Invalid {
-                key: format!("remotes.{name}"),
-                message: err.message,
-            })?;
+            let backend =
+                RemoteBackend::new(name.clone(), remote, key).map_err(|err| ConfigError::Invalid {
+                    key: format!("remotes.{name}"),
+                    message: err.message,
+                })?;
             backends.push(Arc::new(backend));
         }
         let client_keys = config
@@ -100,7 +101,9 @@ pub async fn run(
         shutdown.await;
         let _ = signalled_tx.send(());
     };
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown).into_future();
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .into_future();
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => return result,

@@ -125,10 +125,7 @@ pub struct Overrides {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     /// `detail` is "line N, column M: key.path: message", each part when known.
     #[error("{origin}: {detail}")]
     Parse { origin: String, detail: String },
@@ -160,7 +157,8 @@ impl Config {
 
     /// Parse TOML text; `origin` names the text in errors (usually the file name).
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let deserializer = toml::Deserializer::parse(text).map_err(|err| parse_error(origin, text, "", &err))?;
+        let deserializer =
+            toml::Deserializer::parse(text).map_err(|err| parse_error(origin, text, "", &err))?;
         serde_path_to_error::deserialize(deserializer).map_err(|err| {
             let key = err.path().to_string();
             let key = if key == "." { String::new() } else { key };
@@ -210,7 +208,10 @@ impl Config {
     /// duplicate model names, non-zero limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.server.max_body_bytes == 0 {
-            return Err(ConfigError::invalid("server.max_body_bytes", "must be greater than 0"));
+            return Err(ConfigError::invalid(
+                "server.max_body_bytes",
+                "must be greater than 0",
+            ));
         }
         for (i, env) in self.server.client_api_key_envs.iter().enumerate() {
             check_env_name(&format!("server.client_api_key_envs[{i}]"), env)?;
@@ -234,7 +235,10 @@ impl Config {
             }
             for (i, model) in remote.models.iter().enumerate() {
                 if model.trim().is_empty() {
-                    return Err(ConfigError::invalid(key(&format!("models[{i}]")), "must not be empty"));
+                    return Err(ConfigError::invalid(
+                        key(&format!("models[{i}]")),
+                        "must not be empty",
+                    ));
                 }
                 if !public.insert(model) {
                     return Err(ConfigError::invalid(
@@ -256,13 +260,21 @@ impl Config {
                     format!(
                         "no remote named {:?} (defined remotes: {})",
                         route.remote,
-                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
                     ),
                 ));
             }
             for (j, name) in std::iter::once(&route.name).chain(&route.aliases).enumerate() {
                 if !public.insert(name) {
-                    let field = if j == 0 { "name".to_string() } else { format!("aliases[{}]", j - 1) };
+                    let field = if j == 0 {
+                        "name".to_string()
+                    } else {
+                        format!("aliases[{}]", j - 1)
+                    };
                     return Err(ConfigError::invalid(
                         key(&field),
                         format!("model name {name:?} is defined twice"),
@@ -281,11 +293,15 @@ fn parse_error(origin: &str, text: &str, key: &str, err: &toml::de::Error) -> Co
         let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
         format!("line {line}, column {column}")
     });
-    let parts: Vec<String> = [location, Some(key.to_string()), Some(err.message().trim().to_string())]
-        .into_iter()
-        .flatten()
-        .filter(|part| !part.is_empty())
-        .collect();
+    let parts: Vec<String> = [
+        location,
+        Some(key.to_string()),
+        Some(err.message().trim().to_string()),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|part| !part.is_empty())
+    .collect();
     ConfigError::Parse {
         origin: origin.to_string(),
         detail: parts.join(": "),
@@ -294,15 +310,24 @@ fn parse_error(origin: &str, text: &str, key: &str, err: &toml::de::Error) -> Co
 
 fn check_base_url(key: &str, url: &str) -> Result<(), ConfigError> {
     if url.is_empty() {
-        return Err(ConfigError::invalid(key, "is required (the gateway's base URL ending in /v1)"));
+        return Err(ConfigError::invalid(
+            key,
+            "is required (the gateway's base URL ending in /v1)",
+        ));
     }
     let parsed = reqwest::Url::parse(url)
         .map_err(|err| ConfigError::invalid(key, format!("{url:?} is not a valid URL: {err}")))?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(ConfigError::invalid(key, format!("{url:?} must start with http:// or https://")));
+        return Err(ConfigError::invalid(
+            key,
+            format!("{url:?} must start with http:// or https://"),
+        ));
     }
     if parsed.query().is_some() || parsed.fragment().is_some() {
-        return Err(ConfigError::invalid(key, format!("{url:?} must not have a query or fragment")));
+        return Err(ConfigError::invalid(
+            key,
+            format!("{url:?} must not have a query or fragment"),
+        ));
     }
     Ok(())
 }
@@ -316,7 +341,9 @@ fn check_env_name(key: &str, name: &str) -> Result<(), ConfigError> {
     } else {
         Err(ConfigError::invalid(
             key,
-            format!("{name:?} is not an environment variable name (it must name the variable, never hold the key)"),
+            format!(
+                "{name:?} is not an environment variable name (it must name the variable, never hold the key)"
+            ),
         ))
     }
 }
@@ -374,8 +401,14 @@ impl fmt::Display for Secret {
 pub fn resolve_secret(env: &dyn EnvSource, key: &str, name: &str) -> Result<Secret, ConfigError> {
     match env.var(name) {
         Some(value) if !value.trim().is_empty() => Ok(Secret(value.trim().to_string())),
-        Some(_) => Err(ConfigError::invalid(key, format!("environment variable {name} is empty"))),
-        None => Err(ConfigError::invalid(key, format!("environment variable {name} is not set"))),
+        Some(_) => Err(ConfigError::invalid(
+            key,
+            format!("environment variable {name} is empty"),
+        )),
+        None => Err(ConfigError::invalid(
+            key,
+            format!("environment variable {name} is not set"),
+        )),
     }
 }
 
@@ -400,7 +433,10 @@ mod tests {
         let text = include_str!("../lifeboat.example.toml");
         let config = parse(text).expect("example parses");
         config.validate().expect("example validates");
-        assert_eq!(config.remotes["deepseek"].api_key_env.as_deref(), Some("DEEPSEEK_API_KEY"));
+        assert_eq!(
+            config.remotes["deepseek"].api_key_env.as_deref(),
+            Some("DEEPSEEK_API_KEY")
+        );
     }
 
     #[test]
@@ -420,7 +456,8 @@ mod tests {
 
     #[test]
     fn wrong_type_names_the_key_path() {
-        let err = parse("[remotes.g]\nbase_url = \"http://x/v1\"\nidle_timeout = \"soon\"\n").expect_err("bad duration");
+        let err = parse("[remotes.g]\nbase_url = \"http://x/v1\"\nidle_timeout = \"soon\"\n")
+            .expect_err("bad duration");
         let text = err.to_string();
         assert!(text.contains("remotes.g.idle_timeout"), "{text}");
         let err = parse("[server]\nmax_body_bytes = \"big\"\n").expect_err("bad type");
@@ -433,8 +470,12 @@ mod tests {
         let err = config.validate().expect_err("ftp refused").to_string();
         assert!(err.starts_with("remotes.g.base_url:"), "{err}");
 
-        let config = parse("[remotes.g]\nbase_url = \"http://x/v1\"\napi_key_env = \"sk-123 secret\"\n").expect("parses");
-        let err = config.validate().expect_err("key in place of env name").to_string();
+        let config = parse("[remotes.g]\nbase_url = \"http://x/v1\"\napi_key_env = \"sk-123 secret\"\n")
+            .expect("parses");
+        let err = config
+            .validate()
+            .expect_err("key in place of env name")
+            .to_string();
         assert!(err.starts_with("remotes.g.api_key_env:"), "{err}");
 
         let config = parse("[[routes]]\nname = \"a\"\nremote = \"nope\"\n").expect("parses");
@@ -451,7 +492,9 @@ mod tests {
 
     #[test]
     fn overrides_beat_the_file() {
-        let mut config = parse("[server]\nlisten = \"127.0.0.1:1\"\n[remotes.g]\nbase_url = \"http://a/v1\"\n").expect("parses");
+        let mut config =
+            parse("[server]\nlisten = \"127.0.0.1:1\"\n[remotes.g]\nbase_url = \"http://a/v1\"\n")
+                .expect("parses");
         config
             .apply(&Overrides {
                 listen: Some("127.0.0.1:2".parse().expect("addr")),
@@ -486,6 +529,9 @@ mod tests {
         assert_eq!(secret.expose(), "sk-very-secret");
         assert!(!format!("{secret:?} {secret}").contains("sk-very"));
         let err = resolve_secret(&env, "remotes.g.api_key_env", "MISSING").expect_err("unset");
-        assert_eq!(err.to_string(), "remotes.g.api_key_env: environment variable MISSING is not set");
+        assert_eq!(
+            err.to_string(),
+            "remotes.g.api_key_env: environment variable MISSING is not set"
+        );
     }
 }

@@ -26,7 +26,8 @@ pub const IN_FLIGHT_REQUESTS: &str = "lifeboat_in_flight_requests";
 
 /// Latency buckets in seconds, from 1 ms to 10 min.
 const SECONDS_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    600.0,
 ];
 
 /// Install the process-wide recorder once and return its handle. Every app in the process
@@ -90,12 +91,14 @@ pub fn request_finished(endpoint: &'static str, backend: &str, status: u16, elap
 }
 
 pub fn first_token(backend: &str, elapsed: Duration) {
-    metrics::histogram!(TIME_TO_FIRST_TOKEN_SECONDS, "backend" => backend.to_string()).record(elapsed.as_secs_f64());
+    metrics::histogram!(TIME_TO_FIRST_TOKEN_SECONDS, "backend" => backend.to_string())
+        .record(elapsed.as_secs_f64());
 }
 
 pub fn tokens(backend: &str, prompt: u64, completion: u64) {
     metrics::counter!(TOKENS_TOTAL, "backend" => backend.to_string(), "type" => "prompt").increment(prompt);
-    metrics::counter!(TOKENS_TOTAL, "backend" => backend.to_string(), "type" => "completion").increment(completion);
+    metrics::counter!(TOKENS_TOTAL, "backend" => backend.to_string(), "type" => "completion")
+        .increment(completion);
 }
 
 /// Counts a request as in flight until dropped.

@@ -36,7 +36,9 @@ impl ClientKeys {
         let presented = digest(presented);
         self.digests
             .iter()
-            .fold(subtle::Choice::from(0), |found, key| found | key.ct_eq(&presented))
+            .fold(subtle::Choice::from(0), |found, key| {
+                found | key.ct_eq(&presented)
+            })
             .into()
     }
 }
@@ -58,7 +60,12 @@ pub(crate) async fn require_key(State(state): State<AppState>, request: Request,
             let (scheme, key) = v.trim().split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
         })
-        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim));
+        .or_else(|| {
+            headers
+                .get("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        });
     match presented {
         None => ApiError::Unauthorized(
             "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",

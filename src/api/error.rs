@@ -58,14 +58,20 @@ fn classify_backend(error: &BackendError) -> Classified {
     use StatusCode as S;
     match error.kind {
         ErrorKind::BadRequest => classify(S::BAD_REQUEST, "invalid_request_error", None),
-        ErrorKind::RateLimited => classify(S::TOO_MANY_REQUESTS, "rate_limit_error", Some("rate_limit_exceeded")),
+        ErrorKind::RateLimited => classify(
+            S::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            Some("rate_limit_exceeded"),
+        ),
         ErrorKind::Timeout(_) => classify(S::GATEWAY_TIMEOUT, "api_error", Some("upstream_timeout")),
         ErrorKind::Connect => classify(S::BAD_GATEWAY, "api_error", Some("upstream_unreachable")),
         ErrorKind::ServerError => classify(S::BAD_GATEWAY, "api_error", Some("upstream_error")),
         ErrorKind::Unauthorized => classify(S::BAD_GATEWAY, "api_error", Some("upstream_auth_failed")),
         ErrorKind::PaymentRequired => classify(S::BAD_GATEWAY, "api_error", Some("upstream_out_of_credit")),
         ErrorKind::NotFound => classify(S::BAD_GATEWAY, "api_error", Some("upstream_model_not_found")),
-        ErrorKind::MalformedFrame => classify(S::BAD_GATEWAY, "api_error", Some("upstream_malformed_response")),
+        ErrorKind::MalformedFrame => {
+            classify(S::BAD_GATEWAY, "api_error", Some("upstream_malformed_response"))
+        }
         ErrorKind::StreamCut => classify(S::BAD_GATEWAY, "api_error", Some("upstream_stream_cut")),
         ErrorKind::Internal => classify(S::INTERNAL_SERVER_ERROR, "api_error", Some("internal_error")),
     }
@@ -75,18 +81,28 @@ impl ApiError {
     fn classified(&self) -> Classified {
         use StatusCode as S;
         match self {
-            ApiError::Validation(_) | ApiError::BadBody(_) => classify(S::BAD_REQUEST, "invalid_request_error", None),
+            ApiError::Validation(_) | ApiError::BadBody(_) => {
+                classify(S::BAD_REQUEST, "invalid_request_error", None)
+            }
             ApiError::ModelNotFound(_) | ApiError::Route(RouteError::UnknownModel(_)) => {
                 classify(S::NOT_FOUND, "invalid_request_error", Some("model_not_found"))
             }
-            ApiError::PayloadTooLarge { .. } => {
-                classify(S::PAYLOAD_TOO_LARGE, "invalid_request_error", Some("request_too_large"))
+            ApiError::PayloadTooLarge { .. } => classify(
+                S::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                Some("request_too_large"),
+            ),
+            ApiError::Unauthorized(_) => {
+                classify(S::UNAUTHORIZED, "invalid_request_error", Some("invalid_api_key"))
             }
-            ApiError::Unauthorized(_) => classify(S::UNAUTHORIZED, "invalid_request_error", Some("invalid_api_key")),
-            ApiError::RouteNotFound { .. } => classify(S::NOT_FOUND, "invalid_request_error", Some("unknown_url")),
-            ApiError::MethodNotAllowed { .. } => {
-                classify(S::METHOD_NOT_ALLOWED, "invalid_request_error", Some("method_not_allowed"))
+            ApiError::RouteNotFound { .. } => {
+                classify(S::NOT_FOUND, "invalid_request_error", Some("unknown_url"))
             }
+            ApiError::MethodNotAllowed { .. } => classify(
+                S::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                Some("method_not_allowed"),
+            ),
             ApiError::Route(RouteError::NoBackend { .. }) => {
                 classify(S::SERVICE_UNAVAILABLE, "api_error", Some("no_backend_available"))
             }
@@ -108,10 +124,16 @@ impl ApiError {
             ApiError::Route(RouteError::Backend { error, .. }) if error.kind == ErrorKind::BadRequest => {
                 (error.message.clone(), error.param.clone(), error.code.clone())
             }
-            ApiError::Internal(_) => ("The server had an error while processing your request.".to_string(), None, None),
-            ApiError::Route(RouteError::Backend { error, .. }) if error.kind == ErrorKind::Internal => {
-                ("The server had an error while processing your request.".to_string(), None, None)
-            }
+            ApiError::Internal(_) => (
+                "The server had an error while processing your request.".to_string(),
+                None,
+                None,
+            ),
+            ApiError::Route(RouteError::Backend { error, .. }) if error.kind == ErrorKind::Internal => (
+                "The server had an error while processing your request.".to_string(),
+                None,
+                None,
+            ),
             other => (other.to_string(), None, None),
         };
         ErrorBody {

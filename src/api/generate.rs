@@ -46,7 +46,11 @@ impl ResponseMeta {
             Endpoint::ChatCompletions => "chatcmpl-",
             Endpoint::Completions => "cmpl-",
         };
-        let suffix: String = rand::rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect();
+        let suffix: String = rand::rng()
+            .sample_iter(&Alphanumeric)
+            .take(24)
+            .map(char::from)
+            .collect();
         ResponseMeta {
             id: format!("{prefix}{suffix}"),
             created: SystemTime::now()
@@ -62,7 +66,12 @@ impl ResponseMeta {
 
     /// Record the end of the request in the metrics.
     pub(crate) fn finish(&self, status: u16, usage: Option<&Usage>) {
-        metrics::request_finished(self.endpoint.as_str(), &self.backend, status, self.started.elapsed());
+        metrics::request_finished(
+            self.endpoint.as_str(),
+            &self.backend,
+            status,
+            self.started.elapsed(),
+        );
         if let Some(usage) = usage {
             metrics::tokens(&self.backend, usage.prompt_tokens, usage.completion_tokens);
         }
@@ -119,7 +128,12 @@ async fn generate(
             ApiError::Route(crate::router::RouteError::Backend { backend, .. }) => backend.as_str(),
             _ => "none",
         };
-        metrics::request_finished(endpoint.as_str(), backend, error.status().as_u16(), started.elapsed());
+        metrics::request_finished(
+            endpoint.as_str(),
+            backend,
+            error.status().as_u16(),
+            started.elapsed(),
+        );
     }
     result
 }
@@ -179,7 +193,9 @@ fn merge_tool_call(acc: &mut Map<String, Value>, delta: Map<String, Value>) {
         match (key.as_str(), value) {
             ("index", _) => {}
             ("function", Value::Object(function)) => {
-                let Value::Object(target) = acc.entry("function").or_insert_with(|| Value::Object(Map::new())) else {
+                let Value::Object(target) =
+                    acc.entry("function").or_insert_with(|| Value::Object(Map::new()))
+                else {
                     continue;
                 };
                 for (field, piece) in function {
@@ -295,7 +311,9 @@ mod tests {
             json!([{"index": 0, "function": {"arguments": "\"Paris\"}"}}]),
         ];
         for piece in pieces {
-            let Value::Array(calls) = piece else { unreachable!() };
+            let Value::Array(calls) = piece else {
+                unreachable!()
+            };
             acc.add(ChoiceDelta {
                 tool_calls: Some(calls),
                 ..ChoiceDelta::default()

@@ -4,7 +4,9 @@
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use super::types::{ChatCompletionRequest, CompletionRequest, RequestMessage, Role, StopField, StreamOptions};
+use super::types::{
+    ChatCompletionRequest, CompletionRequest, RequestMessage, Role, StopField, StreamOptions,
+};
 use crate::backend::{ChatMessage, Endpoint, GenerationRequest, Prompt, SamplingParams, StopSequences};
 
 /// Largest `n` accepted (OpenAI's own limit is 128).
@@ -47,7 +49,8 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<GenerationRequest, Valid
             "the body is empty; send a JSON object (Content-Type: application/json)".into(),
         ));
     }
-    let value: Value = serde_json::from_slice(body).map_err(|err| ValidationError::InvalidJson(err.to_string()))?;
+    let value: Value =
+        serde_json::from_slice(body).map_err(|err| ValidationError::InvalidJson(err.to_string()))?;
     let Value::Object(raw) = value else {
         return Err(ValidationError::InvalidJson(format!(
             "expected a JSON object, got {}",
@@ -81,7 +84,11 @@ fn describe_serde_error(path: &str, inner: &str) -> (String, String) {
         .strip_prefix("missing field `")
         .and_then(|rest| rest.split('`').next())
     {
-        let param = if path.is_empty() { field.to_string() } else { format!("{path}.{field}") };
+        let param = if path.is_empty() {
+            field.to_string()
+        } else {
+            format!("{path}.{field}")
+        };
         return (param.clone(), format!("Missing required parameter: '{param}'."));
     }
     let param = path.to_string();
@@ -126,7 +133,10 @@ struct Common {
 
 fn common(c: Common, sampling: &mut SamplingParams) -> Result<(String, bool, bool), ValidationError> {
     if c.model.trim().is_empty() {
-        return Err(ValidationError::invalid("model", "Invalid 'model': must not be empty."));
+        return Err(ValidationError::invalid(
+            "model",
+            "Invalid 'model': must not be empty.",
+        ));
     }
     let stream = c.stream.unwrap_or(false);
     let include_usage = match c.stream_options {
@@ -155,7 +165,10 @@ fn common(c: Common, sampling: &mut SamplingParams) -> Result<(String, bool, boo
     if stop.len() > MAX_STOP {
         return Err(ValidationError::invalid(
             "stop",
-            format!("Invalid 'stop': at most {MAX_STOP} sequences, got {}.", stop.len()),
+            format!(
+                "Invalid 'stop': at most {MAX_STOP} sequences, got {}.",
+                stop.len()
+            ),
         ));
     }
     if let Some(i) = stop.iter().position(String::is_empty) {
@@ -215,7 +228,10 @@ fn chat(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationError> {
             if tool.kind != "function" && tool.kind != "custom" {
                 return Err(ValidationError::invalid(
                     &format!("tools[{i}].type"),
-                    format!("Invalid 'tools[{i}].type': expected 'function', got '{}'.", tool.kind),
+                    format!(
+                        "Invalid 'tools[{i}].type': expected 'function', got '{}'.",
+                        tool.kind
+                    ),
                 ));
             }
             if tool.kind == "function" && tool.function.as_ref().is_none_or(|f| f.name.is_empty()) {
@@ -354,13 +370,21 @@ fn completion(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationEr
     let prompts = match &req.prompt {
         Value::String(s) => vec![s.clone()],
         Value::Array(items) if items.is_empty() => {
-            return Err(ValidationError::invalid("prompt", "Invalid 'prompt': empty array."));
+            return Err(ValidationError::invalid(
+                "prompt",
+                "Invalid 'prompt': empty array.",
+            ));
         }
-        Value::Array(items) if items.iter().all(Value::is_string) => {
-            items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()
-        }
+        Value::Array(items) if items.iter().all(Value::is_string) => items
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
         // Token-id prompts (`[1, 2]` or `[[1, 2]]`) are forwarded as they are.
-        Value::Array(items) if items.iter().all(|v| v.is_u64() || v.as_array().is_some_and(|a| a.iter().all(Value::is_u64))) => {
+        Value::Array(items)
+            if items
+                .iter()
+                .all(|v| v.is_u64() || v.as_array().is_some_and(|a| a.iter().all(Value::is_u64))) =>
+        {
             Vec::new()
         }
         other => {
@@ -422,25 +446,97 @@ mod tests {
             ("", None, "body is empty"),
             ("{", None, "could not parse the JSON"),
             ("[1]", None, "expected a JSON object, got an array"),
-            (r#"{"model":"m"}"#, Some("messages"), "Missing required parameter: 'messages'"),
-            (r#"{"messages":[{"role":"user","content":"x"}]}"#, Some("model"), "'model'"),
+            (
+                r#"{"model":"m"}"#,
+                Some("messages"),
+                "Missing required parameter: 'messages'",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}]}"#,
+                Some("model"),
+                "'model'",
+            ),
             (r#"{"model":"m","messages":[]}"#, Some("messages"), "empty array"),
-            (r#"{"model":"m","messages":"hi"}"#, Some("messages"), "Invalid value for 'messages'"),
-            (r#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#, Some("messages[0].role"), "unknown variant `robot`"),
-            (r#"{"model":"m","messages":[{"role":"user"}]}"#, Some("messages[0].content"), "Missing"),
-            (r#"{"model":"m","messages":[{"role":"user","content":5}]}"#, Some("messages[0].content"), "got a number"),
-            (r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text"}]}]}"#, Some("messages[0].content[0].text"), "Missing"),
-            (r#"{"model":"m","messages":[{"role":"tool","content":"r"}]}"#, Some("messages[0].tool_call_id"), "Missing"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":"ten"}"#, Some("max_tokens"), "invalid type: string"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":-1}"#, Some("max_tokens"), "invalid value"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, Some("max_tokens"), "at least 1"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#, Some("temperature"), "between 0 and 2, got 3"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":0}"#, Some("n"), "between 1 and 128"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stop":5}"#, Some("stop"), "string or an array"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#, Some("stream_options"), "only allowed"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":""}}]}"#, Some("tools[0].function.name"), "Missing"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"yaml"}}"#, Some("response_format.type"), "got 'yaml'"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_logprobs":3}"#, Some("top_logprobs"), "'logprobs' must be true"),
+            (
+                r#"{"model":"m","messages":"hi"}"#,
+                Some("messages"),
+                "Invalid value for 'messages'",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#,
+                Some("messages[0].role"),
+                "unknown variant `robot`",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user"}]}"#,
+                Some("messages[0].content"),
+                "Missing",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":5}]}"#,
+                Some("messages[0].content"),
+                "got a number",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text"}]}]}"#,
+                Some("messages[0].content[0].text"),
+                "Missing",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"tool","content":"r"}]}"#,
+                Some("messages[0].tool_call_id"),
+                "Missing",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":"ten"}"#,
+                Some("max_tokens"),
+                "invalid type: string",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":-1}"#,
+                Some("max_tokens"),
+                "invalid value",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#,
+                Some("max_tokens"),
+                "at least 1",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#,
+                Some("temperature"),
+                "between 0 and 2, got 3",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":0}"#,
+                Some("n"),
+                "between 1 and 128",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stop":5}"#,
+                Some("stop"),
+                "string or an array",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#,
+                Some("stream_options"),
+                "only allowed",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":""}}]}"#,
+                Some("tools[0].function.name"),
+                "Missing",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"yaml"}}"#,
+                Some("response_format.type"),
+                "got 'yaml'",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_logprobs":3}"#,
+                Some("top_logprobs"),
+                "'logprobs' must be true",
+            ),
         ];
         for (body, param, needle) in cases {
             let err = chat_err(body);
@@ -473,7 +569,9 @@ mod tests {
         assert_eq!(req.sampling.max_tokens, Some(20), "max_completion_tokens wins");
         assert_eq!(req.sampling.n, 2);
         assert_eq!(req.sampling.stop, StopSequences(vec!["END".into()]));
-        let Prompt::Chat(messages) = &req.prompt else { panic!("chat prompt") };
+        let Prompt::Chat(messages) = &req.prompt else {
+            panic!("chat prompt")
+        };
         assert_eq!(messages[1].content.as_deref(), Some("look: this"));
         assert_eq!(req.raw["brand_new_field"]["nested"], true);
     }

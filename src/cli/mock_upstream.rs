@@ -48,10 +48,9 @@ pub struct MockUpstreamArgs {
 
 pub async fn run(args: MockUpstreamArgs) -> Result<(), CliError> {
     let api_key = match &args.api_key_env {
-        Some(name) => Some(
-            std::env::var(name)
-                .map_err(|_| CliError::Usage(format!("--api-key-env: environment variable {name} is not set")))?,
-        ),
+        Some(name) => Some(std::env::var(name).map_err(|_| {
+            CliError::Usage(format!("--api-key-env: environment variable {name} is not set"))
+        })?),
         None => None,
     };
     let settings = MockSettings {
@@ -75,7 +74,12 @@ pub async fn run(args: MockUpstreamArgs) -> Result<(), CliError> {
     let admin = TcpListener::bind(args.admin_listen)
         .await
         .map_err(|e| CliError::Runtime(format!("cannot listen on {}: {e}", args.admin_listen)))?;
-    tracing::info!(api = %mock.url(), admin = %args.admin_listen, fault = %args.fault, "mock upstream running");
+    let admin_addr = admin
+        .local_addr()
+        .map_err(|e| CliError::Runtime(format!("cannot read the admin address: {e}")))?;
+    tracing::info!(api = %mock.url(), admin = %admin_addr, fault = %args.fault, "mock upstream running");
+    // Machine-readable for scripts that start it on port 0.
+    println!("mock-upstream api={} admin=http://{admin_addr}", mock.url());
     axum::serve(admin, admin_app(mock))
         .with_graceful_shutdown(crate::shutdown::signal())
         .await

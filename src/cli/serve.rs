@@ -28,7 +28,12 @@ pub struct ServeArgs {
     #[arg(long, env = "LIFEBOAT_REMOTE_API_KEY_ENV", value_name = "NAME")]
     pub remote_api_key_env: Option<String>,
     /// Model served by the remote (repeat or comma-separate for several).
-    #[arg(long, env = "LIFEBOAT_REMOTE_MODEL", value_name = "NAME", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "LIFEBOAT_REMOTE_MODEL",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
     pub remote_model: Vec<String>,
 }
 
@@ -73,7 +78,12 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         tracing::info!(remote = %name, base_url = %remote.base_url, models = ?remote.models, "remote gateway");
     }
     tracing::info!(%addr, "lifeboat listening; OpenAI base URL http://{addr}/v1");
-    app::run(listener, app::app(state), shutdown::signal(), config.server.shutdown_grace)
-        .await
-        .map_err(|e| CliError::Runtime(format!("server error: {e}")))
+    app::run(
+        listener,
+        app::app(state),
+        shutdown::signal(),
+        config.server.shutdown_grace,
+    )
+    .await
+    .map_err(|e| CliError::Runtime(format!("server error: {e}")))
 }

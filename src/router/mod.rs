@@ -148,7 +148,11 @@ impl Router {
             .iter()
             .map(|route| ModelInfo {
                 id: route.name.clone(),
-                owned_by: route.targets.first().map(|t| t.backend.clone()).unwrap_or_default(),
+                owned_by: route
+                    .targets
+                    .first()
+                    .map(|t| t.backend.clone())
+                    .unwrap_or_default(),
             })
             .collect()
     }
@@ -281,7 +285,10 @@ mod tests {
         )
         .expect("parses");
         let table = RouteTable::from_config(&config);
-        assert_eq!(table.resolve("ds/v3").expect("alias").targets[0].model, "deepseek-chat");
+        assert_eq!(
+            table.resolve("ds/v3").expect("alias").targets[0].model,
+            "deepseek-chat"
+        );
         assert_eq!(table.resolve("deepseek-v3").expect("name").name, "deepseek-v3");
         assert!(table.resolve("gpt-4").is_none());
         let router = Router::new(table, vec![]);

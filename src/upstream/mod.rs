@@ -35,11 +35,19 @@ pub struct RemoteBackend {
 
 impl RemoteBackend {
     /// Build the client for `config` (already validated); `api_key` is the resolved secret.
-    pub fn new(id: impl Into<String>, config: &RemoteConfig, api_key: Option<Secret>) -> Result<Self, BackendError> {
+    pub fn new(
+        id: impl Into<String>,
+        config: &RemoteConfig,
+        api_key: Option<Secret>,
+    ) -> Result<Self, BackendError> {
         let mut base = config.base_url.trim_end_matches('/').to_string();
         base.push('/');
         let base_url = reqwest::Url::parse(&base).map_err(|err| {
-            BackendError::new(ErrorKind::Internal, Origin::Upstream, format!("bad base URL {base:?}: {err}"))
+            BackendError::new(
+                ErrorKind::Internal,
+                Origin::Upstream,
+                format!("bad base URL {base:?}: {err}"),
+            )
         })?;
         install_crypto_provider();
         let client = reqwest::Client::builder()
@@ -83,7 +91,7 @@ impl RemoteBackend {
 
 /// reqwest is built without a default crypto provider (ring builds far faster than
 /// aws-lc here); install ring once per process.
-fn install_crypto_provider() {
+pub fn install_crypto_provider() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // An error only means another provider was installed first, which is fine.
@@ -233,7 +241,10 @@ mod tests {
             ..RemoteConfig::default()
         };
         let backend = RemoteBackend::new("g", &config, None).expect("builds");
-        let url = backend.base_url.join(Endpoint::ChatCompletions.path()).expect("joins");
+        let url = backend
+            .base_url
+            .join(Endpoint::ChatCompletions.path())
+            .expect("joins");
         assert_eq!(url.as_str(), "http://127.0.0.1:1/v1/chat/completions");
     }
 }

@@ -121,12 +121,18 @@ fn value_to_string(value: Option<Value>) -> Option<String> {
 }
 
 /// Turn one upstream JSON object (chunk or full response) into events.
-fn events_from_json(text: &str, out: &mut VecDeque<Result<GenerationEvent, BackendError>>) -> Result<(), BackendError> {
+fn events_from_json(
+    text: &str,
+    out: &mut VecDeque<Result<GenerationEvent, BackendError>>,
+) -> Result<(), BackendError> {
     let chunk: WireChunk = serde_json::from_str(text).map_err(|err| {
         BackendError::new(
             ErrorKind::MalformedFrame,
             Origin::Upstream,
-            format!("upstream sent a frame that is not a valid chunk ({err}): {}", preview(text)),
+            format!(
+                "upstream sent a frame that is not a valid chunk ({err}): {}",
+                preview(text)
+            ),
         )
     })?;
     if let Some(error) = chunk.error {
@@ -187,7 +193,11 @@ fn preview(text: &str) -> String {
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    if end < text.len() { format!("{}…", &text[..end]) } else { text.to_string() }
+    if end < text.len() {
+        format!("{}…", &text[..end])
+    } else {
+        text.to_string()
+    }
 }
 
 type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
@@ -322,7 +332,12 @@ pub fn json_events(body: &[u8]) -> EventStream {
 
 /// Classify a non-2xx upstream response. `body` is (the start of) its body; `secret` is
 /// scrubbed from the message in case the gateway echoes the key.
-pub fn classify_status(status: StatusCode, headers: &HeaderMap, body: &[u8], secret: Option<&str>) -> BackendError {
+pub fn classify_status(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    secret: Option<&str>,
+) -> BackendError {
     let parsed: Option<WireError> = serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|v| v.get("error").cloned())
@@ -381,7 +396,10 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
     }
     let when = httpdate::parse_http_date(value).ok()?;
-    Some(when.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// Classify a transport failure of sending the request (before any status).
@@ -463,7 +481,9 @@ mod tests {
         let events = collect("{\"choices\": [");
         assert!(matches!(&events[0], Err(e) if e.kind == ErrorKind::MalformedFrame));
         let events = collect(r#"{"error":{"message":"overloaded","code":503}}"#);
-        assert!(matches!(&events[0], Err(e) if e.kind == ErrorKind::ServerError && e.code.as_deref() == Some("503")));
+        assert!(
+            matches!(&events[0], Err(e) if e.kind == ErrorKind::ServerError && e.code.as_deref() == Some("503"))
+        );
     }
 
     #[test]
@@ -482,7 +502,11 @@ mod tests {
         ];
         for (status, kind) in cases {
             let status = StatusCode::from_u16(status).expect("status");
-            assert_eq!(classify_status(status, &headers, b"{}", None).kind, kind, "{status}");
+            assert_eq!(
+                classify_status(status, &headers, b"{}", None).kind,
+                kind,
+                "{status}"
+            );
         }
     }
 
@@ -498,7 +522,12 @@ mod tests {
     #[test]
     fn echoed_key_is_scrubbed() {
         let body = br#"{"error":{"message":"Incorrect API key provided: sk-live-123"}}"#;
-        let err = classify_status(StatusCode::UNAUTHORIZED, &HeaderMap::new(), body, Some("sk-live-123"));
+        let err = classify_status(
+            StatusCode::UNAUTHORIZED,
+            &HeaderMap::new(),
+            body,
+            Some("sk-live-123"),
+        );
         assert!(!err.message.contains("sk-live-123"), "{}", err.message);
     }
 
@@ -510,7 +539,10 @@ mod tests {
         headers.insert("retry-after-ms", HeaderValue::from_static("250"));
         assert_eq!(retry_after(&headers), Some(Duration::from_millis(250)));
         let mut headers = HeaderMap::new();
-        headers.insert("retry-after", HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        headers.insert(
+            "retry-after",
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
         assert_eq!(retry_after(&headers), Some(Duration::ZERO));
         headers.insert("retry-after", HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&headers), None);
@@ -525,8 +557,14 @@ mod tests {
             idle: Duration::from_secs(5),
             total: Duration::from_secs(12),
         };
-        assert_eq!(d.next(false, now), (now + Duration::from_secs(10), TimeoutPhase::FirstToken));
-        assert_eq!(d.next(true, now), (now + Duration::from_secs(5), TimeoutPhase::Idle));
+        assert_eq!(
+            d.next(false, now),
+            (now + Duration::from_secs(10), TimeoutPhase::FirstToken)
+        );
+        assert_eq!(
+            d.next(true, now),
+            (now + Duration::from_secs(5), TimeoutPhase::Idle)
+        );
         assert_eq!(
             d.next(true, now + Duration::from_secs(9)),
             (now + Duration::from_secs(12), TimeoutPhase::Total)

@@ -9,7 +9,6 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    convert::Infallible,
     fmt,
     net::SocketAddr,
     str::FromStr,
@@ -19,13 +18,11 @@ use std::{
 
 use axum::{
     Json, Router,
-    body::{Body, Bytes},
     extract::State,
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use futures_util::StreamExt;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
@@ -37,6 +34,11 @@ use tokio::{
     net::TcpListener,
     sync::{oneshot, watch},
 };
+
+mod responses;
+
+use responses::error_response;
+pub use responses::{mock_text, mock_token};
 
 /// How the mock misbehaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -113,10 +115,13 @@ impl FromStr for FaultMode {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        FaultMode::ALL.into_iter().find(|m| m.as_str() == s).ok_or_else(|| {
-            let names: Vec<&str> = FaultMode::ALL.iter().map(|m| m.as_str()).collect();
-            format!("unknown fault mode {s:?}; expected one of: {}", names.join(", "))
-        })
+        FaultMode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = FaultMode::ALL.iter().map(|m| m.as_str()).collect();
+                format!("unknown fault mode {s:?}; expected one of: {}", names.join(", "))
+            })
     }
 }
 
@@ -141,6 +146,9 @@ pub struct MockSettings {
     pub keepalive_interval: Duration,
     /// If set, requests must carry `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
+    /// Larger `max_tokens` is refused with a 400 naming the param, as DeepSeek does
+    /// above 8192. Default 8192.
+    pub max_tokens_limit: u64,
 }
 
 impl Default for MockSettings {
@@ -155,6 +163,7 @@ impl Default for MockSettings {
             slow_first_token: Duration::from_secs(2),
             keepalive_interval: Duration::from_millis(100),
             api_key: None,
+            max_tokens_limit: 8192,
         }
     }
 }
@@ -285,7 +294,9 @@ impl MockUpstream {
             (FaultMode::Refuse, Some((stop_tx, stopped_rx))) => {
                 let _ = stop_tx.send(());
                 let _ = stopped_rx.await;
-                self.shared.kill_connections.send_modify(|generation| *generation += 1);
+                self.shared
+                    .kill_connections
+                    .send_modify(|generation| *generation += 1);
             }
             (FaultMode::Refuse, None) => {}
             (_, Some(stop)) => *self.accept_stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(stop),
@@ -336,8 +347,11 @@ impl MockUpstream {
 }
 
 fn stats_json(inner: &Inner) -> Value {
-    let by_mode: serde_json::Map<String, Value> =
-        inner.counts.iter().map(|(m, n)| (m.as_str().to_string(), json!(n))).collect();
+    let by_mode: serde_json::Map<String, Value> = inner
+        .counts
+        .iter()
+        .map(|(m, n)| (m.as_str().to_string(), json!(n)))
+        .collect();
     json!({
         "mode": inner.mode,
         "remaining": inner.remaining,
@@ -361,7 +375,10 @@ async fn bind_again(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Accept connections until told to stop; reports back once the socket is closed.
-fn spawn_accept_loop(listener: TcpListener, shared: Arc<Shared>) -> (oneshot::Sender<()>, oneshot::Receiver<()>) {
+fn spawn_accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+) -> (oneshot::Sender<()>, oneshot::Receiver<()>) {
     let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
     let (stopped_tx, stopped_rx) = oneshot::channel::<()>();
     let app = app(shared.clone());
@@ -394,9 +411,9 @@ fn spawn_accept_loop(listener: TcpListener, shared: Arc<Shared>) -> (oneshot::Se
 
 fn app(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/completions", post(completions))
-        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(responses::chat))
+        .route("/v1/completions", post(responses::completions))
+        .route("/v1/models", get(responses::models))
         .with_state(shared)
 }
 
@@ -436,285 +453,15 @@ async fn admin_stats(State(mock): State<Arc<MockUpstream>>) -> Response {
 
 async fn admin_reset(State(mock): State<Arc<MockUpstream>>) -> Response {
     if let Err(err) = mock.set_fault(FaultMode::None).await {
-        return error_response(StatusCode::INTERNAL_SERVER_ERROR, "server_error", &err.to_string(), None);
+        return error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            &err.to_string(),
+            None,
+        );
     }
     mock.reset_counts();
     Json(mock.stats()).into_response()
-}
-
-fn error_response(status: StatusCode, kind: &str, message: &str, code: Option<&str>) -> Response {
-    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
-    (status, Json(body)).into_response()
-}
-
-fn authorized(settings: &MockSettings, headers: &HeaderMap) -> bool {
-    let Some(key) = &settings.api_key else { return true };
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == format!("Bearer {key}"))
-}
-
-async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    let (mode, settings) = shared.admit("/v1/models", &headers, &Value::Null);
-    if let Some(response) = fault_response(mode, &settings).await {
-        return response;
-    }
-    if !authorized(&settings, &headers) {
-        return error_response(StatusCode::UNAUTHORIZED, "invalid_request_error", "Incorrect API key provided.", Some("invalid_api_key"));
-    }
-    let data: Vec<Value> = settings
-        .models
-        .iter()
-        .map(|id| json!({"id": id, "object": "model", "created": 1_700_000_000, "owned_by": "mock"}))
-        .collect();
-    Json(json!({"object": "list", "data": data})).into_response()
-}
-
-/// The answer for a mode that fails before any content; `None` for modes that stream.
-async fn fault_response(mode: FaultMode, settings: &MockSettings) -> Option<Response> {
-    let server_error = |status: StatusCode, message: &str| Some(error_response(status, "server_error", message, None));
-    match mode {
-        FaultMode::Http500 => server_error(StatusCode::INTERNAL_SERVER_ERROR, "mock: internal server error"),
-        FaultMode::Http503 => server_error(StatusCode::SERVICE_UNAVAILABLE, "mock: service unavailable"),
-        FaultMode::Http429 => {
-            let mut response = error_response(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "mock: rate limit reached",
-                Some("rate_limit_exceeded"),
-            );
-            let secs = settings.retry_after.as_secs_f64().ceil() as u64;
-            response.headers_mut().insert(header::RETRY_AFTER, secs.into());
-            Some(response)
-        }
-        FaultMode::Http402 => Some(error_response(
-            StatusCode::PAYMENT_REQUIRED,
-            "insufficient_quota",
-            "mock: insufficient balance",
-            Some("insufficient_quota"),
-        )),
-        FaultMode::Http401 => Some(error_response(
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            "mock: authentication fails",
-            Some("invalid_api_key"),
-        )),
-        FaultMode::Hang => std::future::pending().await,
-        _ => None,
-    }
-}
-
-async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    generate(shared, headers, body, true).await
-}
-
-async fn completions(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    generate(shared, headers, body, false).await
-}
-
-/// The deterministic text: token `i` of every answer is always the same word.
-pub fn mock_token(i: u32) -> &'static str {
-    const WORDS: [&str; 12] = [
-        "Life", "boat", " keeps", " the", " lights", " on", " when", " the", " gateway", " goes", " dark", ".",
-    ];
-    WORDS[i as usize % WORDS.len()]
-}
-
-/// The full answer text for `n` tokens.
-pub fn mock_text(n: u32) -> String {
-    (0..n).map(mock_token).collect()
-}
-
-async fn generate(shared: Arc<Shared>, headers: HeaderMap, body: Bytes, chat: bool) -> Response {
-    let path = if chat { "/v1/chat/completions" } else { "/v1/completions" };
-    let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let (mode, settings) = shared.admit(path, &headers, &parsed);
-    if let Some(response) = fault_response(mode, &settings).await {
-        return response;
-    }
-    if !authorized(&settings, &headers) {
-        return error_response(StatusCode::UNAUTHORIZED, "invalid_request_error", "Incorrect API key provided.", Some("invalid_api_key"));
-    }
-    let Value::Object(request) = parsed else {
-        return error_response(StatusCode::BAD_REQUEST, "invalid_request_error", "mock: body is not a JSON object", None);
-    };
-    let model = request.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
-    if !settings.models.contains(&model) {
-        return error_response(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            &format!("The model `{model}` does not exist"),
-            Some("model_not_found"),
-        );
-    }
-    let max = request
-        .get("max_completion_tokens")
-        .or_else(|| request.get("max_tokens"))
-        .and_then(Value::as_u64)
-        .map_or(u32::MAX, |m| m.min(u64::from(u32::MAX)) as u32);
-    let completion_tokens = settings.tokens.min(max);
-    let finish_reason = if completion_tokens < settings.tokens { "length" } else { "stop" };
-    let prompt_tokens = count_prompt_words(&request);
-    let usage = json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + u64::from(completion_tokens),
-    });
-    let answer = Answer {
-        chat,
-        model,
-        completion_tokens,
-        finish_reason,
-        usage,
-        include_usage: request
-            .get("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-    };
-    let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let first_delay = if mode == FaultMode::Slow { settings.slow_first_token } else { settings.first_token_delay };
-    if !stream {
-        tokio::time::sleep(first_delay + settings.inter_token_delay * completion_tokens.saturating_sub(1)).await;
-        return Json(answer.full()).into_response();
-    }
-    let body = match mode {
-        FaultMode::Keepalive => {
-            let interval = settings.keepalive_interval;
-            Body::from_stream(futures_util::stream::unfold((), move |()| async move {
-                tokio::time::sleep(interval).await;
-                Some((Ok::<_, Infallible>(Bytes::from_static(b": keep-alive\n\n")), ()))
-            }))
-        }
-        FaultMode::Malformed => Body::from(
-            "data: {\"id\":\"mock\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\n\ndata: [DONE]\n\n",
-        ),
-        _ => {
-            let cut = (mode == FaultMode::MidstreamCut).then_some(settings.cut_after);
-            answer_stream(answer, first_delay, settings.inter_token_delay, cut)
-        }
-    };
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(body)
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
-}
-
-fn count_prompt_words(request: &serde_json::Map<String, Value>) -> u64 {
-    fn words(value: &Value) -> u64 {
-        match value {
-            Value::String(s) => s.split_whitespace().count() as u64,
-            Value::Array(items) => items.iter().map(words).sum(),
-            Value::Object(map) => map.get("content").or_else(|| map.get("text")).map_or(0, words),
-            _ => 0,
-        }
-    }
-    request.get("messages").or_else(|| request.get("prompt")).map_or(0, words)
-}
-
-struct Answer {
-    chat: bool,
-    model: String,
-    completion_tokens: u32,
-    finish_reason: &'static str,
-    usage: Value,
-    include_usage: bool,
-}
-
-impl Answer {
-    fn full(&self) -> Value {
-        let text = mock_text(self.completion_tokens);
-        let choice = if self.chat {
-            json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": self.finish_reason})
-        } else {
-            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": self.finish_reason})
-        };
-        json!({
-            "id": "mock-1", "object": if self.chat { "chat.completion" } else { "text_completion" },
-            "created": 1_700_000_000, "model": self.model, "choices": [choice], "usage": self.usage,
-        })
-    }
-
-    fn chunk(&self, choice: Value) -> Bytes {
-        let object = if self.chat { "chat.completion.chunk" } else { "text_completion" };
-        let chunk = json!({"id": "mock-1", "object": object, "created": 1_700_000_000, "model": self.model, "choices": [choice]});
-        Bytes::from(format!("data: {chunk}\n\n"))
-    }
-
-    fn token_chunk(&self, i: u32) -> Bytes {
-        let text = mock_token(i);
-        if self.chat {
-            self.chunk(json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}))
-        } else {
-            self.chunk(json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null}))
-        }
-    }
-
-    fn finish_chunk(&self) -> Bytes {
-        if self.chat {
-            self.chunk(json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": self.finish_reason}))
-        } else {
-            self.chunk(json!({"index": 0, "text": "", "logprobs": null, "finish_reason": self.finish_reason}))
-        }
-    }
-}
-
-/// The SSE body: role chunk, one chunk per token, finish chunk, usage chunk if asked,
-/// `[DONE]`. With `cut = Some(k)` the body fails after `k` tokens, which aborts the
-/// connection mid-stream.
-fn answer_stream(answer: Answer, first_delay: Duration, inter_delay: Duration, cut: Option<u32>) -> Body {
-    let stream = async_stream_of(answer, first_delay, inter_delay, cut);
-    Body::from_stream(stream)
-}
-
-fn async_stream_of(
-    answer: Answer,
-    first_delay: Duration,
-    inter_delay: Duration,
-    cut: Option<u32>,
-) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send {
-    // Step 0: role chunk; 1..=n: tokens; n+1: finish; n+2: usage; n+3: [DONE].
-    let n = answer.completion_tokens;
-    futures_util::stream::unfold((answer, 0u32), move |(answer, step)| async move {
-        if let Some(k) = cut
-            && step == k + 1
-        {
-            return Some((Err(std::io::Error::other("mock: connection cut mid-stream")), (answer, u32::MAX)));
-        }
-        let bytes = match step {
-            u32::MAX => return None,
-            0 => {
-                if answer.chat {
-                    answer.chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
-                } else {
-                    Bytes::new()
-                }
-            }
-            s if s <= n => {
-                let delay = if s == 1 { first_delay } else { inter_delay };
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
-                answer.token_chunk(s - 1)
-            }
-            s if s == n + 1 => answer.finish_chunk(),
-            s if s == n + 2 => {
-                if answer.include_usage {
-                    let object = if answer.chat { "chat.completion.chunk" } else { "text_completion" };
-                    let chunk = json!({"id": "mock-1", "object": object, "created": 1_700_000_000, "model": answer.model, "choices": [], "usage": answer.usage});
-                    Bytes::from(format!("data: {chunk}\n\n"))
-                } else {
-                    Bytes::new()
-                }
-            }
-            s if s == n + 3 => Bytes::from_static(b"data: [DONE]\n\n"),
-            _ => return None,
-        };
-        Some((Ok(bytes), (answer, step + 1)))
-    })
-    .filter(|item| std::future::ready(!matches!(item, Ok(b) if b.is_empty())))
 }
 
 #[cfg(test)]
@@ -725,9 +472,15 @@ mod tests {
     fn fault_modes_round_trip_through_names() {
         for mode in FaultMode::ALL {
             assert_eq!(mode.as_str().parse::<FaultMode>(), Ok(mode));
-            assert_eq!(serde_json::to_value(mode).expect("serializes"), json!(mode.as_str()));
+            assert_eq!(
+                serde_json::to_value(mode).expect("serializes"),
+                json!(mode.as_str())
+            );
         }
-        assert!("http418".parse::<FaultMode>().unwrap_err().contains("midstream_cut"));
+        let Err(message) = "http418".parse::<FaultMode>() else {
+            panic!("http418 is not a mode")
+        };
+        assert!(message.contains("midstream_cut"), "{message}");
     }
 
     #[test]

@@ -1,0 +1,372 @@
+//! The mock's answers: deterministic completions (streamed or whole, with usage) and
+//! the responses of each fault mode.
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use axum::{
+    Json,
+    body::{Body, Bytes},
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use super::{FaultMode, MockSettings, Shared};
+
+pub(super) fn error_response(status: StatusCode, kind: &str, message: &str, code: Option<&str>) -> Response {
+    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+    (status, Json(body)).into_response()
+}
+
+fn authorized(settings: &MockSettings, headers: &HeaderMap) -> bool {
+    let Some(key) = &settings.api_key else { return true };
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == format!("Bearer {key}"))
+}
+
+pub(super) async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let (mode, settings) = shared.admit("/v1/models", &headers, &Value::Null);
+    if let Some(response) = fault_response(mode, &settings).await {
+        return response;
+    }
+    if !authorized(&settings, &headers) {
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "Incorrect API key provided.",
+            Some("invalid_api_key"),
+        );
+    }
+    let data: Vec<Value> = settings
+        .models
+        .iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 1_700_000_000, "owned_by": "mock"}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// The answer for a mode that fails before any content; `None` for modes that stream.
+async fn fault_response(mode: FaultMode, settings: &MockSettings) -> Option<Response> {
+    let server_error =
+        |status: StatusCode, message: &str| Some(error_response(status, "server_error", message, None));
+    match mode {
+        FaultMode::Http500 => server_error(StatusCode::INTERNAL_SERVER_ERROR, "mock: internal server error"),
+        FaultMode::Http503 => server_error(StatusCode::SERVICE_UNAVAILABLE, "mock: service unavailable"),
+        FaultMode::Http429 => {
+            let mut response = error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "mock: rate limit reached",
+                Some("rate_limit_exceeded"),
+            );
+            let secs = settings.retry_after.as_secs_f64().ceil() as u64;
+            response.headers_mut().insert(header::RETRY_AFTER, secs.into());
+            Some(response)
+        }
+        FaultMode::Http402 => Some(error_response(
+            StatusCode::PAYMENT_REQUIRED,
+            "insufficient_quota",
+            "mock: insufficient balance",
+            Some("insufficient_quota"),
+        )),
+        FaultMode::Http401 => Some(error_response(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "mock: authentication fails",
+            Some("invalid_api_key"),
+        )),
+        FaultMode::Hang => std::future::pending().await,
+        _ => None,
+    }
+}
+
+pub(super) async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    generate(shared, headers, body, true).await
+}
+
+pub(super) async fn completions(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    generate(shared, headers, body, false).await
+}
+
+/// The deterministic text: token `i` of every answer is always the same word.
+pub fn mock_token(i: u32) -> &'static str {
+    const WORDS: [&str; 12] = [
+        "Life", "boat", " keeps", " the", " lights", " on", " when", " the", " gateway", " goes", " dark",
+        ".",
+    ];
+    WORDS[i as usize % WORDS.len()]
+}
+
+/// The full answer text for `n` tokens.
+pub fn mock_text(n: u32) -> String {
+    (0..n).map(mock_token).collect()
+}
+
+async fn generate(shared: Arc<Shared>, headers: HeaderMap, body: Bytes, chat: bool) -> Response {
+    let path = if chat {
+        "/v1/chat/completions"
+    } else {
+        "/v1/completions"
+    };
+    let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let (mode, settings) = shared.admit(path, &headers, &parsed);
+    if let Some(response) = fault_response(mode, &settings).await {
+        return response;
+    }
+    if !authorized(&settings, &headers) {
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "Incorrect API key provided.",
+            Some("invalid_api_key"),
+        );
+    }
+    let Value::Object(request) = parsed else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "mock: body is not a JSON object",
+            None,
+        );
+    };
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if !settings.models.contains(&model) {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            &format!("The model `{model}` does not exist"),
+            Some("model_not_found"),
+        );
+    }
+    let requested = request
+        .get("max_completion_tokens")
+        .or_else(|| request.get("max_tokens"))
+        .and_then(Value::as_u64);
+    if let Some(requested) = requested.filter(|m| *m > settings.max_tokens_limit) {
+        let message = format!(
+            "Invalid max_tokens value, the valid range of max_tokens is [1, {}], got {requested}",
+            settings.max_tokens_limit
+        );
+        let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": "max_tokens", "code": "invalid_value"}});
+        return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+    }
+    let max = requested.map_or(u32::MAX, |m| m.min(u64::from(u32::MAX)) as u32);
+    let completion_tokens = settings.tokens.min(max);
+    let finish_reason = if completion_tokens < settings.tokens {
+        "length"
+    } else {
+        "stop"
+    };
+    let prompt_tokens = count_prompt_words(&request);
+    let usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + u64::from(completion_tokens),
+    });
+    let answer = Answer {
+        chat,
+        model,
+        completion_tokens,
+        finish_reason,
+        usage,
+        include_usage: request
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    };
+    let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let first_delay = if mode == FaultMode::Slow {
+        settings.slow_first_token
+    } else {
+        settings.first_token_delay
+    };
+    if !stream {
+        tokio::time::sleep(first_delay + settings.inter_token_delay * completion_tokens.saturating_sub(1))
+            .await;
+        return Json(answer.full()).into_response();
+    }
+    let body = match mode {
+        FaultMode::Keepalive => {
+            let interval = settings.keepalive_interval;
+            Body::from_stream(futures_util::stream::unfold((), move |()| async move {
+                tokio::time::sleep(interval).await;
+                Some((Ok::<_, Infallible>(Bytes::from_static(b": keep-alive\n\n")), ()))
+            }))
+        }
+        FaultMode::Malformed => Body::from(
+            "data: {\"id\":\"mock\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\n\ndata: [DONE]\n\n",
+        ),
+        _ => {
+            let cut = (mode == FaultMode::MidstreamCut).then_some(settings.cut_after);
+            // Like DeepSeek under load: `: keep-alive` comments while the first token is late.
+            let keepalive = (mode == FaultMode::Slow).then_some(settings.keepalive_interval);
+            answer_stream(answer, first_delay, settings.inter_token_delay, cut, keepalive)
+        }
+    };
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+fn count_prompt_words(request: &serde_json::Map<String, Value>) -> u64 {
+    fn words(value: &Value) -> u64 {
+        match value {
+            Value::String(s) => s.split_whitespace().count() as u64,
+            Value::Array(items) => items.iter().map(words).sum(),
+            Value::Object(map) => map.get("content").or_else(|| map.get("text")).map_or(0, words),
+            _ => 0,
+        }
+    }
+    request
+        .get("messages")
+        .or_else(|| request.get("prompt"))
+        .map_or(0, words)
+}
+
+struct Answer {
+    chat: bool,
+    model: String,
+    completion_tokens: u32,
+    finish_reason: &'static str,
+    usage: Value,
+    include_usage: bool,
+}
+
+impl Answer {
+    fn full(&self) -> Value {
+        let text = mock_text(self.completion_tokens);
+        let choice = if self.chat {
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": self.finish_reason})
+        } else {
+            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": self.finish_reason})
+        };
+        json!({
+            "id": "mock-1", "object": if self.chat { "chat.completion" } else { "text_completion" },
+            "created": 1_700_000_000, "model": self.model, "choices": [choice], "usage": self.usage,
+        })
+    }
+
+    fn chunk(&self, choice: Value) -> Bytes {
+        let object = if self.chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let chunk = json!({"id": "mock-1", "object": object, "created": 1_700_000_000, "model": self.model, "choices": [choice]});
+        Bytes::from(format!("data: {chunk}\n\n"))
+    }
+
+    fn token_chunk(&self, i: u32) -> Bytes {
+        let text = mock_token(i);
+        if self.chat {
+            self.chunk(
+                json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}),
+            )
+        } else {
+            self.chunk(json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null}))
+        }
+    }
+
+    fn finish_chunk(&self) -> Bytes {
+        if self.chat {
+            self.chunk(
+                json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": self.finish_reason}),
+            )
+        } else {
+            self.chunk(json!({"index": 0, "text": "", "logprobs": null, "finish_reason": self.finish_reason}))
+        }
+    }
+}
+
+/// The SSE body: role chunk, one chunk per token, finish chunk, usage chunk if asked,
+/// `[DONE]`. With `cut = Some(k)` the body fails after `k` tokens, which aborts the
+/// connection mid-stream. With `keepalive = Some(interval)` the wait for the first token is
+/// filled with `: keep-alive` comments.
+fn answer_stream(
+    answer: Answer,
+    first_delay: Duration,
+    inter_delay: Duration,
+    cut: Option<u32>,
+    keepalive: Option<Duration>,
+) -> Body {
+    let comments = match keepalive.filter(|i| !i.is_zero()) {
+        Some(interval) => {
+            let count = (first_delay.as_nanos() / interval.as_nanos()) as u32;
+            let rest = first_delay.saturating_sub(interval * count);
+            let comments = futures_util::stream::iter(0..count).then(move |_| async move {
+                tokio::time::sleep(interval).await;
+                Ok(Bytes::from_static(b": keep-alive\n\n"))
+            });
+            (comments.boxed(), rest)
+        }
+        None => (futures_util::stream::empty().boxed(), first_delay),
+    };
+    let (comments, first_delay) = comments;
+    Body::from_stream(comments.chain(token_stream(answer, first_delay, inter_delay, cut)))
+}
+
+fn token_stream(
+    answer: Answer,
+    first_delay: Duration,
+    inter_delay: Duration,
+    cut: Option<u32>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    // Step 0: role chunk; 1..=n: tokens; n+1: finish; n+2: usage; n+3: [DONE].
+    let n = answer.completion_tokens;
+    futures_util::stream::unfold((answer, 0u32), move |(answer, step)| async move {
+        if let Some(k) = cut
+            && step == k + 1
+        {
+            // Let hyper flush the chunks already written, so the client really receives
+            // `k` chunks before the connection drops.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            return Some((Err(std::io::Error::other("mock: connection cut mid-stream")), (answer, u32::MAX)));
+        }
+        let bytes = match step {
+            u32::MAX => return None,
+            0 => {
+                if answer.chat {
+                    answer.chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
+                } else {
+                    Bytes::new()
+                }
+            }
+            s if s <= n => {
+                let delay = if s == 1 { first_delay } else { inter_delay };
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                answer.token_chunk(s - 1)
+            }
+            s if s == n + 1 => answer.finish_chunk(),
+            s if s == n + 2 => {
+                if answer.include_usage {
+                    let object = if answer.chat { "chat.completion.chunk" } else { "text_completion" };
+                    let chunk = json!({"id": "mock-1", "object": object, "created": 1_700_000_000, "model": answer.model, "choices": [], "usage": answer.usage});
+                    Bytes::from(format!("data: {chunk}\n\n"))
+                } else {
+                    Bytes::new()
+                }
+            }
+            s if s == n + 3 => Bytes::from_static(b"data: [DONE]\n\n"),
+            _ => return None,
+        };
+        Some((Ok(bytes), (answer, step + 1)))
+    })
+    .filter(|item| std::future::ready(!matches!(item, Ok(b) if b.is_empty())))
+}

@@ -1,0 +1,182 @@
+//! Test harness: a lifeboat app on 127.0.0.1:0 in front of the mock upstream.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use lifeboat::{
+    app::{self, AppState},
+    config::{Config, RemoteConfig},
+    mock_upstream::{MockSettings, MockUpstream},
+};
+use serde_json::{Value, json};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+
+/// Deadlines short enough for fault tests, long enough for a loaded 2-core machine.
+pub const FIRST_TOKEN_TIMEOUT: Duration = Duration::from_millis(1500);
+pub const IDLE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub mock: Arc<MockUpstream>,
+    shutdown: Option<oneshot::Sender<()>>,
+    pub server: JoinHandle<std::io::Result<()>>,
+}
+
+/// The config a test app starts from: one remote `gateway` at the mock, serving
+/// `deepseek-chat`, with short deadlines.
+pub fn test_config(mock: &MockUpstream) -> Config {
+    let mut config = Config::default();
+    config.remotes.insert(
+        "gateway".into(),
+        RemoteConfig {
+            base_url: mock.url(),
+            models: vec!["deepseek-chat".into()],
+            first_token_timeout: FIRST_TOKEN_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+            ..RemoteConfig::default()
+        },
+    );
+    config
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(MockSettings::default(), |_| {}, HashMap::new()).await
+}
+
+/// Start a mock with `settings`, then lifeboat with the test config changed by `tweak`;
+/// secrets are looked up in `env`.
+pub async fn spawn_app_with(
+    settings: MockSettings,
+    tweak: impl FnOnce(&mut Config),
+    env: HashMap<String, String>,
+) -> TestApp {
+    let mock = Arc::new(MockUpstream::start(settings).await.expect("mock starts"));
+    let mut config = test_config(&mock);
+    tweak(&mut config);
+    let state = AppState::from_config(&config, &env).expect("valid test config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(app::run(
+        listener,
+        app::app(state),
+        async {
+            let _ = rx.await;
+        },
+        Duration::from_secs(5),
+    ));
+    lifeboat::upstream::install_crypto_provider();
+    TestApp {
+        addr,
+        client: reqwest::Client::new(),
+        mock,
+        shutdown: Some(tx),
+        server,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Ask the server to shut down gracefully.
+    pub fn shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A minimal valid chat request.
+pub fn chat_body(stream: bool) -> Value {
+    json!({
+        "model": "deepseek-chat",
+        "messages": [{"role": "user", "content": "Say something"}],
+        "max_tokens": 8,
+        "stream": stream,
+    })
+}
+
+/// One parsed SSE stream as a client sees it.
+#[derive(Debug, Default)]
+pub struct SseBody {
+    /// Every `data:` payload in order, `[DONE]` included.
+    pub data: Vec<String>,
+    /// Comment lines (starting with `:`).
+    pub comments: Vec<String>,
+}
+
+impl SseBody {
+    pub fn parse(text: &str) -> SseBody {
+        let mut body = SseBody::default();
+        for frame in text.split("\n\n") {
+            for line in frame.lines() {
+                if let Some(data) = line.strip_prefix("data:") {
+                    body.data.push(data.trim_start().to_string());
+                } else if line.starts_with(':') {
+                    body.comments.push(line.to_string());
+                }
+            }
+        }
+        body
+    }
+
+    /// JSON payloads (everything but `[DONE]`).
+    pub fn json(&self) -> Vec<Value> {
+        self.data
+            .iter()
+            .filter(|d| d.as_str() != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("frame is not JSON ({e}): {d}")))
+            .collect()
+    }
+
+    pub fn done_count(&self) -> usize {
+        self.data.iter().filter(|d| d.as_str() == "[DONE]").count()
+    }
+
+    /// Concatenated `delta.content` of choice 0.
+    pub fn content(&self) -> String {
+        self.json()
+            .iter()
+            .filter_map(|c| {
+                c["choices"].get(0)?["delta"]["content"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect()
+    }
+}
+
+pub async fn read_sse(response: reqwest::Response) -> SseBody {
+    SseBody::parse(&response.text().await.expect("body"))
+}
