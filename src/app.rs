@@ -5,6 +5,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use axum::{
     http::StatusCode,
+    serve::ListenerExt,
     response::{IntoResponse, Response},
 };
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -101,6 +102,13 @@ pub async fn run(
         shutdown.await;
         let _ = signalled_tx.send(());
     };
+    // Without TCP_NODELAY a small SSE frame written after the previous one waits for the
+    // client's delayed ACK (~40 ms per frame on a kept-alive connection).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(%err, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .into_future();

@@ -194,8 +194,11 @@ async fn generate(shared: Arc<Shared>, headers: HeaderMap, body: Bytes, chat: bo
         settings.first_token_delay
     };
     if !stream {
-        tokio::time::sleep(first_delay + settings.inter_token_delay * completion_tokens.saturating_sub(1))
-            .await;
+        let delay = first_delay + settings.inter_token_delay * completion_tokens.saturating_sub(1);
+        // A zero sleep still waits for the next 1 ms timer tick; skip it.
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         return Json(answer.full()).into_response();
     }
     let body = match mode {

@@ -1,0 +1,204 @@
+"""Drive `lifeboat serve` in front of `lifeboat mock-upstream` with the official openai SDK.
+
+Started by scripts/openai-sdk-check, which provides a venv with the pinned SDK. Starts
+both processes on port 0, runs each check, prints one line per check and a closing
+"N passed, M failed" line, and exits non-zero on any failure.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+import urllib.request
+
+import openai
+
+BIN = os.environ.get("LIFEBOAT_BIN", "target/debug/lifeboat")
+
+
+def start(args, pattern, stream_name):
+    """Start a process and wait for a line matching `pattern` on stdout or stderr."""
+    proc = subprocess.Popen(
+        [BIN, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "LIFEBOAT_LOG": "warn,lifeboat=info", "NO_COLOR": "1"},
+    )
+    stream = proc.stdout if stream_name == "stdout" else proc.stderr
+    deadline = time.time() + 30
+    seen = []
+    while time.time() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return proc, match
+    proc.kill()
+    raise RuntimeError(f"{args[0]} did not start; output:\n{''.join(seen)}")
+
+
+def admin(url, mode, count=None):
+    body = {"mode": mode}
+    if count is not None:
+        body["count"] = count
+    request = urllib.request.Request(
+        f"{url}/fault", data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+def main():
+    mock, m = start(
+        ["mock-upstream", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+         "--tokens", "12", "--inter-token-delay", "5ms", "--cut-after", "3",
+         "--models", "deepseek-chat"],
+        r"api=(\S+) admin=(\S+)",
+        "stdout",
+    )
+    mock_api, mock_admin = m.group(1), m.group(2)
+    server, m = start(
+        ["serve", "--listen", "127.0.0.1:0", "--remote-url", mock_api, "--remote-model", "deepseek-chat"],
+        r"OpenAI base URL (http://\S+)",
+        "stderr",
+    )
+    base_url = m.group(1)
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=30)
+    expected = "Lifeboat keeps the lights on when the gateway goes dark."
+
+    checks = []
+
+    def check(fn):
+        checks.append(fn)
+        return fn
+
+    @check
+    def models_list():
+        ids = [m.id for m in client.models.list()]
+        assert ids == ["deepseek-chat"], ids
+        assert client.models.retrieve("deepseek-chat").id == "deepseek-chat"
+
+    @check
+    def chat_non_streaming():
+        r = client.chat.completions.create(
+            model="deepseek-chat", messages=[{"role": "user", "content": "Hello there"}]
+        )
+        assert r.object == "chat.completion", r
+        assert r.choices[0].message.content == expected, r.choices[0].message.content
+        assert r.choices[0].finish_reason == "stop"
+        assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == 2, r.usage
+
+    @check
+    def chat_raw_response_headers():
+        raw = client.chat.completions.with_raw_response.create(
+            model="deepseek-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        assert raw.headers["x-lifeboat-backend"] == "gateway", dict(raw.headers)
+        assert raw.parse().choices[0].finish_reason == "length"
+
+    @check
+    def chat_streaming():
+        stream = client.chat.completions.create(
+            model="deepseek-chat", messages=[{"role": "user", "content": "Hi"}], stream=True
+        )
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == expected, text
+        assert all(c.usage is None for c in chunks)
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+    @check
+    def chat_streaming_with_usage():
+        stream = client.chat.completions.create(
+            model="deepseek-chat",
+            messages=[{"role": "user", "content": "Hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+            max_tokens=5,
+        )
+        chunks = list(stream)
+        last = chunks[-1]
+        assert last.choices == [] and last.usage.completion_tokens == 5, last
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == expected[: len("Lifeboat keeps the lights")], text
+
+    @check
+    def legacy_completion():
+        r = client.completions.create(model="deepseek-chat", prompt="Once upon", max_tokens=3)
+        assert r.choices[0].text == "Lifeboat keeps", r
+
+    @check
+    def unknown_model_raises_not_found():
+        try:
+            client.chat.completions.create(model="gpt-nope", messages=[{"role": "user", "content": "x"}])
+        except openai.NotFoundError as e:
+            assert e.code == "model_not_found", e.body
+            return
+        raise AssertionError("no NotFoundError")
+
+    @check
+    def empty_messages_raise_bad_request():
+        try:
+            client.chat.completions.create(model="deepseek-chat", messages=[])
+        except openai.BadRequestError as e:
+            assert e.param == "messages", e.body
+            return
+        raise AssertionError("no BadRequestError")
+
+    @check
+    def gateway_rate_limit_raises_rate_limit_error():
+        admin(mock_admin, "http429", 1)
+        try:
+            client.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "x"}])
+        except openai.RateLimitError as e:
+            assert e.response.headers.get("retry-after") == "1", dict(e.response.headers)
+            return
+        raise AssertionError("no RateLimitError")
+
+    @check
+    def cut_after_first_byte_raises_in_stream():
+        admin(mock_admin, "midstream_cut", 1)
+        stream = client.chat.completions.create(
+            model="deepseek-chat", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+        received = []
+        try:
+            for chunk in stream:
+                if chunk.choices:
+                    received.append(chunk.choices[0].delta.content or "")
+        except openai.APIError as e:
+            assert "upstream stream broke" in e.message, e.message
+            assert "".join(received) == "Lifeboat keeps", received
+            return
+        raise AssertionError("the cut stream ended without an error")
+
+    passed = failed = 0
+    try:
+        for fn in checks:
+            try:
+                fn()
+                passed += 1
+                print(f"ok   {fn.__name__}")
+            except Exception:  # noqa: BLE001 - report every failing check
+                failed += 1
+                print(f"FAIL {fn.__name__}")
+                traceback.print_exc()
+    finally:
+        for proc in (server, mock):
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print(f"openai SDK {openai.__version__}: {passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
