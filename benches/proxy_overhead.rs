@@ -28,6 +28,9 @@ struct Options {
     seconds: f64,
     rounds: u32,
     concurrency: Vec<usize>,
+    /// The mock's latency profile: first token, then between tokens.
+    first_token_delay: Duration,
+    inter_token_delay: Duration,
 }
 
 fn options() -> Result<Options, String> {
@@ -35,23 +38,41 @@ fn options() -> Result<Options, String> {
         seconds: 1.0,
         rounds: 3,
         concurrency: vec![1, 16, 64],
+        first_token_delay: Duration::ZERO,
+        inter_token_delay: Duration::ZERO,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
         match arg.as_str() {
             "--seconds" => {
-                options.seconds = value("--seconds")?.parse().map_err(|e| format!("--seconds: {e}"))?
+                options.seconds = value("--seconds")?
+                    .parse()
+                    .map_err(|e| format!("--seconds: {e}"))?
             }
-            "--rounds" => options.rounds = value("--rounds")?.parse().map_err(|e| format!("--rounds: {e}"))?,
+            "--rounds" => {
+                options.rounds = value("--rounds")?.parse().map_err(|e| format!("--rounds: {e}"))?
+            }
             "--concurrency" => {
                 options.concurrency = value("--concurrency")?
                     .split(',')
-                    .map(|c| c.trim().parse::<usize>().map_err(|e| format!("--concurrency: {e}")))
+                    .map(|c| {
+                        c.trim()
+                            .parse::<usize>()
+                            .map_err(|e| format!("--concurrency: {e}"))
+                    })
                     .collect::<Result<_, _>>()?;
                 if options.concurrency.contains(&0) {
                     return Err("--concurrency: levels must be at least 1".into());
                 }
+            }
+            "--first-token-delay" => {
+                options.first_token_delay = humantime::parse_duration(&value("--first-token-delay")?)
+                    .map_err(|e| format!("--first-token-delay: {e}"))?
+            }
+            "--inter-token-delay" => {
+                options.inter_token_delay = humantime::parse_duration(&value("--inter-token-delay")?)
+                    .map_err(|e| format!("--inter-token-delay: {e}"))?
             }
             // Passed by `cargo bench`.
             "--bench" => {}
@@ -63,7 +84,7 @@ fn options() -> Result<Options, String> {
 
 /// Start the mock and lifeboat on their own runtime so the load generator's threads do
 /// not share a scheduler with them.
-fn start_servers() -> (SocketAddr, SocketAddr) {
+fn start_servers(settings: MockSettings) -> (SocketAddr, SocketAddr) {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -72,7 +93,7 @@ fn start_servers() -> (SocketAddr, SocketAddr) {
             .build()
             .expect("server runtime");
         runtime.block_on(async move {
-            let mock = MockUpstream::start(MockSettings::default()).await.expect("mock");
+            let mock = MockUpstream::start(settings).await.expect("mock");
             let mut config = Config::default();
             config.remotes.insert(
                 "gateway".into(),
@@ -169,7 +190,11 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let (mock_addr, lifeboat_addr) = start_servers();
+    let (mock_addr, lifeboat_addr) = start_servers(MockSettings {
+        first_token_delay: options.first_token_delay,
+        inter_token_delay: options.inter_token_delay,
+        ..MockSettings::default()
+    });
     lifeboat::upstream::install_crypto_provider();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
@@ -181,8 +206,12 @@ async fn main() {
     let duration = Duration::from_secs_f64(options.seconds);
 
     println!(
-        "proxy_overhead: {} round(s) of {:.1} s per arm, alternating direct/proxied; 16-token answers\n",
-        options.rounds, options.seconds
+        "proxy_overhead: {} round(s) of {:.1} s per arm, alternating direct/proxied; 16-token answers; \
+         mock first token {}, between tokens {}\n",
+        options.rounds,
+        options.seconds,
+        humantime::format_duration(options.first_token_delay),
+        humantime::format_duration(options.inter_token_delay),
     );
     println!(
         "| mode | conc | direct p50 ms | direct p99 ms | via p50 ms | via p99 ms | added p50 ms | added p99 ms | direct rps | via rps | rps ratio | errors |"
@@ -197,8 +226,22 @@ async fn main() {
         });
         for &concurrency in &options.concurrency {
             // Warm both paths (connections, allocator).
-            drive(&client, &direct_url, &body, concurrency, Duration::from_millis(200)).await;
-            drive(&client, &proxied_url, &body, concurrency, Duration::from_millis(200)).await;
+            drive(
+                &client,
+                &direct_url,
+                &body,
+                concurrency,
+                Duration::from_millis(200),
+            )
+            .await;
+            drive(
+                &client,
+                &proxied_url,
+                &body,
+                concurrency,
+                Duration::from_millis(200),
+            )
+            .await;
             let mut direct = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
             let mut proxied = direct.clone();
             let (mut direct_rps, mut proxied_rps) = (0.0, 0.0);

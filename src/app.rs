@@ -5,8 +5,8 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use axum::{
     http::StatusCode,
-    serve::ListenerExt,
     response::{IntoResponse, Response},
+    serve::ListenerExt,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;

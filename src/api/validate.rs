@@ -63,10 +63,11 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<GenerationRequest, Valid
     }
 }
 
-fn typed<T: DeserializeOwned>(raw: &Map<String, Value>) -> Result<T, ValidationError> {
-    // Deserializing from a borrowed map keeps `raw` intact for forwarding.
-    let value = Value::Object(raw.clone());
-    serde_path_to_error::deserialize::<_, T>(value).map_err(|err| {
+/// The typed view of `raw`, which is handed back intact for forwarding (deserializing
+/// from a reference avoids copying the whole body).
+fn typed<T: DeserializeOwned>(raw: Map<String, Value>) -> Result<(T, Map<String, Value>), ValidationError> {
+    let value = Value::Object(raw);
+    let typed = serde_path_to_error::deserialize::<_, T>(&value).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner().to_string();
         let (param, message) = describe_serde_error(&path, &inner);
@@ -74,7 +75,11 @@ fn typed<T: DeserializeOwned>(raw: &Map<String, Value>) -> Result<T, ValidationE
             message,
             param: Some(param),
         }
-    })
+    })?;
+    match value {
+        Value::Object(raw) => Ok((typed, raw)),
+        _ => Err(ValidationError::InvalidJson("expected a JSON object".into())),
+    }
 }
 
 /// Turn serde's wording into a message naming the parameter.
@@ -198,7 +203,7 @@ fn common(c: Common, sampling: &mut SamplingParams) -> Result<(String, bool, boo
 }
 
 fn chat(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationError> {
-    let req: ChatCompletionRequest = typed(&raw)?;
+    let (req, raw): (ChatCompletionRequest, _) = typed(raw)?;
     if req.messages.is_empty() {
         return Err(ValidationError::invalid(
             "messages",
@@ -366,7 +371,7 @@ fn content_parts(param: &str, parts: &[Value]) -> Result<String, ValidationError
 }
 
 fn completion(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationError> {
-    let req: CompletionRequest = typed(&raw)?;
+    let (req, raw): (CompletionRequest, _) = typed(raw)?;
     let prompts = match &req.prompt {
         Value::String(s) => vec![s.clone()],
         Value::Array(items) if items.is_empty() => {

@@ -194,10 +194,18 @@ async fn generate(shared: Arc<Shared>, headers: HeaderMap, body: Bytes, chat: bo
         settings.first_token_delay
     };
     if !stream {
-        let delay = first_delay + settings.inter_token_delay * completion_tokens.saturating_sub(1);
-        // A zero sleep still waits for the next 1 ms timer tick; skip it.
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
+        // Sleep exactly as the streamed answer does (one timer per token, each rounded up
+        // to the timer's 1 ms tick), so JSON and SSE answers take the same time. A zero
+        // sleep would still wait for the next tick, so it is skipped.
+        for i in 0..completion_tokens {
+            let delay = if i == 0 {
+                first_delay
+            } else {
+                settings.inter_token_delay
+            };
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
         }
         return Json(answer.full()).into_response();
     }

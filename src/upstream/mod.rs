@@ -10,6 +10,7 @@ use std::sync::Once;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use serde::{Serialize, ser::SerializeMap};
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -75,17 +76,40 @@ impl RemoteBackend {
 
     /// The body sent upstream: the client's JSON with the gateway's model name, streaming
     /// forced on and usage always requested (stripped later if the client did not ask).
-    fn upstream_body(request: &BackendRequest) -> Value {
-        let mut body = request.request.raw.clone();
-        body.insert("model".into(), Value::String(request.model.clone()));
-        body.insert("stream".into(), Value::Bool(true));
-        let mut options = match body.remove("stream_options") {
-            Some(Value::Object(map)) => map,
+    fn upstream_body(request: &BackendRequest) -> UpstreamBody<'_> {
+        let mut options = match request.request.raw.get("stream_options") {
+            Some(Value::Object(map)) => map.clone(),
             _ => serde_json::Map::new(),
         };
         options.insert("include_usage".into(), Value::Bool(true));
-        body.insert("stream_options".into(), Value::Object(options));
-        Value::Object(body)
+        UpstreamBody {
+            raw: &request.request.raw,
+            model: &request.model,
+            stream_options: options,
+        }
+    }
+}
+
+/// Serializes the client's body with the three overridden fields, without copying it.
+struct UpstreamBody<'a> {
+    raw: &'a serde_json::Map<String, Value>,
+    model: &'a str,
+    stream_options: serde_json::Map<String, Value>,
+}
+
+impl Serialize for UpstreamBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        const OVERRIDDEN: [&str; 3] = ["model", "stream", "stream_options"];
+        let mut map = serializer.serialize_map(None)?;
+        for (key, value) in self.raw {
+            if !OVERRIDDEN.contains(&key.as_str()) {
+                map.serialize_entry(key, value)?;
+            }
+        }
+        map.serialize_entry("model", self.model)?;
+        map.serialize_entry("stream", &true)?;
+        map.serialize_entry("stream_options", &self.stream_options)?;
+        map.end()
     }
 }
 
@@ -226,7 +250,7 @@ mod tests {
                 raw,
             }),
         };
-        let body = RemoteBackend::upstream_body(&request);
+        let body = serde_json::to_value(RemoteBackend::upstream_body(&request)).expect("serializes");
         assert_eq!(body["model"], "deepseek-chat");
         assert_eq!(body["stream"], true);
         assert_eq!(body["stream_options"]["include_usage"], true);

@@ -40,7 +40,7 @@ impl SseParser {
                 rest = &rest[1..];
             }
         }
-        while let Some(pos) = rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+        while let Some(pos) = memchr::memchr2(b'\n', b'\r', rest) {
             self.line.extend_from_slice(&rest[..pos]);
             if rest[pos] == b'\r' {
                 match rest.get(pos + 1) {
