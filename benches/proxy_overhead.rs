@@ -18,7 +18,6 @@ use std::{
 use hdrhistogram::Histogram;
 use lifeboat::{
     app::{self, AppState},
-    config::{Config, RemoteConfig},
     mock_upstream::{MockSettings, MockUpstream},
 };
 use serde_json::{Value, json};
@@ -94,15 +93,7 @@ fn start_servers(settings: MockSettings) -> (SocketAddr, SocketAddr) {
             .expect("server runtime");
         runtime.block_on(async move {
             let mock = MockUpstream::start(settings).await.expect("mock");
-            let mut config = Config::default();
-            config.remotes.insert(
-                "gateway".into(),
-                RemoteConfig {
-                    base_url: mock.url(),
-                    models: vec!["deepseek-chat".into()],
-                    ..RemoteConfig::default()
-                },
-            );
+            let config = mock.gateway_config();
             let state = AppState::from_config(&config, &HashMap::<String, String>::new()).expect("config");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = listener.local_addr().expect("addr");

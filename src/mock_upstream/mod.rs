@@ -276,6 +276,20 @@ impl MockUpstream {
         format!("http://{}/v1", self.addr)
     }
 
+    /// A lifeboat config whose one remote, `gateway`, is this mock serving its models.
+    pub fn gateway_config(&self) -> crate::config::Config {
+        let mut config = crate::config::Config::default();
+        config.remotes.insert(
+            "gateway".into(),
+            crate::config::RemoteConfig {
+                base_url: self.url(),
+                models: self.shared.lock().settings.models.clone(),
+                ..crate::config::RemoteConfig::default()
+            },
+        );
+        config
+    }
+
     /// Switch the fault mode for every following request.
     pub async fn set_fault(&self, mode: FaultMode) -> std::io::Result<()> {
         self.set_fault_for(mode, None).await

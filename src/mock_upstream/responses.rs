@@ -28,19 +28,34 @@ fn authorized(settings: &MockSettings, headers: &HeaderMap) -> bool {
         .is_some_and(|v| v == format!("Bearer {key}"))
 }
 
-pub(super) async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    let (mode, settings) = shared.admit("/v1/models", &headers, &Value::Null);
+/// Count the request, then answer it with the fault of the current mode or a 401 for a
+/// wrong key; `Ok` means it should be served normally.
+async fn admit(
+    shared: &Shared,
+    path: &str,
+    headers: &HeaderMap,
+    body: &Value,
+) -> Result<(FaultMode, MockSettings), Response> {
+    let (mode, settings) = shared.admit(path, headers, body);
     if let Some(response) = fault_response(mode, &settings).await {
-        return response;
+        return Err(response);
     }
-    if !authorized(&settings, &headers) {
-        return error_response(
+    if !authorized(&settings, headers) {
+        return Err(error_response(
             StatusCode::UNAUTHORIZED,
             "invalid_request_error",
             "Incorrect API key provided.",
             Some("invalid_api_key"),
-        );
+        ));
     }
+    Ok((mode, settings))
+}
+
+pub(super) async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let settings = match admit(&shared, "/v1/models", &headers, &Value::Null).await {
+        Ok((_, settings)) => settings,
+        Err(response) => return response,
+    };
     let data: Vec<Value> = settings
         .models
         .iter()
@@ -117,18 +132,10 @@ async fn generate(shared: Arc<Shared>, headers: HeaderMap, body: Bytes, chat: bo
         "/v1/completions"
     };
     let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let (mode, settings) = shared.admit(path, &headers, &parsed);
-    if let Some(response) = fault_response(mode, &settings).await {
-        return response;
-    }
-    if !authorized(&settings, &headers) {
-        return error_response(
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            "Incorrect API key provided.",
-            Some("invalid_api_key"),
-        );
-    }
+    let (mode, settings) = match admit(&shared, path, &headers, &parsed).await {
+        Ok(admitted) => admitted,
+        Err(response) => return response,
+    };
     let Value::Object(request) = parsed else {
         return error_response(
             StatusCode::BAD_REQUEST,

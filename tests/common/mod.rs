@@ -6,7 +6,7 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use lifeboat::{
     app::{self, AppState},
-    config::{Config, RemoteConfig},
+    config::Config,
     mock_upstream::{MockSettings, MockUpstream},
 };
 use serde_json::{Value, json};
@@ -27,17 +27,11 @@ pub struct TestApp {
 /// The config a test app starts from: one remote `gateway` at the mock, serving
 /// `deepseek-chat`, with short deadlines.
 pub fn test_config(mock: &MockUpstream) -> Config {
-    let mut config = Config::default();
-    config.remotes.insert(
-        "gateway".into(),
-        RemoteConfig {
-            base_url: mock.url(),
-            models: vec!["deepseek-chat".into()],
-            first_token_timeout: FIRST_TOKEN_TIMEOUT,
-            idle_timeout: IDLE_TIMEOUT,
-            ..RemoteConfig::default()
-        },
-    );
+    let mut config = mock.gateway_config();
+    if let Some(gateway) = config.remotes.get_mut("gateway") {
+        gateway.first_token_timeout = FIRST_TOKEN_TIMEOUT;
+        gateway.idle_timeout = IDLE_TIMEOUT;
+    }
     config
 }
 
