@@ -16,6 +16,7 @@ use crate::{
     api::{self, auth::ClientKeys, types::ErrorResponse},
     backend::Backend,
     config::{Config, ConfigError, EnvSource, resolve_secret},
+    engine::{LocalBackend, LocalSettings},
     metrics,
     router::{RouteTable, Router},
     upstream::RemoteBackend,
@@ -48,6 +49,17 @@ impl AppState {
                     message: err.message,
                 })?;
             backends.push(Arc::new(backend));
+        }
+        if let Some(model) = &config.local.model {
+            let local = LocalBackend::start(&LocalSettings {
+                model: model.clone(),
+                queue_capacity: config.local.queue_capacity,
+            })
+            .map_err(|err| ConfigError::Invalid {
+                key: "local.model".into(),
+                message: err.to_string(),
+            })?;
+            backends.push(Arc::new(local));
         }
         let client_keys = config
             .server

@@ -213,6 +213,8 @@ pub enum ErrorKind {
     MalformedFrame,
     /// The stream ended or broke before it was complete.
     StreamCut,
+    /// The backend cannot serve at all right now (local model loading or failed).
+    Unavailable,
     /// Anything else (a bug or an unexpected status).
     Internal,
 }
@@ -234,6 +236,7 @@ impl ErrorKind {
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::MalformedFrame => "malformed_frame",
             ErrorKind::StreamCut => "stream_cut",
+            ErrorKind::Unavailable => "unavailable",
             ErrorKind::Internal => "internal",
         }
     }
@@ -287,6 +290,14 @@ impl BackendKind {
     }
 }
 
+/// Whether a backend can take requests now, and why not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendStatus {
+    pub ready: bool,
+    /// `ready`, a load phase such as `loading`, or the failure.
+    pub detail: String,
+}
+
 /// Anything that can answer a generation request.
 #[async_trait]
 pub trait Backend: Send + Sync + fmt::Debug {
@@ -294,6 +305,15 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn id(&self) -> &str;
 
     fn kind(&self) -> BackendKind;
+
+    /// Readiness for `/ready`; a remote is ready once configured (health tracking is the
+    /// router's job).
+    fn status(&self) -> BackendStatus {
+        BackendStatus {
+            ready: true,
+            detail: "ready".into(),
+        }
+    }
 
     /// Start generating. Errors known before the first event (refused connection, HTTP
     /// status) come back here; later ones arrive inside the stream.

@@ -8,7 +8,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fmt,
     net::SocketAddr,
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -23,6 +23,43 @@ pub struct Config {
     pub remotes: BTreeMap<String, RemoteConfig>,
     /// Public model names, aliases and renames, e.g. `[[routes]]`.
     pub routes: Vec<RouteConfig>,
+    /// The in-process model, `[local]`.
+    pub local: LocalConfig,
+}
+
+/// `[local]`: the model lifeboat runs itself.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalConfig {
+    /// Model folder (config.json, tokenizer.json, *.safetensors). None: no local model.
+    pub model: Option<PathBuf>,
+    /// Name clients use for it; defaults to the folder name.
+    pub served_model_name: Option<String>,
+    /// Requests that may wait while one runs; beyond it, 429 with `Retry-After`. Default 16.
+    pub queue_capacity: usize,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        LocalConfig {
+            model: None,
+            served_model_name: None,
+            queue_capacity: 16,
+        }
+    }
+}
+
+impl LocalConfig {
+    /// The public name of the local model, if there is one.
+    pub fn served_name(&self) -> Option<String> {
+        let model = self.model.as_ref()?;
+        Some(self.served_model_name.clone().unwrap_or_else(|| {
+            model.file_name().map_or_else(
+                || model.display().to_string(),
+                |n| n.to_string_lossy().to_string(),
+            )
+        }))
+    }
 }
 
 /// `[server]`: the HTTP side facing clients.
@@ -119,6 +156,8 @@ pub struct Overrides {
     pub remote_url: Option<String>,
     pub remote_api_key_env: Option<String>,
     pub remote_models: Vec<String>,
+    pub model: Option<PathBuf>,
+    pub served_model_name: Option<String>,
 }
 
 /// A configuration problem, always naming where it is.
@@ -171,6 +210,12 @@ impl Config {
         if let Some(listen) = overrides.listen {
             self.server.listen = listen;
         }
+        if let Some(model) = &overrides.model {
+            self.local.model = Some(model.clone());
+        }
+        if let Some(name) = &overrides.served_model_name {
+            self.local.served_model_name = Some(name.clone());
+        }
         let touches_remote = overrides.remote_url.is_some()
             || overrides.remote_api_key_env.is_some()
             || !overrides.remote_models.is_empty();
@@ -216,7 +261,7 @@ impl Config {
         for (i, env) in self.server.client_api_key_envs.iter().enumerate() {
             check_env_name(&format!("server.client_api_key_envs[{i}]"), env)?;
         }
-        let mut public: HashSet<&str> = HashSet::new();
+        let mut public: HashSet<String> = HashSet::new();
         for (name, remote) in &self.remotes {
             let key = |field: &str| format!("remotes.{name}.{field}");
             check_base_url(&key("base_url"), &remote.base_url)?;
@@ -240,13 +285,33 @@ impl Config {
                         "must not be empty",
                     ));
                 }
-                if !public.insert(model) {
+                if !public.insert(model.clone()) {
                     return Err(ConfigError::invalid(
                         key(&format!("models[{i}]")),
                         format!("model name {model:?} is already served by another remote or route"),
                     ));
                 }
             }
+        }
+        if self.local.queue_capacity == 0 {
+            return Err(ConfigError::invalid(
+                "local.queue_capacity",
+                "must be greater than 0",
+            ));
+        }
+        if self.local.served_model_name.is_some() && self.local.model.is_none() {
+            return Err(ConfigError::invalid(
+                "local.served_model_name",
+                "is set but local.model (--model) is not",
+            ));
+        }
+        if let Some(name) = self.local.served_name()
+            && !public.insert(name.clone())
+        {
+            return Err(ConfigError::invalid(
+                "local.served_model_name",
+                format!("model name {name:?} is already served by a remote"),
+            ));
         }
         for (i, route) in self.routes.iter().enumerate() {
             let key = |field: &str| format!("routes[{i}].{field}");
@@ -269,7 +334,7 @@ impl Config {
                 ));
             }
             for (j, name) in std::iter::once(&route.name).chain(&route.aliases).enumerate() {
-                if !public.insert(name) {
+                if !public.insert(name.clone()) {
                     let field = if j == 0 {
                         "name".to_string()
                     } else {
@@ -501,6 +566,7 @@ mod tests {
                 remote_url: Some("http://b/v1".into()),
                 remote_api_key_env: Some("KEY".into()),
                 remote_models: vec!["m".into()],
+                ..Overrides::default()
             })
             .expect("applies");
         assert_eq!(config.server.listen.port(), 2);

@@ -12,6 +12,8 @@
 //! - [`router`]: route table and the commit point; decides who serves.
 //! - [`backend`]: the `Backend` trait and the engine-neutral event stream.
 //! - [`upstream`]: the remote gateway over reqwest, SSE parsing, error classification.
+//! - [`engine`]: the local model on candle: loader, tokenizer, chat template, sampler,
+//!   the engine thread, and the tiny test model.
 //! - [`metrics`]: metric names with units, Prometheus rendering.
 //! - [`mock_upstream`]: the scriptable fake gateway for tests, benches and the CLI.
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
@@ -21,6 +23,7 @@ pub mod app;
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod metrics;
 pub mod mock_upstream;
 pub mod router;

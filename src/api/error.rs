@@ -73,6 +73,7 @@ fn classify_backend(error: &BackendError) -> Classified {
             classify(S::BAD_GATEWAY, "api_error", Some("upstream_malformed_response"))
         }
         ErrorKind::StreamCut => classify(S::BAD_GATEWAY, "api_error", Some("upstream_stream_cut")),
+        ErrorKind::Unavailable => classify(S::SERVICE_UNAVAILABLE, "api_error", Some("backend_unavailable")),
         ErrorKind::Internal => classify(S::INTERNAL_SERVER_ERROR, "api_error", Some("internal_error")),
     }
 }

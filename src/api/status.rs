@@ -15,17 +15,30 @@ pub(crate) async fn health() -> Response {
     Json(json!({ "status": "ok" })).into_response()
 }
 
-/// `GET /ready`: 200 when at least one backend can take requests, else 503 with the reason.
+/// `GET /ready`: 200 when every configured backend can take requests (a local model is
+/// loaded and warm), else 503 with each backend's phase.
 pub(crate) async fn ready(State(state): State<AppState>) -> Response {
     let backends = state.router.backend_ids();
+    let statuses = state.router.backend_statuses();
+    let details: serde_json::Map<String, serde_json::Value> = statuses
+        .iter()
+        .map(|(id, s)| (id.clone(), json!(s.detail)))
+        .collect();
+    if statuses.iter().any(|(_, s)| !s.ready) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "not_ready", "backends": backends, "phases": details })),
+        )
+            .into_response();
+    }
     if state.router.has_backends() {
-        Json(json!({ "status": "ready", "backends": backends })).into_response()
+        Json(json!({ "status": "ready", "backends": backends, "phases": details })).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({
                 "status": "no_backend",
-                "message": "no backend is configured: pass --remote-url (or set [remotes] in the config file)",
+                "message": "no backend is configured: pass --remote-url or --model (or set [remotes] / [local] in the config file)",
                 "backends": backends,
             })),
         )

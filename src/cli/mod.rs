@@ -1,6 +1,8 @@
-//! Command-line interface: `lifeboat serve` and `lifeboat mock-upstream`, one file each.
+//! Command-line interface: `lifeboat serve`, `lifeboat mock-upstream` and `lifeboat model`,
+//! one file each.
 
 pub mod mock_upstream;
+pub mod model;
 pub mod serve;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +22,9 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Run the scriptable fake gateway used by tests and benchmarks.
     MockUpstream(mock_upstream::MockUpstreamArgs),
+    /// Local model tools: make-tiny, inspect, generate.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
 }
 
 /// A failed command: the message is printed as it is, with exit code 2 for bad input
@@ -46,5 +51,6 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
         Command::MockUpstream(args) => mock_upstream::run(args).await,
+        Command::Model(command) => model::run(command).await,
     }
 }

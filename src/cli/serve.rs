@@ -35,6 +35,12 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub remote_model: Vec<String>,
+    /// Local model folder (config.json, tokenizer.json, *.safetensors), served in-process.
+    #[arg(long, env = "LIFEBOAT_MODEL", value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// Name clients use for the local model [default: the folder name].
+    #[arg(long, env = "LIFEBOAT_SERVED_MODEL_NAME", value_name = "NAME")]
+    pub served_model_name: Option<String>,
 }
 
 impl ServeArgs {
@@ -50,6 +56,8 @@ impl ServeArgs {
                 remote_url: self.remote_url.clone(),
                 remote_api_key_env: self.remote_api_key_env.clone(),
                 remote_models: self.remote_model.clone(),
+                model: self.model.clone(),
+                served_model_name: self.served_model_name.clone(),
             })
             .map_err(|e| CliError::Usage(e.to_string()))?;
         if let Some((name, remote)) = config.remotes.iter_mut().find(|(_, r)| r.models.is_empty()) {
@@ -66,7 +74,9 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     let config = args.load_config()?;
     let state = AppState::from_config(&config, &ProcessEnv).map_err(|e| CliError::Usage(e.to_string()))?;
     if !state.router.has_backends() {
-        tracing::warn!("no backend configured: every generation request will fail; pass --remote-url URL");
+        tracing::warn!(
+            "no backend configured: every generation request will fail; pass --remote-url URL or --model PATH"
+        );
     }
     let listener = TcpListener::bind(config.server.listen)
         .await

@@ -65,6 +65,18 @@ impl RouteTable {
                 );
             }
         }
+        if let Some(name) = config.local.served_name() {
+            table.add(
+                Route {
+                    name: name.clone(),
+                    targets: vec![Target {
+                        backend: crate::engine::LOCAL_BACKEND_ID.to_string(),
+                        model: name,
+                    }],
+                },
+                &[],
+            );
+        }
         for route in &config.routes {
             table.add(
                 Route {
@@ -167,6 +179,17 @@ impl Router {
         let mut ids: Vec<String> = self.backends.keys().cloned().collect();
         ids.sort();
         ids
+    }
+
+    /// Each backend's readiness, by id.
+    pub fn backend_statuses(&self) -> Vec<(String, crate::backend::BackendStatus)> {
+        let mut statuses: Vec<_> = self
+            .backends
+            .iter()
+            .map(|(id, b)| (id.clone(), b.status()))
+            .collect();
+        statuses.sort_by(|a, b| a.0.cmp(&b.0));
+        statuses
     }
 
     /// Whether `model` names a route (public name or alias).

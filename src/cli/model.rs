@@ -1,0 +1,188 @@
+//! `lifeboat model …`: tools for local model folders — `make-tiny` (a random-weight test
+//! model), `inspect` (what a folder holds) and `generate` (one prompt, streamed to stdout).
+
+use std::{io::Write, path::PathBuf, sync::Arc};
+
+use clap::{Args, Subcommand};
+use futures_util::StreamExt;
+
+use super::CliError;
+use crate::{
+    backend::{
+        Backend, BackendRequest, ChatMessage, Endpoint, GenerationEvent, GenerationRequest, Prompt,
+        SamplingParams, StopSequences,
+    },
+    engine::{Arch, LocalBackend, LocalSettings, read_info, tiny::make_tiny},
+};
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Write a tiny random-weight model with a real small tokenizer and an R1-style template.
+    MakeTiny(MakeTinyArgs),
+    /// Show a model folder's architecture, size, context, tokenizer and template.
+    Inspect(InspectArgs),
+    /// Run one chat prompt through the local engine and stream the answer.
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MakeTinyArgs {
+    /// qwen2, llama or qwen3.
+    #[arg(long, default_value = "qwen2")]
+    pub arch: String,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Model folder.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Model folder.
+    pub path: PathBuf,
+    /// The user message.
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: u32,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+pub async fn run(command: ModelCommand) -> Result<(), CliError> {
+    match command {
+        ModelCommand::MakeTiny(args) => {
+            let arch = Arch::from_short_name(&args.arch).ok_or_else(|| {
+                CliError::Usage(format!(
+                    "--arch: unknown architecture {:?}; expected qwen2, llama or qwen3",
+                    args.arch
+                ))
+            })?;
+            make_tiny(arch, &args.out, args.seed).map_err(|e| CliError::Usage(e.to_string()))?;
+            println!(
+                "wrote a tiny {} model to {}",
+                arch.short_name(),
+                args.out.display()
+            );
+            Ok(())
+        }
+        ModelCommand::Inspect(args) => {
+            let (info, _) = read_info(&args.path).map_err(|e| CliError::Usage(e.to_string()))?;
+            let d = &info.dims;
+            let params: usize = d
+                .expected_tensors()
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum();
+            println!(
+                "architecture  {} ({})",
+                info.arch.class_name(),
+                info.arch.short_name()
+            );
+            println!("parameters    {params} ({:.2} M)", params as f64 / 1e6);
+            println!(
+                "shape         {} layers, hidden {}, {} heads / {} kv heads, head dim {}, ffn {}",
+                d.layers, d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate
+            );
+            println!("context       {} tokens", d.max_context);
+            println!(
+                "vocabulary    {} (tokenizer: {})",
+                d.vocab,
+                info.tokenizer.vocab_size()
+            );
+            println!("eos ids       {:?}", info.eos_ids);
+            let template = match &info.template {
+                None => "none".to_string(),
+                Some(t) if t.uses_think => "present, R1-style reasoning (<think>)".to_string(),
+                Some(_) => "present".to_string(),
+            };
+            println!("chat template {template}");
+            Ok(())
+        }
+        ModelCommand::Generate(args) => generate(args).await,
+    }
+}
+
+async fn generate(args: GenerateArgs) -> Result<(), CliError> {
+    let backend = LocalBackend::start(&LocalSettings {
+        model: args.path.clone(),
+        queue_capacity: 1,
+    })
+    .map_err(|e| CliError::Usage(e.to_string()))?;
+    backend.wait_ready().await.map_err(CliError::Usage)?;
+    let request = GenerationRequest {
+        endpoint: Endpoint::ChatCompletions,
+        model: "local".into(),
+        stream: true,
+        include_usage: true,
+        prompt: Prompt::Chat(vec![ChatMessage {
+            role: "user".into(),
+            content: Some(args.prompt),
+            name: None,
+            tool_calls: None,
+            tool_call_id: None,
+            reasoning_content: None,
+        }]),
+        sampling: SamplingParams {
+            max_tokens: Some(args.max_tokens),
+            temperature: Some(args.temperature),
+            seed: args.seed,
+            stop: StopSequences::default(),
+            n: 1,
+            ..SamplingParams::default()
+        },
+        has_tools: false,
+        raw: serde_json::Map::new(),
+    };
+    let mut events = backend
+        .generate(BackendRequest {
+            model: "local".into(),
+            request: Arc::new(request),
+        })
+        .await
+        .map_err(|e| CliError::Runtime(e.to_string()))?;
+    let mut stdout = std::io::stdout();
+    let mut in_reasoning = false;
+    while let Some(event) = events.next().await {
+        match event.map_err(|e| CliError::Runtime(e.to_string()))? {
+            GenerationEvent::Delta(delta) => {
+                if let Some(r) = delta.reasoning_content {
+                    if !in_reasoning {
+                        let _ = write!(stdout, "[reasoning] ");
+                        in_reasoning = true;
+                    }
+                    let _ = write!(stdout, "{r}");
+                }
+                if let Some(c) = delta.content {
+                    if in_reasoning {
+                        let _ = write!(stdout, "\n[answer] ");
+                        in_reasoning = false;
+                    }
+                    let _ = write!(stdout, "{c}");
+                }
+                if let Some(reason) = delta.finish_reason {
+                    let _ = writeln!(stdout, "\n[finish: {reason}]");
+                }
+                let _ = stdout.flush();
+            }
+            GenerationEvent::Usage(u) => {
+                eprintln!(
+                    "usage: {} prompt + {} completion tokens",
+                    u.prompt_tokens, u.completion_tokens
+                );
+            }
+        }
+    }
+    Ok(())
+}

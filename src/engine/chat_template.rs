@@ -1,0 +1,191 @@
+//! Chat templates from `tokenizer_config.json`, rendered with minijinja plus the
+//! Python-compatible string methods (`.strip()`, `.split()`, …) that real templates use.
+
+use minijinja::{Environment, ErrorKind, Value as JinjaValue, context};
+use serde_json::{Map, Value};
+
+use super::EngineError;
+use crate::backend::ChatMessage;
+
+const TEMPLATE_NAME: &str = "chat";
+
+/// A compiled chat template with the special tokens it refers to.
+#[derive(Debug)]
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+    /// The template mentions `<think>`: output may hold R1-style reasoning.
+    pub uses_think: bool,
+}
+
+impl ChatTemplate {
+    /// Compile `source`; the error names the template problem.
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate, EngineError> {
+        let mut env = Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
+        env.add_function("strftime_now", |format: String| -> String {
+            // Templates use it only to print today's date; UTC is what a server has.
+            let now = std::time::SystemTime::now();
+            let date = httpdate::fmt_http_date(now);
+            if format.contains("%Y") {
+                date
+            } else {
+                String::new()
+            }
+        });
+        env.add_template_owned(TEMPLATE_NAME, source.to_string())
+            .map_err(|err| EngineError::Template(format!("cannot compile the chat template: {err}")))?;
+        Ok(ChatTemplate {
+            env,
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+            uses_think: source.contains("<think>"),
+        })
+    }
+
+    /// Read `chat_template`, `bos_token` and `eos_token` from a `tokenizer_config.json`
+    /// value. `None` when it has no template.
+    pub fn from_tokenizer_config(config: &Value) -> Result<Option<ChatTemplate>, EngineError> {
+        let source = match config.get("chat_template") {
+            Some(Value::String(source)) => source.clone(),
+            // A list of named templates: take "default".
+            Some(Value::Array(list)) => match list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str)
+            {
+                Some(source) => source.to_string(),
+                None => return Ok(None),
+            },
+            _ => return Ok(None),
+        };
+        let token = |key: &str| match config.get(key) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Object(o)) => o
+                .get("content")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            _ => String::new(),
+        };
+        ChatTemplate::new(&source, &token("bos_token"), &token("eos_token")).map(Some)
+    }
+
+    /// The prompt for `messages`, ending with the assistant's turn opened.
+    pub fn render(&self, messages: &[ChatMessage], tools: Option<&Value>) -> Result<String, EngineError> {
+        let messages: Vec<Value> = messages.iter().map(message_json).collect();
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|err| EngineError::Template(err.to_string()))?;
+        template
+            .render(context! {
+                messages => JinjaValue::from_serialize(&messages),
+                tools => tools.map(JinjaValue::from_serialize),
+                add_generation_prompt => true,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+            })
+            .map_err(|err| EngineError::Template(format!("cannot render the chat template: {err}")))
+    }
+}
+
+fn message_json(message: &ChatMessage) -> Value {
+    let mut map = Map::new();
+    map.insert("role".into(), Value::String(message.role.clone()));
+    map.insert(
+        "content".into(),
+        message.content.clone().map_or(Value::Null, Value::String),
+    );
+    for (key, value) in [
+        ("name", message.name.clone()),
+        ("tool_call_id", message.tool_call_id.clone()),
+        ("reasoning_content", message.reasoning_content.clone()),
+    ] {
+        if let Some(value) = value {
+            map.insert(key.into(), Value::String(value));
+        }
+    }
+    if let Some(calls) = &message.tool_calls {
+        map.insert("tool_calls".into(), calls.clone());
+    }
+    Value::Object(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(role: &str, content: &str) -> ChatMessage {
+        ChatMessage {
+            role: role.into(),
+            content: Some(content.into()),
+            name: None,
+            tool_calls: None,
+            tool_call_id: None,
+            reasoning_content: None,
+        }
+    }
+
+    struct Case {
+        name: &'static str,
+        template: &'static str,
+        messages: Vec<ChatMessage>,
+        target: &'static str,
+    }
+
+    #[test]
+    fn table() {
+        let r1 = super::super::tiny::R1_TEMPLATE;
+        let cases = vec![
+            Case {
+                name: "r1 single turn opens think",
+                template: r1,
+                messages: vec![msg("user", "Hi")],
+                target: "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜><think>\n",
+            },
+            Case {
+                name: "r1 system and history drop old reasoning",
+                template: r1,
+                messages: vec![
+                    msg("system", "Be brief."),
+                    msg("user", "2+2?"),
+                    msg("assistant", "<think>\nadd</think>\n\n4"),
+                    msg("user", "3+3?"),
+                ],
+                target: "<｜begin▁of▁sentence｜>Be brief.<｜User｜>2+2?<｜Assistant｜>4<｜end▁of▁sentence｜><｜User｜>3+3?<｜Assistant｜><think>\n",
+            },
+            Case {
+                name: "pycompat string methods",
+                template: "{% for m in messages %}{{ m.content.strip().upper() }}|{% endfor %}",
+                messages: vec![msg("user", "  a b  ")],
+                target: "A B|",
+            },
+        ];
+        for case in cases {
+            let template =
+                ChatTemplate::new(case.template, "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>")
+                    .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+            let rendered = template
+                .render(&case.messages, None)
+                .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+            assert_eq!(rendered, case.target, "{}", case.name);
+        }
+    }
+
+    #[test]
+    fn raise_exception_is_a_clear_error() {
+        let template =
+            ChatTemplate::new("{{ raise_exception('roles must alternate') }}", "", "").expect("compiles");
+        let err = template.render(&[msg("user", "x")], None).expect_err("raises");
+        assert!(err.to_string().contains("roles must alternate"), "{err}");
+    }
+}

@@ -1,0 +1,234 @@
+//! Model folder → ready-to-run model: `config.json` picks the architecture, every tensor
+//! of the safetensors files (sharded or not) is checked by name and shape, then the
+//! tokenizer, chat template and end-of-sequence ids are read.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::{Path, PathBuf},
+};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde_json::Value;
+
+use super::{
+    EngineError,
+    chat_template::ChatTemplate,
+    models::{self, Arch, CausalLm, Dims},
+    tokenizer::TextTokenizer,
+};
+
+/// What the async side needs to prepare prompts (shared, read-only).
+#[derive(Debug)]
+pub struct ModelInfo {
+    pub arch: Arch,
+    pub dims: Dims,
+    pub tokenizer: TextTokenizer,
+    pub template: Option<ChatTemplate>,
+    pub eos_ids: Vec<u32>,
+    pub bos_id: Option<u32>,
+}
+
+/// A loaded model and its facts.
+pub struct Loaded {
+    pub model: Box<dyn CausalLm>,
+    pub info: ModelInfo,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value, EngineError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| EngineError::load(path, format!("cannot read: {err}")))?;
+    serde_json::from_str(&text).map_err(|err| EngineError::load(path, format!("invalid JSON: {err}")))
+}
+
+/// Check that `source` names a model folder, with a precise message for what it is not.
+pub fn check_source(source: &Path) -> Result<(), EngineError> {
+    if source.extension().is_some_and(|e| e == "gguf") {
+        return Err(EngineError::load(
+            source,
+            "GGUF files are not supported yet in this build; pass a folder with config.json, tokenizer.json and *.safetensors",
+        ));
+    }
+    if !source.exists() {
+        let text = source.to_string_lossy();
+        let hint = if text.split('/').count() == 2 && !text.starts_with('.') && !text.starts_with('/') {
+            " (it looks like a Hugging Face repo id; downloading from the Hub is not implemented yet in this build: \
+             pass a local folder)"
+        } else {
+            ""
+        };
+        return Err(EngineError::load(source, format!("no such file or folder{hint}")));
+    }
+    if !source.is_dir() {
+        return Err(EngineError::load(source, "expected a model folder"));
+    }
+    Ok(())
+}
+
+/// The safetensors files of a folder: the shards named by `model.safetensors.index.json`,
+/// else every `*.safetensors`.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let value = read_json(&index)?;
+        let map = value
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| EngineError::load(&index, "has no `weight_map` object"))?;
+        let files: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|err| EngineError::load(dir, format!("cannot list: {err}")))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(EngineError::load(dir, "no *.safetensors weights in this folder"));
+    }
+    Ok(files)
+}
+
+/// Tensors by name, and the file each came from (for error messages).
+type TensorsWithOrigin = (HashMap<String, Tensor>, HashMap<String, PathBuf>);
+
+/// Load every tensor, converting to `dtype`; remembers which file each came from.
+fn load_tensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<TensorsWithOrigin, EngineError> {
+    let mut tensors = HashMap::new();
+    let mut origin = HashMap::new();
+    for file in files {
+        let loaded = candle_core::safetensors::load(file, device).map_err(|err| {
+            EngineError::load(
+                file,
+                format!("cannot read safetensors (truncated or corrupt?): {err}"),
+            )
+        })?;
+        for (name, tensor) in loaded {
+            let tensor = tensor
+                .to_dtype(dtype)
+                .map_err(|err| EngineError::load(file, format!("tensor {name}: {err}")))?;
+            origin.insert(name.clone(), file.clone());
+            tensors.insert(name, tensor);
+        }
+    }
+    Ok((tensors, origin))
+}
+
+/// End-of-sequence ids from `config.json`, `generation_config.json` and the tokenizer's
+/// `eos_token`.
+fn eos_ids(
+    dir: &Path,
+    config: &Value,
+    tokenizer: &TextTokenizer,
+    tokenizer_config: Option<&Value>,
+) -> Vec<u32> {
+    let mut ids = BTreeSet::new();
+    let mut add = |value: Option<&Value>| match value {
+        Some(Value::Number(n)) => {
+            if let Some(id) = n.as_u64() {
+                ids.insert(id as u32);
+            }
+        }
+        Some(Value::Array(list)) => ids.extend(list.iter().filter_map(Value::as_u64).map(|id| id as u32)),
+        _ => {}
+    };
+    add(config.get("eos_token_id"));
+    if let Ok(generation) = read_json(&dir.join("generation_config.json")) {
+        add(generation.get("eos_token_id"));
+    }
+    let eos_token = tokenizer_config.and_then(|c| match c.get("eos_token") {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    });
+    if let Some(id) = eos_token.and_then(|t| tokenizer.token_id(&t)) {
+        ids.insert(id);
+    }
+    ids.into_iter().collect()
+}
+
+/// Read the folder's metadata without loading weights (`model inspect`, prompt prep).
+pub fn read_info(dir: &Path) -> Result<(ModelInfo, Value), EngineError> {
+    check_source(dir)?;
+    let config_path = dir.join("config.json");
+    let config = read_json(&config_path)?;
+    let architectures: Vec<String> = config
+        .get("architectures")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .unwrap_or_default();
+    let arch = Arch::from_architectures(&architectures).map_err(|m| EngineError::load(&config_path, m))?;
+    let dims = Dims::from_config(arch, &config).map_err(|m| EngineError::load(&config_path, m))?;
+    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let tokenizer_config_path = dir.join("tokenizer_config.json");
+    let tokenizer_config = if tokenizer_config_path.exists() {
+        Some(read_json(&tokenizer_config_path)?)
+    } else {
+        None
+    };
+    let template = match &tokenizer_config {
+        Some(c) => ChatTemplate::from_tokenizer_config(c)
+            .map_err(|e| EngineError::load(&tokenizer_config_path, e.to_string()))?,
+        None => None,
+    };
+    let eos_ids = eos_ids(dir, &config, &tokenizer, tokenizer_config.as_ref());
+    let bos_id = config
+        .get("bos_token_id")
+        .and_then(Value::as_u64)
+        .map(|id| id as u32);
+    Ok((
+        ModelInfo {
+            arch,
+            dims,
+            tokenizer,
+            template,
+            eos_ids,
+            bos_id,
+        },
+        config,
+    ))
+}
+
+/// Load a model folder onto `device`.
+pub fn load(dir: &Path, device: &Device) -> Result<Loaded, EngineError> {
+    let (info, config) = read_info(dir)?;
+    // CPU kernels are fastest and most complete in f32; GPUs run bf16.
+    let dtype = if device.is_cpu() { DType::F32 } else { DType::BF16 };
+    let files = weight_files(dir)?;
+    let (tensors, origin) = load_tensors(&files, dtype, device)?;
+    for (name, shape) in info.dims.expected_tensors() {
+        match tensors.get(&name) {
+            None => {
+                let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+                return Err(EngineError::load(
+                    dir,
+                    format!("missing tensor {name} (looked in {})", files.join(", ")),
+                ));
+            }
+            Some(tensor) if tensor.dims() != shape.as_slice() => {
+                let file = origin.get(&name).map_or_else(|| dir.to_path_buf(), Clone::clone);
+                return Err(EngineError::load(
+                    &file,
+                    format!(
+                        "tensor {name} has shape {:?}, config.json implies {shape:?}",
+                        tensor.dims()
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    let model = models::build(info.arch, &config, vb, dtype, device)
+        .map_err(|m| EngineError::load(&dir.join("config.json"), m))?;
+    Ok(Loaded { model, info })
+}

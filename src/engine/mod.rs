@@ -1,0 +1,284 @@
+//! The local backend: a DeepSeek-family model loaded in-process with candle, on its own
+//! OS thread behind a bounded queue (full → 429 with `Retry-After`).
+//!
+//! Prompt rendering and tokenization run on tokio's blocking pool; the engine thread only
+//! runs the model. `/ready` reports the load phase until the model is warm.
+
+pub mod chat_template;
+pub mod loader;
+pub mod models;
+pub mod reasoning;
+pub mod sampler;
+pub mod stop;
+pub mod tiny;
+pub mod tokenizer;
+mod worker;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use candle_core::Device;
+use tokio::sync::mpsc;
+
+pub use loader::{ModelInfo, read_info};
+pub use models::Arch;
+
+use crate::backend::{
+    Backend, BackendError, BackendKind, BackendRequest, BackendStatus, ErrorKind, EventStream, Origin, Prompt,
+};
+
+/// Backend id of the local model (`x-lifeboat-backend: local`).
+pub const LOCAL_BACKEND_ID: &str = "local";
+
+/// Everything that can go wrong loading or running the local model.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{path}: {message}")]
+    Load { path: String, message: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("model: {0}")]
+    Model(#[from] candle_core::Error),
+}
+
+impl EngineError {
+    pub(crate) fn load(path: &Path, message: impl Into<String>) -> EngineError {
+        EngineError::Load {
+            path: path.display().to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Where the engine is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    Loading,
+    WarmingUp,
+    Ready,
+    Failed(String),
+}
+
+impl Phase {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Phase::Loading => "loading",
+            Phase::WarmingUp => "warming_up",
+            Phase::Ready => "ready",
+            Phase::Failed(_) => "failed",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    phase: Mutex<Phase>,
+    info: OnceLock<Arc<ModelInfo>>,
+}
+
+/// Settings of the local backend.
+#[derive(Debug, Clone)]
+pub struct LocalSettings {
+    /// Model folder.
+    pub model: PathBuf,
+    /// Requests waiting beyond the one running; more get 429.
+    pub queue_capacity: usize,
+}
+
+/// The in-process model as a [`Backend`].
+#[derive(Debug)]
+pub struct LocalBackend {
+    shared: Arc<Shared>,
+    jobs: mpsc::Sender<worker::Job>,
+}
+
+impl LocalBackend {
+    /// Start the engine thread; loading continues in the background (see `status`).
+    pub fn start(settings: &LocalSettings) -> Result<LocalBackend, EngineError> {
+        loader::check_source(&settings.model)?;
+        let shared = Arc::new(Shared {
+            phase: Mutex::new(Phase::Loading),
+            info: OnceLock::new(),
+        });
+        let (jobs, receiver) = mpsc::channel(settings.queue_capacity.max(1));
+        let thread_shared = shared.clone();
+        let dir = settings.model.clone();
+        std::thread::Builder::new()
+            .name("lifeboat-engine".into())
+            .spawn(move || worker::run(dir, Device::Cpu, thread_shared, receiver))
+            .map_err(|err| {
+                EngineError::load(&settings.model, format!("cannot start the engine thread: {err}"))
+            })?;
+        Ok(LocalBackend { shared, jobs })
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.shared
+            .phase
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Wait until the model is ready or failed (tests and `model generate`).
+    pub async fn wait_ready(&self) -> Result<(), String> {
+        loop {
+            match self.phase() {
+                Phase::Ready => return Ok(()),
+                Phase::Failed(message) => return Err(message),
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    fn unavailable(&self) -> BackendError {
+        let message = match self.phase() {
+            Phase::Failed(message) => format!("the local model failed to load: {message}"),
+            phase => format!("the local model is not ready yet ({})", phase.as_str()),
+        };
+        BackendError::new(ErrorKind::Unavailable, Origin::Local, message)
+    }
+}
+
+fn local_error(kind: ErrorKind, message: impl Into<String>) -> BackendError {
+    BackendError::new(kind, Origin::Local, message)
+}
+
+/// Render and tokenize the prompt; returns ids and whether the prompt opened `<think>`.
+fn prepare_prompt(
+    info: &ModelInfo,
+    prompt: &Prompt,
+    tools: Option<&serde_json::Value>,
+) -> Result<(Vec<u32>, bool), BackendError> {
+    match prompt {
+        Prompt::Chat(messages) => {
+            let template = info.template.as_ref().ok_or_else(|| {
+                local_error(
+                    ErrorKind::BadRequest,
+                    "this model has no chat template (tokenizer_config.json `chat_template`); use /v1/completions",
+                )
+            })?;
+            let text = template
+                .render(messages, tools)
+                .map_err(|e| local_error(ErrorKind::BadRequest, e.to_string()))?;
+            let opened = text.trim_end().ends_with("<think>");
+            let ids = info
+                .tokenizer
+                .encode(&text, false)
+                .map_err(|e| local_error(ErrorKind::Internal, e.to_string()))?;
+            Ok((ids, opened))
+        }
+        Prompt::Text(prompts) => {
+            let text = match prompts.as_slice() {
+                [one] => one,
+                [] => {
+                    return Err(local_error(
+                        ErrorKind::BadRequest,
+                        "token-id prompts are not supported by the local model",
+                    ));
+                }
+                _ => {
+                    return Err(local_error(
+                        ErrorKind::BadRequest,
+                        "the local model takes one prompt per request",
+                    ));
+                }
+            };
+            let mut ids = info
+                .tokenizer
+                .encode(text, true)
+                .map_err(|e| local_error(ErrorKind::Internal, e.to_string()))?;
+            if let Some(bos) = info.bos_id
+                && ids.first() != Some(&bos)
+            {
+                ids.insert(0, bos);
+            }
+            Ok((ids, false))
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for LocalBackend {
+    fn id(&self) -> &str {
+        LOCAL_BACKEND_ID
+    }
+
+    fn kind(&self) -> BackendKind {
+        BackendKind::Local
+    }
+
+    fn status(&self) -> BackendStatus {
+        let phase = self.phase();
+        BackendStatus {
+            ready: phase == Phase::Ready,
+            detail: match phase {
+                Phase::Failed(message) => format!("failed: {message}"),
+                other => other.as_str().to_string(),
+            },
+        }
+    }
+
+    async fn generate(&self, request: BackendRequest) -> Result<EventStream, BackendError> {
+        let info = self
+            .shared
+            .info
+            .get()
+            .cloned()
+            .ok_or_else(|| self.unavailable())?;
+        let generation = request.request.clone();
+        let prepared_info = info.clone();
+        let (prompt, think_opened) = tokio::task::spawn_blocking(move || {
+            prepare_prompt(&prepared_info, &generation.prompt, generation.raw.get("tools"))
+        })
+        .await
+        .map_err(|e| local_error(ErrorKind::Internal, format!("prompt preparation failed: {e}")))??;
+        let context = info.dims.max_context;
+        if prompt.len() >= context {
+            let mut err = local_error(
+                ErrorKind::BadRequest,
+                format!(
+                    "This model's maximum context length is {context} tokens; the prompt has {} tokens.",
+                    prompt.len()
+                ),
+            );
+            err.param = Some("messages".into());
+            err.code = Some("context_length_exceeded".into());
+            return Err(err);
+        }
+        let room = context - prompt.len();
+        let params = request.request.sampling.clone();
+        let max_tokens = params.max_tokens.map_or(room, |m| (m as usize).min(room));
+        let seed = params.seed.unwrap_or_else(rand::random);
+        let (events, receiver) = mpsc::channel(64);
+        let job = worker::Job {
+            prompt,
+            params,
+            max_tokens,
+            seed,
+            think_opened,
+            events,
+        };
+        self.jobs.try_send(job).map_err(|err| match err {
+            mpsc::error::TrySendError::Full(_) => {
+                let mut err = local_error(ErrorKind::RateLimited, "the local model's queue is full");
+                err.retry_after = Some(Duration::from_secs(1));
+                err
+            }
+            mpsc::error::TrySendError::Closed(_) => self.unavailable(),
+        })?;
+        Ok(Box::pin(futures_util::stream::unfold(
+            receiver,
+            |mut receiver| async move {
+                let item = receiver.recv().await?;
+                Some((item, receiver))
+            },
+        )))
+    }
+}

@@ -1,0 +1,299 @@
+//! The model interface the engine needs (as small as candle's: forward and clear the
+//! cache), the supported architectures, and the tensors each one must have.
+//!
+//! The layer code is candle-transformers'; this module checks every tensor's presence
+//! and shape first, because some candle loaders panic on a missing tensor.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::{llama, qwen2, qwen3};
+use serde_json::Value;
+
+/// A causal language model with its own KV cache, one sequence at a time.
+pub trait CausalLm: Send {
+    /// Logits for the last position of `ids` (`[1, seq]`), as a `[vocab]` tensor;
+    /// `pos` is the number of tokens already in the cache.
+    fn forward(&mut self, ids: &Tensor, pos: usize) -> candle_core::Result<Tensor>;
+    fn clear_kv_cache(&mut self);
+}
+
+/// Architectures from `config.json` `architectures`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Qwen2,
+    Llama,
+    Qwen3,
+    DeepseekV2,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 4] = [Arch::Qwen2, Arch::Llama, Arch::Qwen3, Arch::DeepseekV2];
+
+    /// The Hugging Face class name.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::DeepseekV2 => "DeepseekV2ForCausalLM",
+        }
+    }
+
+    /// Short name for `--arch` and logs.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Arch::Qwen2 => "qwen2",
+            Arch::Llama => "llama",
+            Arch::Qwen3 => "qwen3",
+            Arch::DeepseekV2 => "deepseek2",
+        }
+    }
+
+    pub fn from_short_name(name: &str) -> Option<Arch> {
+        Arch::ALL.into_iter().find(|a| a.short_name() == name)
+    }
+
+    /// The first known class among `architectures`; a precise error otherwise.
+    pub fn from_architectures(names: &[String]) -> Result<Arch, String> {
+        names
+            .iter()
+            .find_map(|n| Arch::ALL.into_iter().find(|a| a.class_name() == n))
+            .ok_or_else(|| {
+                let known: Vec<&str> = Arch::ALL.iter().map(|a| a.class_name()).collect();
+                format!(
+                    "unsupported architecture {names:?}; lifeboat serves {}",
+                    known.join(", ")
+                )
+            })
+    }
+}
+
+/// The shape facts shared by the dense architectures, read from `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dims {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub tie_embeddings: bool,
+    /// q/k/v projections have biases (Qwen2).
+    pub qkv_bias: bool,
+    /// Per-head RMSNorm on q and k (Qwen3).
+    pub qk_norm: bool,
+    pub max_context: usize,
+}
+
+fn field(config: &Value, key: &str) -> Result<usize, String> {
+    config
+        .get(key)
+        .and_then(Value::as_u64)
+        .map(|v| v as usize)
+        .ok_or_else(|| format!("config.json: `{key}` is missing or not a positive integer"))
+}
+
+impl Dims {
+    pub fn from_config(arch: Arch, config: &Value) -> Result<Dims, String> {
+        let hidden = field(config, "hidden_size")?;
+        let heads = field(config, "num_attention_heads")?;
+        if heads == 0 || hidden % heads != 0 {
+            return Err(format!(
+                "config.json: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
+            ));
+        }
+        let kv_heads = field(config, "num_key_value_heads").unwrap_or(heads);
+        if kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(format!(
+                "config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            ));
+        }
+        let head_dim = match arch {
+            Arch::Qwen3 => field(config, "head_dim").unwrap_or(hidden / heads),
+            _ => hidden / heads,
+        };
+        Ok(Dims {
+            vocab: field(config, "vocab_size")?,
+            hidden,
+            intermediate: field(config, "intermediate_size")?,
+            layers: field(config, "num_hidden_layers")?,
+            heads,
+            kv_heads,
+            head_dim,
+            tie_embeddings: config
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            qkv_bias: arch == Arch::Qwen2,
+            qk_norm: arch == Arch::Qwen3,
+            max_context: field(config, "max_position_embeddings")?,
+        })
+    }
+
+    /// Every tensor the model reads, with its shape.
+    pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, q, kv) = (
+            self.hidden,
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+        );
+        let mut tensors = vec![
+            ("model.embed_tokens.weight".to_string(), vec![self.vocab, h]),
+            ("model.norm.weight".to_string(), vec![h]),
+        ];
+        if !self.tie_embeddings {
+            tensors.push(("lm_head.weight".to_string(), vec![self.vocab, h]));
+        }
+        for i in 0..self.layers {
+            let p = |name: &str| format!("model.layers.{i}.{name}");
+            tensors.extend([
+                (p("self_attn.q_proj.weight"), vec![q, h]),
+                (p("self_attn.k_proj.weight"), vec![kv, h]),
+                (p("self_attn.v_proj.weight"), vec![kv, h]),
+                (p("self_attn.o_proj.weight"), vec![h, q]),
+                (p("mlp.gate_proj.weight"), vec![self.intermediate, h]),
+                (p("mlp.up_proj.weight"), vec![self.intermediate, h]),
+                (p("mlp.down_proj.weight"), vec![h, self.intermediate]),
+                (p("input_layernorm.weight"), vec![h]),
+                (p("post_attention_layernorm.weight"), vec![h]),
+            ]);
+            if self.qkv_bias {
+                tensors.extend([
+                    (p("self_attn.q_proj.bias"), vec![q]),
+                    (p("self_attn.k_proj.bias"), vec![kv]),
+                    (p("self_attn.v_proj.bias"), vec![kv]),
+                ]);
+            }
+            if self.qk_norm {
+                tensors.extend([
+                    (p("self_attn.q_norm.weight"), vec![self.head_dim]),
+                    (p("self_attn.k_norm.weight"), vec![self.head_dim]),
+                ]);
+            }
+        }
+        tensors
+    }
+}
+
+struct Qwen2(qwen2::ModelForCausalLM);
+struct Qwen3(qwen3::ModelForCausalLM);
+struct Llama {
+    model: llama::Llama,
+    cache: llama::Cache,
+    config: llama::Config,
+    dtype: DType,
+    device: Device,
+}
+
+/// `[.., vocab]` of the last position → `[vocab]`.
+fn last_logits(logits: Tensor) -> candle_core::Result<Tensor> {
+    let vocab = logits.dim(candle_core::D::Minus1)?;
+    let flat = logits.flatten_all()?;
+    let n = flat.dim(0)?;
+    flat.narrow(0, n - vocab, vocab)
+}
+
+impl CausalLm for Qwen2 {
+    fn forward(&mut self, ids: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        last_logits(self.0.forward(ids, pos)?)
+    }
+    fn clear_kv_cache(&mut self) {
+        self.0.clear_kv_cache();
+    }
+}
+
+impl CausalLm for Qwen3 {
+    fn forward(&mut self, ids: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        last_logits(self.0.forward(ids, pos)?)
+    }
+    fn clear_kv_cache(&mut self) {
+        self.0.clear_kv_cache();
+    }
+}
+
+impl CausalLm for Llama {
+    fn forward(&mut self, ids: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        last_logits(self.model.forward(ids, pos, &mut self.cache)?)
+    }
+    fn clear_kv_cache(&mut self) {
+        // candle's llama cache has no reset; a fresh one is cheap (masks are lazy).
+        if let Ok(cache) = llama::Cache::new(true, self.dtype, &self.config, &self.device) {
+            self.cache = cache;
+        }
+    }
+}
+
+/// Build the model from checked tensors.
+pub fn build(
+    arch: Arch,
+    config: &Value,
+    vb: VarBuilder<'static>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Box<dyn CausalLm>, String> {
+    let parse_error =
+        |err: serde_json::Error| format!("config.json does not describe a {}: {err}", arch.class_name());
+    let model: Box<dyn CausalLm> = match arch {
+        Arch::Qwen2 => {
+            let cfg: qwen2::Config = serde_json::from_value(config.clone()).map_err(parse_error)?;
+            Box::new(Qwen2(
+                qwen2::ModelForCausalLM::new(&cfg, vb).map_err(|e| e.to_string())?,
+            ))
+        }
+        Arch::Qwen3 => {
+            let cfg: qwen3::Config = serde_json::from_value(config.clone()).map_err(parse_error)?;
+            Box::new(Qwen3(
+                qwen3::ModelForCausalLM::new(&cfg, vb).map_err(|e| e.to_string())?,
+            ))
+        }
+        Arch::Llama => {
+            let cfg: llama::LlamaConfig = serde_json::from_value(config.clone()).map_err(parse_error)?;
+            let cfg = cfg.into_config(false);
+            let cache = llama::Cache::new(true, dtype, &cfg, device).map_err(|e| e.to_string())?;
+            Box::new(Llama {
+                model: llama::Llama::load(vb, &cfg).map_err(|e| e.to_string())?,
+                cache,
+                config: cfg,
+                dtype,
+                device: device.clone(),
+            })
+        }
+        Arch::DeepseekV2 => {
+            return Err(
+                "DeepseekV2ForCausalLM (MLA + MoE) is recognised but not implemented yet in this build; \
+                 use a DeepSeek-R1-Distill (Qwen2/Llama) or R1-0528-Qwen3 model"
+                    .to_string(),
+            );
+        }
+    };
+    Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn architectures_are_recognised_or_refused_precisely() {
+        assert_eq!(
+            Arch::from_architectures(&["Qwen2ForCausalLM".into()]),
+            Ok(Arch::Qwen2)
+        );
+        let err = Arch::from_architectures(&["MambaForCausalLM".into()]).expect_err("unknown");
+        assert!(
+            err.contains("MambaForCausalLM") && err.contains("Qwen2ForCausalLM"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_dims_are_named() {
+        let config = serde_json::json!({"hidden_size": 10, "num_attention_heads": 3});
+        let err = Dims::from_config(Arch::Qwen2, &config).expect_err("indivisible");
+        assert!(err.contains("not divisible"), "{err}");
+        let config = serde_json::json!({"hidden_size": 8, "num_attention_heads": 2});
+        let err = Dims::from_config(Arch::Qwen2, &config).expect_err("missing");
+        assert!(err.contains("vocab_size"), "{err}");
+    }
+}
