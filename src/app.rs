@@ -18,7 +18,7 @@ use crate::{
     config::{Config, ConfigError, EnvSource, resolve_secret},
     engine::{LocalBackend, LocalSettings},
     metrics,
-    router::{RouteTable, Router},
+    router::{RouteTable, Router, breaker::BreakerConfig},
     upstream::RemoteBackend,
 };
 
@@ -69,7 +69,15 @@ impl AppState {
             .map(|(i, var)| resolve_secret(env, &format!("server.client_api_key_envs[{i}]"), var))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(AppState {
-            router: Arc::new(Router::new(RouteTable::from_config(config), backends)),
+            router: Arc::new(Router::new(
+                RouteTable::from_config(config),
+                backends,
+                BreakerConfig {
+                    failure_threshold: config.router.failure_threshold,
+                    cooldown: config.router.cooldown,
+                    max_cooldown: config.router.max_cooldown,
+                },
+            )),
             metrics: metrics::install(),
             client_keys: Arc::new(ClientKeys::new(&client_keys)),
             max_body_bytes: config.server.max_body_bytes,

@@ -25,6 +25,32 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// The in-process model, `[local]`.
     pub local: LocalConfig,
+    /// Failover and breaker settings, `[router]`.
+    pub router: RouterConfig,
+}
+
+/// `[router]`: when a remote counts as failing and how long it is left alone.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterConfig {
+    /// Consecutive failures that open a remote's breaker. Default 3.
+    pub failure_threshold: u32,
+    /// First cooldown of an open breaker before one trial request. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+    /// Cooldowns double on repeated trips, up to this. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub max_cooldown: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            failure_threshold: 3,
+            cooldown: Duration::from_secs(5),
+            max_cooldown: Duration::from_secs(60),
+        }
+    }
 }
 
 /// `[local]`: the model lifeboat runs itself.
@@ -37,6 +63,8 @@ pub struct LocalConfig {
     pub served_model_name: Option<String>,
     /// Requests that may wait while one runs; beyond it, 429 with `Retry-After`. Default 16.
     pub queue_capacity: usize,
+    /// Back up every remote route with this model (failover target). Default true.
+    pub fallback: bool,
 }
 
 impl Default for LocalConfig {
@@ -45,6 +73,7 @@ impl Default for LocalConfig {
             model: None,
             served_model_name: None,
             queue_capacity: 16,
+            fallback: true,
         }
     }
 }
@@ -292,6 +321,18 @@ impl Config {
                     ));
                 }
             }
+        }
+        if self.router.failure_threshold == 0 {
+            return Err(ConfigError::invalid(
+                "router.failure_threshold",
+                "must be at least 1",
+            ));
+        }
+        if self.router.cooldown.is_zero() || self.router.max_cooldown < self.router.cooldown {
+            return Err(ConfigError::invalid(
+                "router.max_cooldown",
+                "router.cooldown must be greater than 0 and router.max_cooldown at least router.cooldown",
+            ));
         }
         if self.local.queue_capacity == 0 {
             return Err(ConfigError::invalid(

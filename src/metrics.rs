@@ -5,7 +5,10 @@ use std::{sync::OnceLock, time::Duration};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::backend::{BackendKind, ErrorKind};
+use crate::{
+    backend::{BackendKind, ErrorKind},
+    router::breaker::BreakerState,
+};
 
 /// Client requests by `endpoint`, `backend` (or `none`) and HTTP `status`.
 pub const REQUESTS_TOTAL: &str = "lifeboat_requests_total";
@@ -19,6 +22,12 @@ pub const ATTEMPTS_TOTAL: &str = "lifeboat_attempts_total";
 pub const ATTEMPT_ERRORS_TOTAL: &str = "lifeboat_attempt_errors_total";
 /// Failures after the commit point, sent in-band to the client, by `backend` and `kind`.
 pub const STREAM_ERRORS_TOTAL: &str = "lifeboat_stream_errors_total";
+/// Failovers, by `from` and `to` backend and the `reason` (error kind).
+pub const FAILOVERS_TOTAL: &str = "lifeboat_failovers_total";
+/// Breaker state per `backend`: 0 closed, 1 half-open, 2 open.
+pub const BREAKER_STATE: &str = "lifeboat_breaker_state";
+/// Breaker transitions, by `backend` and the state entered (`to`).
+pub const BREAKER_TRANSITIONS_TOTAL: &str = "lifeboat_breaker_transitions_total";
 /// Tokens accounted, by `backend` and `type` (`prompt`/`completion`).
 pub const TOKENS_TOTAL: &str = "lifeboat_tokens_total";
 /// Requests being answered right now.
@@ -67,6 +76,9 @@ fn describe() {
     metrics::describe_counter!(STREAM_ERRORS_TOTAL, "Failures after the first streamed byte");
     metrics::describe_counter!(TOKENS_TOTAL, "Tokens per backend and type");
     metrics::describe_gauge!(IN_FLIGHT_REQUESTS, "Requests in flight");
+    metrics::describe_counter!(FAILOVERS_TOTAL, "Failovers from one backend to the next");
+    metrics::describe_gauge!(BREAKER_STATE, "Breaker state: 0 closed, 1 half-open, 2 open");
+    metrics::describe_counter!(BREAKER_TRANSITIONS_TOTAL, "Breaker state changes");
 }
 
 pub fn attempt_started(backend: &str, kind: BackendKind) {
@@ -75,6 +87,17 @@ pub fn attempt_started(backend: &str, kind: BackendKind) {
 
 pub fn attempt_failed(backend: &str, kind: ErrorKind) {
     metrics::counter!(ATTEMPT_ERRORS_TOTAL, "backend" => backend.to_string(), "kind" => kind.as_str())
+        .increment(1);
+}
+
+pub fn failover(from: &str, to: &str, reason: ErrorKind) {
+    metrics::counter!(FAILOVERS_TOTAL, "from" => from.to_string(), "to" => to.to_string(), "reason" => reason.as_str())
+        .increment(1);
+}
+
+pub fn breaker_transition(backend: &str, to: BreakerState) {
+    metrics::gauge!(BREAKER_STATE, "backend" => backend.to_string()).set(to.gauge());
+    metrics::counter!(BREAKER_TRANSITIONS_TOTAL, "backend" => backend.to_string(), "to" => to.as_str())
         .increment(1);
 }
 

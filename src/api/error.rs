@@ -104,6 +104,9 @@ impl ApiError {
                 "invalid_request_error",
                 Some("method_not_allowed"),
             ),
+            ApiError::Route(RouteError::AllOpen { .. }) => {
+                classify(S::SERVICE_UNAVAILABLE, "api_error", Some("all_backends_failing"))
+            }
             ApiError::Route(RouteError::NoBackend { .. }) => {
                 classify(S::SERVICE_UNAVAILABLE, "api_error", Some("no_backend_available"))
             }
@@ -173,6 +176,10 @@ impl IntoResponse for ApiError {
                 let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }
+        }
+        if let ApiError::Route(RouteError::AllOpen { retry_in, .. }) = &self {
+            let secs = retry_in.as_secs() + u64::from(retry_in.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

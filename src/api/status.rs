@@ -10,9 +10,20 @@ use serde_json::json;
 
 use crate::app::AppState;
 
-/// `GET /health`: the process is up and answering.
-pub(crate) async fn health() -> Response {
-    Json(json!({ "status": "ok" })).into_response()
+/// `GET /health`: the process is up and answering; each backend's breaker and its reason.
+pub(crate) async fn health(State(state): State<AppState>) -> Response {
+    let backends: serde_json::Map<String, serde_json::Value> = state
+        .router
+        .health()
+        .into_iter()
+        .map(|h| {
+            (
+                h.id,
+                json!({ "kind": h.kind.as_str(), "breaker": h.breaker.as_str(), "reason": h.reason }),
+            )
+        })
+        .collect();
+    Json(json!({ "status": "ok", "backends": backends })).into_response()
 }
 
 /// `GET /ready`: 200 when every configured backend can take requests (a local model is

@@ -1,18 +1,26 @@
 //! Decides who serves a request: resolves the public model name through the route table
-//! to a backend, starts the attempt, and holds everything back until the commit point
-//! (the first real output) so a failure before it never reaches the client half-sent.
+//! to an ordered list of targets (remote first, the local model last), skips remotes whose
+//! breaker is open, and fails over on any failure before the commit point (the first real
+//! output), so a failure before it never reaches the client.
 //!
 //! No HTTP types in here: the API layer turns [`RouteError`] into a response.
+
+pub mod breaker;
+pub mod policy;
 
 use std::{collections::HashMap, sync::Arc};
 
 use futures_util::StreamExt;
 
 use crate::{
-    backend::{Backend, BackendError, BackendRequest, EventStream, GenerationEvent, GenerationRequest},
+    backend::{
+        Backend, BackendError, BackendKind, BackendRequest, EventStream, GenerationEvent, GenerationRequest,
+    },
     config::Config,
+    engine::LOCAL_BACKEND_ID,
     metrics,
 };
+use breaker::{BreakerConfig, BreakerState, CircuitBreaker, Transition};
 
 /// One place a public model name can be served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,15 +59,26 @@ impl RouteTable {
     /// `[[routes]]` entry with its aliases.
     pub fn from_config(config: &Config) -> RouteTable {
         let mut table = RouteTable::default();
+        // With `local.fallback`, the local model backs up every remote route.
+        let fallback = config
+            .local
+            .served_name()
+            .filter(|_| config.local.fallback)
+            .map(|name| Target {
+                backend: LOCAL_BACKEND_ID.to_string(),
+                model: name,
+            });
+        let with_fallback =
+            |remote: Target| -> Vec<Target> { std::iter::once(remote).chain(fallback.clone()).collect() };
         for (remote, settings) in &config.remotes {
             for model in &settings.models {
                 table.add(
                     Route {
                         name: model.clone(),
-                        targets: vec![Target {
+                        targets: with_fallback(Target {
                             backend: remote.clone(),
                             model: model.clone(),
-                        }],
+                        }),
                     },
                     &[],
                 );
@@ -81,10 +100,10 @@ impl RouteTable {
             table.add(
                 Route {
                     name: route.name.clone(),
-                    targets: vec![Target {
+                    targets: with_fallback(Target {
                         backend: route.remote.clone(),
                         model: route.remote_model.clone().unwrap_or_else(|| route.name.clone()),
-                    }],
+                    }),
                 },
                 &route.aliases,
             );
@@ -114,6 +133,12 @@ pub enum RouteError {
     UnknownModel(String),
     #[error("the model `{model}` has no available backend")]
     NoBackend { model: String },
+    /// Every target was skipped because its breaker is open.
+    #[error("every backend for `{model}` is failing; retry in {}", humantime::format_duration(*retry_in))]
+    AllOpen {
+        model: String,
+        retry_in: std::time::Duration,
+    },
     #[error("{error}")]
     Backend { backend: String, error: BackendError },
 }
@@ -140,17 +165,61 @@ impl std::fmt::Debug for Routed {
     }
 }
 
+/// One backend's health as `/health` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendHealth {
+    pub id: String,
+    pub kind: BackendKind,
+    /// `closed`, `open` or `half_open`; the local model has no breaker (`closed`).
+    pub breaker: BreakerState,
+    pub reason: String,
+}
+
 /// The request router.
 #[derive(Debug)]
 pub struct Router {
     table: RouteTable,
     backends: HashMap<String, Arc<dyn Backend>>,
+    /// One per remote. The local model is the last resort and never cooled down: its
+    /// queue is its admission control.
+    breakers: HashMap<String, CircuitBreaker>,
 }
 
 impl Router {
-    pub fn new(table: RouteTable, backends: Vec<Arc<dyn Backend>>) -> Router {
+    pub fn new(table: RouteTable, backends: Vec<Arc<dyn Backend>>, breaker: BreakerConfig) -> Router {
+        let breakers = backends
+            .iter()
+            .filter(|b| b.kind() == BackendKind::Remote)
+            .map(|b| (b.id().to_string(), CircuitBreaker::new(breaker)))
+            .collect();
         let backends = backends.into_iter().map(|b| (b.id().to_string(), b)).collect();
-        Router { table, backends }
+        Router {
+            table,
+            backends,
+            breakers,
+        }
+    }
+
+    /// Breaker state of every backend, sorted by id.
+    pub fn health(&self) -> Vec<BackendHealth> {
+        let mut health: Vec<BackendHealth> = self
+            .backends
+            .values()
+            .map(|b| {
+                let (breaker, reason) = self
+                    .breakers
+                    .get(b.id())
+                    .map_or((BreakerState::Closed, b.status().detail), CircuitBreaker::state);
+                BackendHealth {
+                    id: b.id().to_string(),
+                    kind: b.kind(),
+                    breaker,
+                    reason,
+                }
+            })
+            .collect();
+        health.sort_by(|a, b| a.id.cmp(&b.id));
+        health
     }
 
     /// Public model names for `/v1/models`.
@@ -197,8 +266,8 @@ impl Router {
         self.table.resolve(model).is_some()
     }
 
-    /// Serve `request`: returns once the chosen backend produced its first output, or the
-    /// error that happened before that point.
+    /// Serve `request`: try the route's targets in order until one produces its first
+    /// output. Returns the committed stream, or the error that should reach the client.
     pub async fn dispatch(&self, request: GenerationRequest) -> Result<Routed, RouteError> {
         let route = self
             .table
@@ -206,37 +275,96 @@ impl Router {
             .ok_or_else(|| RouteError::UnknownModel(request.model.clone()))?
             .clone();
         let request = Arc::new(request);
-        let target = route
-            .targets
-            .iter()
-            .find(|t| self.backends.contains_key(&t.backend))
-            .ok_or_else(|| RouteError::NoBackend {
-                model: route.name.clone(),
-            })?;
-        let backend = self.backends[&target.backend].clone();
-        metrics::attempt_started(backend.id(), backend.kind());
-        let attempt = BackendRequest {
-            model: target.model.clone(),
-            request: request.clone(),
-        };
-        let result = match backend.generate(attempt).await {
-            Ok(events) => commit(events).await,
-            Err(error) => Err(error),
-        };
-        match result {
-            Ok(events) => Ok(Routed {
-                backend: backend.id().to_string(),
-                model: target.model.clone(),
-                attempts: 1,
-                events,
-            }),
-            Err(error) => {
-                metrics::attempt_failed(backend.id(), error.kind);
-                Err(RouteError::Backend {
-                    backend: backend.id().to_string(),
-                    error,
-                })
+        let mut attempts = 0u32;
+        let mut last_error: Option<(String, BackendError)> = None;
+        let mut retry_in: Option<std::time::Duration> = None;
+        for target in &route.targets {
+            let Some(backend) = self.backends.get(&target.backend) else {
+                continue;
+            };
+            let permit = match self.breakers.get(&target.backend) {
+                Some(breaker) => {
+                    let (permit, transition) = breaker.try_acquire();
+                    self.note(backend.id(), transition);
+                    match permit {
+                        Some(permit) => Some(permit),
+                        None => {
+                            // Open breaker: skip without a call; remember when to come back.
+                            let wait = breaker.retry_in().unwrap_or_default();
+                            retry_in = Some(retry_in.map_or(wait, |r| r.min(wait)));
+                            continue;
+                        }
+                    }
+                }
+                None => None,
+            };
+            attempts += 1;
+            if let Some((from, error)) = &last_error {
+                metrics::failover(from, backend.id(), error.kind);
+                tracing::info!(from = %from, to = %backend.id(), reason = error.kind.as_str(), "failing over");
             }
+            metrics::attempt_started(backend.id(), backend.kind());
+            let attempt = BackendRequest {
+                model: target.model.clone(),
+                request: request.clone(),
+            };
+            let result = match backend.generate(attempt).await {
+                Ok(events) => commit(events).await,
+                Err(error) => Err(error),
+            };
+            match result {
+                Ok(events) => {
+                    if let Some(permit) = permit {
+                        self.note(backend.id(), permit.success());
+                    }
+                    return Ok(Routed {
+                        backend: backend.id().to_string(),
+                        model: target.model.clone(),
+                        attempts,
+                        events,
+                    });
+                }
+                Err(error) => {
+                    metrics::attempt_failed(backend.id(), error.kind);
+                    tracing::debug!(backend = %backend.id(), kind = error.kind.as_str(), %error, "attempt failed");
+                    if let Some(permit) = permit {
+                        if policy::counts_against_health(&error) {
+                            self.note(backend.id(), permit.failure(error.kind.as_str()));
+                        } else {
+                            // The client's mistake says nothing about the backend's health.
+                            self.note(backend.id(), permit.success());
+                        }
+                    }
+                    if !policy::fails_over(&error) {
+                        return Err(RouteError::Backend {
+                            backend: backend.id().to_string(),
+                            error,
+                        });
+                    }
+                    last_error = Some((backend.id().to_string(), error));
+                }
+            }
+        }
+        match (last_error, retry_in) {
+            (Some((backend, error)), _) => Err(RouteError::Backend { backend, error }),
+            (None, Some(retry_in)) => Err(RouteError::AllOpen {
+                model: route.name.clone(),
+                retry_in,
+            }),
+            (None, None) => Err(RouteError::NoBackend {
+                model: route.name.clone(),
+            }),
+        }
+    }
+
+    /// Log and count a breaker transition.
+    fn note(&self, backend: &str, transition: Option<Transition>) {
+        let Some(t) = transition else { return };
+        metrics::breaker_transition(backend, t.to);
+        if t.to == BreakerState::Open {
+            tracing::warn!(backend, from = t.from.as_str(), to = t.to.as_str(), reason = %t.reason, "breaker");
+        } else {
+            tracing::info!(backend, from = t.from.as_str(), to = t.to.as_str(), reason = %t.reason, "breaker");
         }
     }
 }
@@ -314,7 +442,7 @@ mod tests {
         );
         assert_eq!(table.resolve("deepseek-v3").expect("name").name, "deepseek-v3");
         assert!(table.resolve("gpt-4").is_none());
-        let router = Router::new(table, vec![]);
+        let router = Router::new(table, vec![], BreakerConfig::default());
         let ids: Vec<String> = router.models().into_iter().map(|m| m.id).collect();
         assert_eq!(ids, vec!["deepseek-chat", "deepseek-v3"]);
     }

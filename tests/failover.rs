@@ -1,0 +1,297 @@
+//! Failover no client can see: for every fault mode of the mock gateway, 8 concurrent
+//! clients (half streaming) get complete answers from the tiny local model, the breaker
+//! keeps upstream calls from multiplying, and traffic returns to the gateway after the
+//! cooldown once it recovers.
+
+mod common;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use common::{SseBody, TestApp, spawn_app_with};
+use lifeboat::{
+    engine::{Arch, tiny::make_tiny},
+    mock_upstream::{FaultMode, MockSettings},
+};
+use serde_json::{Value, json};
+
+const DEADLINE: Duration = Duration::from_millis(300);
+const COOLDOWN: Duration = Duration::from_millis(400);
+const CLIENTS: usize = 8;
+const ROUNDS: usize = 3;
+
+struct Failover {
+    app: TestApp,
+    _model: tempfile::TempDir,
+}
+
+async fn failover_app(settings: MockSettings) -> Failover {
+    let model = tempfile::tempdir().expect("temp dir");
+    make_tiny(Arch::Qwen2, model.path(), 7).expect("tiny model");
+    let path = model.path().to_path_buf();
+    let app = spawn_app_with(
+        settings,
+        move |config| {
+            let gateway = config.remotes.get_mut("gateway").expect("gateway");
+            gateway.first_token_timeout = DEADLINE;
+            gateway.idle_timeout = DEADLINE;
+            config.local.model = Some(path);
+            config.local.served_model_name = Some("tiny-r1".into());
+            config.router.cooldown = COOLDOWN;
+            config.router.max_cooldown = COOLDOWN * 4;
+        },
+        HashMap::new(),
+    )
+    .await;
+    for _ in 0..500 {
+        if app.get("/ready").await.status() == 200 {
+            return Failover { app, _model: model };
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("not ready");
+}
+
+/// One client request; panics on anything a client would notice. Returns the backend.
+async fn ask(app: &TestApp, stream: bool) -> String {
+    let body = json!({
+        "model": "deepseek-chat",
+        "messages": [{"role": "user", "content": "Are you there?"}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "stream": stream,
+    });
+    let response = app.post_json("/v1/chat/completions", &body).await;
+    let status = response.status();
+    let backend = response
+        .headers()
+        .get("x-lifeboat-backend")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("?")
+        .to_string();
+    let text = response.text().await.expect("body");
+    assert_eq!(status, 200, "client saw an error: {text}");
+    if stream {
+        let sse = SseBody::parse(&text);
+        assert_eq!(sse.done_count(), 1, "{text}");
+        let chunks = sse.json();
+        assert!(
+            chunks.iter().all(|c| c.get("error").is_none()),
+            "in-band error: {text}"
+        );
+        assert!(
+            chunks
+                .iter()
+                .any(|c| c["choices"][0]["finish_reason"].is_string()),
+            "truncated stream: {text}"
+        );
+    } else {
+        let body: Value = serde_json::from_str(&text).expect("json");
+        assert!(body["choices"][0]["finish_reason"].is_string(), "{body}");
+    }
+    backend
+}
+
+/// `CLIENTS` concurrent clients, `ROUNDS` requests each, half of them streaming.
+async fn load(app: &Arc<TestApp>) -> Vec<String> {
+    let mut tasks = Vec::new();
+    for client in 0..CLIENTS {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut backends = Vec::new();
+            for _ in 0..ROUNDS {
+                backends.push(ask(&app, client % 2 == 0).await);
+            }
+            backends
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("client task"));
+    }
+    all
+}
+
+async fn scenario(mode: FaultMode, settings: MockSettings) {
+    let Failover { app, _model } = failover_app(settings).await;
+    let app = Arc::new(app);
+    assert_eq!(ask(&app, false).await, "gateway", "healthy gateway serves first");
+
+    app.mock.set_fault(mode).await.expect("fault");
+    app.mock.reset_counts();
+    let served = load(&app).await;
+    assert!(
+        served.iter().all(|b| b == "local"),
+        "{mode}: served by {served:?}"
+    );
+    let requests = (CLIENTS * ROUNDS) as f64;
+    let calls = app.mock.total_requests() as f64;
+    assert!(
+        calls <= 1.2 * requests,
+        "{mode}: {calls} upstream calls for {requests} requests"
+    );
+    if mode != FaultMode::Refuse {
+        assert!(calls >= 1.0, "{mode}: the gateway was tried");
+    }
+    let health: Value = app.get("/health").await.json().await.expect("json");
+    assert_eq!(
+        health["backends"]["gateway"]["breaker"], "open",
+        "{mode}: {health}"
+    );
+
+    app.mock.set_fault(FaultMode::None).await.expect("recover");
+    let back = async {
+        loop {
+            if ask(&app, false).await == "gateway" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(COOLDOWN * 8, back)
+        .await
+        .unwrap_or_else(|_| panic!("{mode}: traffic did not return to the gateway"));
+    let served = load(&app).await;
+    assert!(
+        served.iter().all(|b| b == "gateway"),
+        "{mode}: after recovery {served:?}"
+    );
+}
+
+#[tokio::test]
+async fn refuse() {
+    scenario(FaultMode::Refuse, MockSettings::default()).await;
+}
+
+#[tokio::test]
+async fn http500() {
+    scenario(FaultMode::Http500, MockSettings::default()).await;
+}
+
+#[tokio::test]
+async fn http503() {
+    scenario(FaultMode::Http503, MockSettings::default()).await;
+}
+
+#[tokio::test]
+async fn http429_with_retry_after() {
+    scenario(FaultMode::Http429, MockSettings::default()).await;
+}
+
+#[tokio::test]
+async fn http402() {
+    scenario(FaultMode::Http402, MockSettings::default()).await;
+}
+
+#[tokio::test]
+async fn http401() {
+    scenario(FaultMode::Http401, MockSettings::default()).await;
+}
+
+#[tokio::test]
+async fn hang() {
+    scenario(FaultMode::Hang, MockSettings::default()).await;
+}
+
+#[tokio::test]
+async fn keepalive() {
+    let settings = MockSettings {
+        keepalive_interval: Duration::from_millis(50),
+        ..MockSettings::default()
+    };
+    scenario(FaultMode::Keepalive, settings).await;
+}
+
+#[tokio::test]
+async fn malformed() {
+    scenario(FaultMode::Malformed, MockSettings::default()).await;
+}
+
+#[tokio::test]
+async fn slow_beyond_the_first_token_deadline() {
+    let settings = MockSettings {
+        slow_first_token: Duration::from_secs(2),
+        keepalive_interval: Duration::from_millis(50),
+        ..MockSettings::default()
+    };
+    scenario(FaultMode::Slow, settings).await;
+}
+
+#[tokio::test]
+async fn cut_before_the_first_token() {
+    let settings = MockSettings {
+        cut_after: 0,
+        ..MockSettings::default()
+    };
+    scenario(FaultMode::MidstreamCut, settings).await;
+}
+
+#[tokio::test]
+async fn flapping_gateway_gives_no_client_errors() {
+    let Failover { app, _model } = failover_app(MockSettings::default()).await;
+    let app = Arc::new(app);
+    let flapper = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            for i in 0..8 {
+                let mode = if i % 2 == 0 {
+                    FaultMode::Http503
+                } else {
+                    FaultMode::None
+                };
+                app.mock.set_fault(mode).await.expect("fault");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            app.mock.set_fault(FaultMode::None).await.expect("recover");
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut served = Vec::new();
+    while tokio::time::Instant::now() < deadline {
+        served.extend(load(&app).await);
+    }
+    flapper.await.expect("flapper");
+    assert!(
+        served.iter().any(|b| b == "local"),
+        "the fault was felt: {served:?}"
+    );
+}
+
+#[tokio::test]
+async fn client_mistakes_are_not_failed_over() {
+    let Failover { app, _model } = failover_app(MockSettings::default()).await;
+    let body = json!({
+        "model": "deepseek-chat",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 100_000,
+    });
+    let response = app.post_json("/v1/chat/completions", &body).await;
+    assert_eq!(response.status(), 400);
+    assert_eq!(response.headers()["x-lifeboat-backend"], "gateway");
+    let health: Value = app.get("/health").await.json().await.expect("json");
+    assert_eq!(
+        health["backends"]["gateway"]["breaker"], "closed",
+        "a 400 is not the gateway's fault"
+    );
+}
+
+#[tokio::test]
+async fn failover_headers_and_metrics() {
+    let Failover { app, _model } = failover_app(MockSettings::default()).await;
+    app.mock.set_fault(FaultMode::Http500).await.expect("fault");
+    let response = app
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-lifeboat-backend"], "local");
+    assert_eq!(response.headers()["x-lifeboat-attempts"], "2");
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["model"], "tiny-r1", "the model field says who served it");
+    let metrics = app.get("/metrics").await.text().await.expect("text");
+    assert!(
+        metrics.contains(r#"lifeboat_failovers_total{from="gateway",to="local",reason="server_error"}"#),
+        "{metrics}"
+    );
+}
