@@ -18,7 +18,11 @@ use crate::{
     config::{Config, ConfigError, EnvSource, resolve_secret},
     engine::{LocalBackend, LocalSettings},
     metrics,
-    router::{RouteTable, Router, breaker::BreakerConfig},
+    router::{
+        RouteTable, Router, RouterSettings,
+        breaker::BreakerConfig,
+        retry::{Backoff, RetryBudget},
+    },
     upstream::RemoteBackend,
 };
 
@@ -72,11 +76,7 @@ impl AppState {
             router: Arc::new(Router::new(
                 RouteTable::from_config(config),
                 backends,
-                BreakerConfig {
-                    failure_threshold: config.router.failure_threshold,
-                    cooldown: config.router.cooldown,
-                    max_cooldown: config.router.max_cooldown,
-                },
+                router_settings(config)?,
             )),
             metrics: metrics::install(),
             client_keys: Arc::new(ClientKeys::new(&client_keys)),
@@ -86,6 +86,30 @@ impl AppState {
                 .map_or(0, |d| d.as_secs()),
         })
     }
+}
+
+fn router_settings(config: &Config) -> Result<RouterSettings, ConfigError> {
+    let r = &config.router;
+    let backoff =
+        Backoff::try_new(r.backoff_min, r.backoff_max, true).map_err(|message| ConfigError::Invalid {
+            key: "router.backoff_max".into(),
+            message,
+        })?;
+    Ok(RouterSettings {
+        breaker: BreakerConfig {
+            failure_threshold: r.failure_threshold,
+            cooldown: r.cooldown,
+            max_cooldown: r.max_cooldown,
+        },
+        backoff,
+        max_retries: r.max_retries,
+        retry_after_cap: r.retry_after_cap,
+        budget: RetryBudget::new(
+            r.retry_budget_ratio,
+            r.retry_budget_floor,
+            std::time::Duration::from_secs(10),
+        ),
+    })
 }
 
 /// The whole HTTP application.

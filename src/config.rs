@@ -41,6 +41,21 @@ pub struct RouterConfig {
     /// Cooldowns double on repeated trips, up to this. Default 60 s.
     #[serde(with = "humantime_serde")]
     pub max_cooldown: Duration,
+    /// Extra attempts on the same remote for fast transient failures. Default 1.
+    pub max_retries: u32,
+    /// First backoff bound; doubles per retry (full jitter). Default 100 ms.
+    #[serde(with = "humantime_serde")]
+    pub backoff_min: Duration,
+    /// Largest backoff bound. Default 2 s.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// Longest `Retry-After` lifeboat waits for; longer fails over at once. Default 2 s.
+    #[serde(with = "humantime_serde")]
+    pub retry_after_cap: Duration,
+    /// Retries allowed as a fraction of requests in the last 10 s. Default 0.2.
+    pub retry_budget_ratio: f64,
+    /// Retries allowed in any 10 s on top of the ratio. Default 10.
+    pub retry_budget_floor: u32,
 }
 
 impl Default for RouterConfig {
@@ -49,6 +64,12 @@ impl Default for RouterConfig {
             failure_threshold: 3,
             cooldown: Duration::from_secs(5),
             max_cooldown: Duration::from_secs(60),
+            max_retries: 1,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            retry_after_cap: Duration::from_secs(2),
+            retry_budget_ratio: 0.2,
+            retry_budget_floor: 10,
         }
     }
 }
@@ -332,6 +353,17 @@ impl Config {
             return Err(ConfigError::invalid(
                 "router.max_cooldown",
                 "router.cooldown must be greater than 0 and router.max_cooldown at least router.cooldown",
+            ));
+        }
+        if let Err(message) =
+            crate::router::retry::Backoff::try_new(self.router.backoff_min, self.router.backoff_max, true)
+        {
+            return Err(ConfigError::invalid("router.backoff_max", message));
+        }
+        if !(0.0..=10.0).contains(&self.router.retry_budget_ratio) {
+            return Err(ConfigError::invalid(
+                "router.retry_budget_ratio",
+                format!("must be between 0 and 10, got {}", self.router.retry_budget_ratio),
             ));
         }
         if self.local.queue_capacity == 0 {

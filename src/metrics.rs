@@ -22,6 +22,8 @@ pub const ATTEMPTS_TOTAL: &str = "lifeboat_attempts_total";
 pub const ATTEMPT_ERRORS_TOTAL: &str = "lifeboat_attempt_errors_total";
 /// Failures after the commit point, sent in-band to the client, by `backend` and `kind`.
 pub const STREAM_ERRORS_TOTAL: &str = "lifeboat_stream_errors_total";
+/// Retries on the same backend, by `backend` and the `reason` (error kind).
+pub const RETRIES_TOTAL: &str = "lifeboat_retries_total";
 /// Failovers, by `from` and `to` backend and the `reason` (error kind).
 pub const FAILOVERS_TOTAL: &str = "lifeboat_failovers_total";
 /// Breaker state per `backend`: 0 closed, 1 half-open, 2 open.
@@ -77,6 +79,7 @@ fn describe() {
     metrics::describe_counter!(TOKENS_TOTAL, "Tokens per backend and type");
     metrics::describe_gauge!(IN_FLIGHT_REQUESTS, "Requests in flight");
     metrics::describe_counter!(FAILOVERS_TOTAL, "Failovers from one backend to the next");
+    metrics::describe_counter!(RETRIES_TOTAL, "Retries on the same backend");
     metrics::describe_gauge!(BREAKER_STATE, "Breaker state: 0 closed, 1 half-open, 2 open");
     metrics::describe_counter!(BREAKER_TRANSITIONS_TOTAL, "Breaker state changes");
 }
@@ -87,6 +90,11 @@ pub fn attempt_started(backend: &str, kind: BackendKind) {
 
 pub fn attempt_failed(backend: &str, kind: ErrorKind) {
     metrics::counter!(ATTEMPT_ERRORS_TOTAL, "backend" => backend.to_string(), "kind" => kind.as_str())
+        .increment(1);
+}
+
+pub fn retry(backend: &str, reason: ErrorKind) {
+    metrics::counter!(RETRIES_TOTAL, "backend" => backend.to_string(), "reason" => reason.as_str())
         .increment(1);
 }
 

@@ -233,7 +233,7 @@ fn serve_with_flags_env_and_file_then_sigterm() {
         let response = client.post(format!("{base}/chat/completions")).json(&chat).send().await.expect("chat");
         assert_eq!(response.status(), 502);
         let stats: Value = client.get(format!("{admin}/stats")).send().await.expect("stats").json().await.expect("json");
-        assert_eq!(stats["by_mode"]["http503"], 1, "{stats}");
+        assert_eq!(stats["by_mode"]["http503"], 2, "the request and lifeboat's one retry: {stats}");
         assert_eq!(stats["mode"], "http503");
     });
 

@@ -286,7 +286,11 @@ async fn failover_headers_and_metrics() {
         .await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-lifeboat-backend"], "local");
-    assert_eq!(response.headers()["x-lifeboat-attempts"], "2");
+    assert_eq!(
+        response.headers()["x-lifeboat-attempts"],
+        "3",
+        "gateway, one retry, then local"
+    );
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["model"], "tiny-r1", "the model field says who served it");
     let metrics = app.get("/metrics").await.text().await.expect("text");

@@ -225,8 +225,9 @@ async fn faults_become_openai_errors_at_the_api() {
             let gateway = config.remotes.get_mut("gateway").expect("gateway");
             gateway.first_token_timeout = DEADLINE;
             gateway.idle_timeout = DEADLINE;
-            // This test is about classification; the breaker has its own tests.
+            // This test is about classification; breaker and retries have their own tests.
             config.router.failure_threshold = u32::MAX;
+            config.router.max_retries = 0;
         },
         HashMap::new(),
     )
@@ -291,6 +292,7 @@ async fn open_breaker_without_fallback_fails_fast() {
         MockSettings::default(),
         |config| {
             config.router.failure_threshold = 2;
+            config.router.max_retries = 0;
             config.router.cooldown = Duration::from_secs(30);
             config.router.max_cooldown = Duration::from_secs(30);
         },
@@ -299,18 +301,30 @@ async fn open_breaker_without_fallback_fails_fast() {
     .await;
     app.mock.set_fault(FaultMode::Http503).await.expect("fault");
     for _ in 0..2 {
-        assert_eq!(app.post_json("/v1/chat/completions", &chat_body(false)).await.status(), 502);
+        assert_eq!(
+            app.post_json("/v1/chat/completions", &chat_body(false))
+                .await
+                .status(),
+            502
+        );
     }
     let response = app.post_json("/v1/chat/completions", &chat_body(false)).await;
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "30");
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["error"]["code"], "all_backends_failing");
-    assert_eq!(app.mock.requests_in(FaultMode::Http503), 2, "the open breaker made no call");
+    assert_eq!(
+        app.mock.requests_in(FaultMode::Http503),
+        2,
+        "the open breaker made no call"
+    );
     let health: Value = app.get("/health").await.json().await.expect("json");
     assert_eq!(health["backends"]["gateway"]["breaker"], "open");
     assert!(
-        health["backends"]["gateway"]["reason"].as_str().expect("reason").contains("server_error"),
+        health["backends"]["gateway"]["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("server_error"),
         "{health}"
     );
 }

@@ -153,6 +153,7 @@ impl ApiError {
         ApiError::Route(RouteError::Backend {
             backend: backend.to_string(),
             error,
+            attempts: 1,
         })
     }
 }
@@ -167,7 +168,17 @@ impl IntoResponse for ApiError {
         }
         let mut response = (status, Json(ErrorResponse { error: self.body() })).into_response();
         let headers = response.headers_mut();
-        if let ApiError::Route(RouteError::Backend { backend, error }) = &self {
+        if let ApiError::Route(RouteError::Backend {
+            backend,
+            error,
+            attempts,
+        }) = &self
+        {
+            headers.insert("x-lifeboat-attempts", HeaderValue::from(*attempts));
+            if *attempts > 1 {
+                // lifeboat spent its own retries; SDKs must not multiply them.
+                headers.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
             if let Ok(value) = HeaderValue::from_str(backend) {
                 headers.insert("x-lifeboat-backend", value);
             }
@@ -199,6 +210,7 @@ mod tests {
         ApiError::Route(RouteError::Backend {
             backend: "g".into(),
             error: BackendError::new(kind, Origin::Upstream, "detail"),
+            attempts: 1,
         })
     }
 
@@ -234,9 +246,15 @@ mod tests {
         let response = ApiError::Route(RouteError::Backend {
             backend: "g".into(),
             error,
+            attempts: 2,
         })
         .into_response();
         assert_eq!(response.headers()["retry-after"], "2");
+        assert_eq!(
+            response.headers()["x-should-retry"],
+            "false",
+            "lifeboat already retried"
+        );
         assert_eq!(response.headers()["x-lifeboat-backend"], "g");
     }
 }

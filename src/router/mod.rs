@@ -7,6 +7,7 @@
 
 pub mod breaker;
 pub mod policy;
+pub mod retry;
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -21,6 +22,33 @@ use crate::{
     metrics,
 };
 use breaker::{BreakerConfig, BreakerState, CircuitBreaker, Transition};
+use retry::{Backoff, RetryBudget};
+
+/// How the router retries and when it gives a remote a rest.
+#[derive(Debug, Clone)]
+pub struct RouterSettings {
+    pub breaker: BreakerConfig,
+    pub backoff: Backoff,
+    /// Extra attempts on the same remote before failing over. Default 1.
+    pub max_retries: u32,
+    /// Longest `Retry-After` waited for; longer fails over at once. Default 2 s.
+    pub retry_after_cap: std::time::Duration,
+    pub budget: RetryBudget,
+}
+
+impl Default for RouterSettings {
+    fn default() -> Self {
+        use std::time::Duration;
+        RouterSettings {
+            breaker: BreakerConfig::default(),
+            backoff: Backoff::try_new(Duration::from_millis(100), Duration::from_secs(2), true)
+                .unwrap_or_else(|_| unreachable!("valid constants")),
+            max_retries: 1,
+            retry_after_cap: Duration::from_secs(2),
+            budget: RetryBudget::new(0.2, 10, Duration::from_secs(10)),
+        }
+    }
+}
 
 /// One place a public model name can be served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,7 +168,12 @@ pub enum RouteError {
         retry_in: std::time::Duration,
     },
     #[error("{error}")]
-    Backend { backend: String, error: BackendError },
+    Backend {
+        backend: String,
+        error: BackendError,
+        /// Attempts made in all; more than one means lifeboat already retried.
+        attempts: u32,
+    },
 }
 
 /// A response that has passed the commit point.
@@ -183,20 +216,22 @@ pub struct Router {
     /// One per remote. The local model is the last resort and never cooled down: its
     /// queue is its admission control.
     breakers: HashMap<String, CircuitBreaker>,
+    settings: RouterSettings,
 }
 
 impl Router {
-    pub fn new(table: RouteTable, backends: Vec<Arc<dyn Backend>>, breaker: BreakerConfig) -> Router {
+    pub fn new(table: RouteTable, backends: Vec<Arc<dyn Backend>>, settings: RouterSettings) -> Router {
         let breakers = backends
             .iter()
             .filter(|b| b.kind() == BackendKind::Remote)
-            .map(|b| (b.id().to_string(), CircuitBreaker::new(breaker)))
+            .map(|b| (b.id().to_string(), CircuitBreaker::new(settings.breaker)))
             .collect();
         let backends = backends.into_iter().map(|b| (b.id().to_string(), b)).collect();
         Router {
             table,
             backends,
             breakers,
+            settings,
         }
     }
 
@@ -275,6 +310,7 @@ impl Router {
             .ok_or_else(|| RouteError::UnknownModel(request.model.clone()))?
             .clone();
         let request = Arc::new(request);
+        self.settings.budget.deposit();
         let mut attempts = 0u32;
         let mut last_error: Option<(String, BackendError)> = None;
         let mut retry_in: Option<std::time::Duration> = None;
@@ -282,71 +318,95 @@ impl Router {
             let Some(backend) = self.backends.get(&target.backend) else {
                 continue;
             };
-            let permit = match self.breakers.get(&target.backend) {
-                Some(breaker) => {
-                    let (permit, transition) = breaker.try_acquire();
-                    self.note(backend.id(), transition);
-                    match permit {
-                        Some(permit) => Some(permit),
-                        None => {
+            let mut retries = 0u32;
+            loop {
+                let permit = match self.breakers.get(&target.backend) {
+                    Some(breaker) => {
+                        let (permit, transition) = breaker.try_acquire();
+                        self.note(backend.id(), transition);
+                        if permit.is_none() {
                             // Open breaker: skip without a call; remember when to come back.
                             let wait = breaker.retry_in().unwrap_or_default();
                             retry_in = Some(retry_in.map_or(wait, |r| r.min(wait)));
-                            continue;
+                            break;
                         }
+                        permit
                     }
+                    None => None,
+                };
+                attempts += 1;
+                if let Some((from, error)) = &last_error
+                    && from != backend.id()
+                {
+                    metrics::failover(from, backend.id(), error.kind);
+                    tracing::info!(from = %from, to = %backend.id(), reason = error.kind.as_str(), "failing over");
                 }
-                None => None,
-            };
-            attempts += 1;
-            if let Some((from, error)) = &last_error {
-                metrics::failover(from, backend.id(), error.kind);
-                tracing::info!(from = %from, to = %backend.id(), reason = error.kind.as_str(), "failing over");
-            }
-            metrics::attempt_started(backend.id(), backend.kind());
-            let attempt = BackendRequest {
-                model: target.model.clone(),
-                request: request.clone(),
-            };
-            let result = match backend.generate(attempt).await {
-                Ok(events) => commit(events).await,
-                Err(error) => Err(error),
-            };
-            match result {
-                Ok(events) => {
-                    if let Some(permit) = permit {
-                        self.note(backend.id(), permit.success());
-                    }
-                    return Ok(Routed {
-                        backend: backend.id().to_string(),
-                        model: target.model.clone(),
-                        attempts,
-                        events,
-                    });
-                }
-                Err(error) => {
-                    metrics::attempt_failed(backend.id(), error.kind);
-                    tracing::debug!(backend = %backend.id(), kind = error.kind.as_str(), %error, "attempt failed");
-                    if let Some(permit) = permit {
-                        if policy::counts_against_health(&error) {
-                            self.note(backend.id(), permit.failure(error.kind.as_str()));
-                        } else {
-                            // The client's mistake says nothing about the backend's health.
+                metrics::attempt_started(backend.id(), backend.kind());
+                let attempt = BackendRequest {
+                    model: target.model.clone(),
+                    request: request.clone(),
+                };
+                let result = match backend.generate(attempt).await {
+                    Ok(events) => commit(events).await,
+                    Err(error) => Err(error),
+                };
+                let error = match result {
+                    Ok(events) => {
+                        if let Some(permit) = permit {
                             self.note(backend.id(), permit.success());
                         }
-                    }
-                    if !policy::fails_over(&error) {
-                        return Err(RouteError::Backend {
+                        return Ok(Routed {
                             backend: backend.id().to_string(),
-                            error,
+                            model: target.model.clone(),
+                            attempts,
+                            events,
                         });
                     }
-                    last_error = Some((backend.id().to_string(), error));
+                    Err(error) => error,
+                };
+                metrics::attempt_failed(backend.id(), error.kind);
+                tracing::debug!(backend = %backend.id(), kind = error.kind.as_str(), %error, "attempt failed");
+                if let Some(permit) = permit {
+                    if policy::counts_against_health(&error) {
+                        self.note(backend.id(), permit.failure(error.kind.as_str()));
+                    } else {
+                        // The client's mistake says nothing about the backend's health.
+                        self.note(backend.id(), permit.success());
+                    }
                 }
+                if !policy::fails_over(&error) {
+                    return Err(RouteError::Backend {
+                        backend: backend.id().to_string(),
+                        error,
+                        attempts,
+                    });
+                }
+                let retry = backend.kind() == BackendKind::Remote
+                    && retries < self.settings.max_retries
+                    && policy::retries_same_backend(&error, self.settings.retry_after_cap)
+                    && self.settings.budget.try_withdraw();
+                if !retry {
+                    last_error = Some((backend.id().to_string(), error));
+                    break;
+                }
+                let wait = self
+                    .settings
+                    .backoff
+                    .delay(retries)
+                    .max(error.retry_after.unwrap_or_default());
+                metrics::retry(backend.id(), error.kind);
+                tracing::debug!(backend = %backend.id(), wait = ?wait, "retrying");
+                last_error = Some((backend.id().to_string(), error));
+                tokio::time::sleep(wait).await;
+                retries += 1;
             }
         }
         match (last_error, retry_in) {
-            (Some((backend, error)), _) => Err(RouteError::Backend { backend, error }),
+            (Some((backend, error)), _) => Err(RouteError::Backend {
+                backend,
+                error,
+                attempts,
+            }),
             (None, Some(retry_in)) => Err(RouteError::AllOpen {
                 model: route.name.clone(),
                 retry_in,
@@ -442,7 +502,7 @@ mod tests {
         );
         assert_eq!(table.resolve("deepseek-v3").expect("name").name, "deepseek-v3");
         assert!(table.resolve("gpt-4").is_none());
-        let router = Router::new(table, vec![], BreakerConfig::default());
+        let router = Router::new(table, vec![], RouterSettings::default());
         let ids: Vec<String> = router.models().into_iter().map(|m| m.id).collect();
         assert_eq!(ids, vec!["deepseek-chat", "deepseek-v3"]);
     }

@@ -1,6 +1,8 @@
 //! Which failures fail over to the next target, and which count against a remote's
 //! breaker. One commented case per error kind.
 
+use std::time::Duration;
+
 use crate::backend::{BackendError, ErrorKind};
 
 /// Whether another backend should get the request after `error`.
@@ -29,6 +31,21 @@ pub fn fails_over(error: &BackendError) -> bool {
         ErrorKind::Internal => true,
         // The client's own mistake: every backend would refuse it the same way.
         ErrorKind::BadRequest => false,
+    }
+}
+
+/// Whether the same backend deserves another try after `error` (within the retry
+/// budget). Only fast, transient failures: a timeout already cost its whole deadline, and
+/// auth, credit and model errors do not fix themselves in a second.
+pub fn retries_same_backend(error: &BackendError, retry_after_cap: Duration) -> bool {
+    match error.kind {
+        // A refused or reset connection is often one bad pooled connection.
+        ErrorKind::Connect => true,
+        // 5xx and broken frames are typically one overloaded replica.
+        ErrorKind::ServerError | ErrorKind::MalformedFrame | ErrorKind::StreamCut => true,
+        // Honour `Retry-After` up to the cap; beyond it, fail over at once.
+        ErrorKind::RateLimited => error.retry_after.is_none_or(|after| after <= retry_after_cap),
+        _ => false,
     }
 }
 
@@ -65,5 +82,25 @@ mod tests {
         }
         let bad = BackendError::new(ErrorKind::BadRequest, Origin::Upstream, "x");
         assert!(!fails_over(&bad) && !counts_against_health(&bad));
+    }
+
+    #[test]
+    fn retry_after_beyond_the_cap_fails_over_at_once() {
+        let cap = Duration::from_secs(2);
+        let mut limited = BackendError::new(ErrorKind::RateLimited, Origin::Upstream, "x");
+        limited.retry_after = Some(Duration::from_secs(1));
+        assert!(retries_same_backend(&limited, cap));
+        limited.retry_after = Some(Duration::from_secs(3));
+        assert!(!retries_same_backend(&limited, cap));
+        let timeout = BackendError::new(
+            ErrorKind::Timeout(TimeoutPhase::FirstToken),
+            Origin::Upstream,
+            "x",
+        );
+        assert!(!retries_same_backend(&timeout, cap));
+        assert!(retries_same_backend(
+            &BackendError::new(ErrorKind::ServerError, Origin::Upstream, "x"),
+            cap
+        ));
     }
 }
