@@ -101,9 +101,19 @@ pub struct GenerationRequest {
     pub sampling: SamplingParams,
     /// Whether the request carries `tools` (a capability the local engine may lack).
     pub has_tools: bool,
+    /// Set when a backend must continue an answer another backend started and lost: the
+    /// assistant text already sent to the client, to be prefilled, never repeated.
+    pub continuation: Option<Continuation>,
     /// The client's JSON body, verbatim. A remote forwards it with only `model`,
     /// `stream` and `stream_options` changed, so fields lifeboat does not know survive.
     pub raw: Map<String, Value>,
+}
+
+/// The part of an answer already delivered to the client.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Continuation {
+    pub reasoning: String,
+    pub content: String,
 }
 
 /// One attempt's request to one backend.

@@ -166,6 +166,9 @@ pub struct RemoteConfig {
     /// How long an idle pooled connection is kept. Default 90 s.
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
+    /// When a stream from this gateway breaks after the first token, let the local model
+    /// continue the answer instead of sending an in-band error. Default false.
+    pub continue_locally: bool,
 }
 
 impl Default for RemoteConfig {
@@ -180,6 +183,7 @@ impl Default for RemoteConfig {
             total_timeout: Duration::from_secs(600),
             pool_max_idle_per_host: 64,
             pool_idle_timeout: Duration::from_secs(90),
+            continue_locally: false,
         }
     }
 }
@@ -197,6 +201,9 @@ pub struct RouteConfig {
     pub remote: String,
     /// Model name at the gateway; defaults to `name`.
     pub remote_model: Option<String>,
+    /// See `remotes.NAME.continue_locally`; set per route.
+    #[serde(default)]
+    pub continue_locally: bool,
 }
 
 /// Settings that flags or `LIFEBOAT_*` variables override (clap merges the two).

@@ -22,6 +22,8 @@ pub const ATTEMPTS_TOTAL: &str = "lifeboat_attempts_total";
 pub const ATTEMPT_ERRORS_TOTAL: &str = "lifeboat_attempt_errors_total";
 /// Failures after the commit point, sent in-band to the client, by `backend` and `kind`.
 pub const STREAM_ERRORS_TOTAL: &str = "lifeboat_stream_errors_total";
+/// Broken streams continued by another backend, by `from`, `to` and `reason`.
+pub const CONTINUATIONS_TOTAL: &str = "lifeboat_continuations_total";
 /// Retries on the same backend, by `backend` and the `reason` (error kind).
 pub const RETRIES_TOTAL: &str = "lifeboat_retries_total";
 /// Failovers, by `from` and `to` backend and the `reason` (error kind).
@@ -80,6 +82,7 @@ fn describe() {
     metrics::describe_gauge!(IN_FLIGHT_REQUESTS, "Requests in flight");
     metrics::describe_counter!(FAILOVERS_TOTAL, "Failovers from one backend to the next");
     metrics::describe_counter!(RETRIES_TOTAL, "Retries on the same backend");
+    metrics::describe_counter!(CONTINUATIONS_TOTAL, "Broken streams continued locally");
     metrics::describe_gauge!(BREAKER_STATE, "Breaker state: 0 closed, 1 half-open, 2 open");
     metrics::describe_counter!(BREAKER_TRANSITIONS_TOTAL, "Breaker state changes");
 }
@@ -90,6 +93,11 @@ pub fn attempt_started(backend: &str, kind: BackendKind) {
 
 pub fn attempt_failed(backend: &str, kind: ErrorKind) {
     metrics::counter!(ATTEMPT_ERRORS_TOTAL, "backend" => backend.to_string(), "kind" => kind.as_str())
+        .increment(1);
+}
+
+pub fn continued(from: &str, to: &str, reason: ErrorKind) {
+    metrics::counter!(CONTINUATIONS_TOTAL, "from" => from.to_string(), "to" => to.to_string(), "reason" => reason.as_str())
         .increment(1);
 }
 

@@ -25,6 +25,13 @@ struct Failover {
 }
 
 async fn failover_app(settings: MockSettings) -> Failover {
+    failover_app_with(settings, |_| {}).await
+}
+
+async fn failover_app_with(
+    settings: MockSettings,
+    tweak: impl FnOnce(&mut lifeboat::config::Config) + Send + 'static,
+) -> Failover {
     let model = tempfile::tempdir().expect("temp dir");
     make_tiny(Arch::Qwen2, model.path(), 7).expect("tiny model");
     let path = model.path().to_path_buf();
@@ -38,6 +45,7 @@ async fn failover_app(settings: MockSettings) -> Failover {
             config.local.served_model_name = Some("tiny-r1".into());
             config.router.cooldown = COOLDOWN;
             config.router.max_cooldown = COOLDOWN * 4;
+            tweak(config);
         },
         HashMap::new(),
     )
@@ -133,8 +141,9 @@ async fn scenario(mode: FaultMode, settings: MockSettings) {
         assert!(calls >= 1.0, "{mode}: the gateway was tried");
     }
     let health: Value = app.get("/health").await.json().await.expect("json");
-    assert_eq!(
-        health["backends"]["gateway"]["breaker"], "open",
+    // Open, or half-open when the cooldown ran out while the load finished.
+    assert_ne!(
+        health["backends"]["gateway"]["breaker"], "closed",
         "{mode}: {health}"
     );
 
@@ -297,5 +306,92 @@ async fn failover_headers_and_metrics() {
     assert!(
         metrics.contains(r#"lifeboat_failovers_total{from="gateway",to="local",reason="server_error"}"#),
         "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_cut_after_the_first_token_is_continued_locally() {
+    let settings = MockSettings {
+        cut_after: 3,
+        inter_token_delay: Duration::from_millis(20),
+        ..MockSettings::default()
+    };
+    let Failover { app, _model } = failover_app_with(settings, |config| {
+        config
+            .remotes
+            .get_mut("gateway")
+            .expect("gateway")
+            .continue_locally = true;
+        config.router.max_retries = 0;
+    })
+    .await;
+    app.mock.set_fault(FaultMode::MidstreamCut).await.expect("fault");
+    let body = json!({
+        "model": "deepseek-chat",
+        "messages": [{"role": "user", "content": "Tell me a story"}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": true,
+    });
+    let response = app.post_json("/v1/chat/completions", &body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["x-lifeboat-backend"],
+        "gateway",
+        "committed on the gateway"
+    );
+    let text = response.text().await.expect("body");
+    let sse = SseBody::parse(&text);
+    assert_eq!(sse.done_count(), 1);
+    let chunks = sse.json();
+    assert!(
+        chunks.iter().all(|c| c.get("error").is_none()),
+        "no error reached the client: {text}"
+    );
+    let roles = chunks
+        .iter()
+        .filter(|c| c["choices"][0]["delta"]["role"].is_string())
+        .count();
+    assert_eq!(roles, 1, "one assistant turn: {text}");
+    let answer: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let head = lifeboat::mock_upstream::mock_text(3);
+    assert!(
+        answer.starts_with(&head),
+        "the gateway's part comes first: {answer:?}"
+    );
+    assert!(answer.len() > head.len(), "the local model continued: {answer:?}");
+    assert!(
+        !answer[head.len()..].starts_with(&head),
+        "nothing repeated: {answer:?}"
+    );
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c["choices"][0]["finish_reason"].is_string()),
+        "the answer has an end: {text}"
+    );
+    let metrics = app.get("/metrics").await.text().await.expect("text");
+    assert!(
+        metrics.contains(r#"lifeboat_continuations_total{from="gateway",to="local",reason="stream_cut"}"#),
+        "{metrics}"
+    );
+
+    let mut whole = body.clone();
+    whole["stream"] = json!(false);
+    let response: Value = app
+        .post_json("/v1/chat/completions", &whole)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let content = response["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    assert!(
+        content.starts_with(&head) && content.len() > head.len(),
+        "{response}"
     );
 }

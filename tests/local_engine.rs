@@ -333,6 +333,7 @@ fn request(max_tokens: u32) -> BackendRequest {
                 ..SamplingParams::default()
             },
             has_tools: false,
+            continuation: None,
             raw: serde_json::Map::new(),
         }),
     }

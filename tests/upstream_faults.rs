@@ -38,6 +38,7 @@ fn request(model: &str, max_tokens: u64) -> BackendRequest {
             prompt: Prompt::Chat(vec![]),
             sampling: SamplingParams::default(),
             has_tools: false,
+            continuation: None,
             raw,
         }),
     }

@@ -296,6 +296,7 @@ fn chat(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationError> {
         prompt: Prompt::Chat(messages),
         sampling,
         has_tools,
+        continuation: None,
         raw,
     })
 }
@@ -433,6 +434,7 @@ fn completion(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationEr
         prompt: Prompt::Text(prompts),
         sampling,
         has_tools: false,
+        continuation: None,
         raw,
     })
 }

@@ -143,6 +143,7 @@ async fn generate(args: GenerateArgs) -> Result<(), CliError> {
             ..SamplingParams::default()
         },
         has_tools: false,
+        continuation: None,
         raw: serde_json::Map::new(),
     };
     let mut events = backend

@@ -28,7 +28,8 @@ pub use loader::{ModelInfo, read_info};
 pub use models::Arch;
 
 use crate::backend::{
-    Backend, BackendError, BackendKind, BackendRequest, BackendStatus, ErrorKind, EventStream, Origin, Prompt,
+    Backend, BackendError, BackendKind, BackendRequest, BackendStatus, Continuation, ErrorKind, EventStream,
+    Origin, Prompt,
 };
 
 /// Backend id of the local model (`x-lifeboat-backend: local`).
@@ -150,11 +151,33 @@ fn local_error(kind: ErrorKind, message: impl Into<String>) -> BackendError {
     BackendError::new(kind, Origin::Local, message)
 }
 
-/// Render and tokenize the prompt; returns ids and whether the prompt opened `<think>`.
+/// The prompt text for a continuation: the assistant turn already opened by the
+/// template, then the reasoning and answer the client already has, in the R1 layout.
+fn continue_text(mut text: String, uses_think: bool, continuation: &Continuation) -> String {
+    if uses_think {
+        if !text.trim_end().ends_with("<think>") && !continuation.reasoning.is_empty() {
+            text.push_str("<think>\n");
+        }
+        text.push_str(&continuation.reasoning);
+        if !continuation.content.is_empty() {
+            if text.rfind("<think>") > text.rfind("</think>") {
+                text.push_str("\n</think>\n\n");
+            }
+            text.push_str(&continuation.content);
+        }
+    } else {
+        text.push_str(&continuation.content);
+    }
+    text
+}
+
+/// Render and tokenize the prompt; returns ids and whether the prompt leaves `<think>`
+/// open (output starts as reasoning).
 fn prepare_prompt(
     info: &ModelInfo,
     prompt: &Prompt,
     tools: Option<&serde_json::Value>,
+    continuation: Option<&Continuation>,
 ) -> Result<(Vec<u32>, bool), BackendError> {
     match prompt {
         Prompt::Chat(messages) => {
@@ -164,10 +187,13 @@ fn prepare_prompt(
                     "this model has no chat template (tokenizer_config.json `chat_template`); use /v1/completions",
                 )
             })?;
-            let text = template
+            let mut text = template
                 .render(messages, tools)
                 .map_err(|e| local_error(ErrorKind::BadRequest, e.to_string()))?;
-            let opened = text.trim_end().ends_with("<think>");
+            if let Some(continuation) = continuation {
+                text = continue_text(text, template.uses_think, continuation);
+            }
+            let opened = text.rfind("<think>") > text.rfind("</think>");
             let ids = info
                 .tokenizer
                 .encode(&text, false)
@@ -235,7 +261,12 @@ impl Backend for LocalBackend {
         let generation = request.request.clone();
         let prepared_info = info.clone();
         let (prompt, think_opened) = tokio::task::spawn_blocking(move || {
-            prepare_prompt(&prepared_info, &generation.prompt, generation.raw.get("tools"))
+            prepare_prompt(
+                &prepared_info,
+                &generation.prompt,
+                generation.raw.get("tools"),
+                generation.continuation.as_ref(),
+            )
         })
         .await
         .map_err(|e| local_error(ErrorKind::Internal, format!("prompt preparation failed: {e}")))??;
@@ -280,5 +311,37 @@ impl Backend for LocalBackend {
                 Some((item, receiver))
             },
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn continuation_prefills_in_the_r1_layout() {
+        let opened = "<｜Assistant｜><think>\n".to_string();
+        let both = Continuation {
+            reasoning: "2+2".into(),
+            content: "It is".into(),
+        };
+        assert_eq!(
+            continue_text(opened.clone(), true, &both),
+            "<｜Assistant｜><think>\n2+2\n</think>\n\nIt is"
+        );
+        let thinking = Continuation {
+            reasoning: "hmm".into(),
+            content: String::new(),
+        };
+        assert_eq!(
+            continue_text(opened, true, &thinking),
+            "<｜Assistant｜><think>\nhmm"
+        );
+        let answer_only = Continuation {
+            reasoning: String::new(),
+            content: "Life".into(),
+        };
+        assert_eq!(continue_text("A:".into(), true, &answer_only), "A:Life");
+        assert_eq!(continue_text("A:".into(), false, &answer_only), "A:Life");
     }
 }

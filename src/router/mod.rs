@@ -64,6 +64,8 @@ pub struct Target {
 pub struct Route {
     pub name: String,
     pub targets: Vec<Target>,
+    /// A stream that breaks after the commit point is continued by the local target.
+    pub continue_locally: bool,
 }
 
 /// What `/v1/models` lists.
@@ -107,6 +109,7 @@ impl RouteTable {
                             backend: remote.clone(),
                             model: model.clone(),
                         }),
+                        continue_locally: settings.continue_locally,
                     },
                     &[],
                 );
@@ -117,9 +120,10 @@ impl RouteTable {
                 Route {
                     name: name.clone(),
                     targets: vec![Target {
-                        backend: crate::engine::LOCAL_BACKEND_ID.to_string(),
+                        backend: LOCAL_BACKEND_ID.to_string(),
                         model: name,
                     }],
+                    continue_locally: false,
                 },
                 &[],
             );
@@ -132,6 +136,7 @@ impl RouteTable {
                         backend: route.remote.clone(),
                         model: route.remote_model.clone().unwrap_or_else(|| route.name.clone()),
                     }),
+                    continue_locally: route.continue_locally,
                 },
                 &route.aliases,
             );
@@ -355,6 +360,12 @@ impl Router {
                         if let Some(permit) = permit {
                             self.note(backend.id(), permit.success());
                         }
+                        let events = match self.continuation_target(&route, backend.id()) {
+                            Some((local, model)) if request.sampling.n <= 1 => {
+                                continuing(events, request.clone(), backend.id().to_string(), local, model)
+                            }
+                            _ => events,
+                        };
                         return Ok(Routed {
                             backend: backend.id().to_string(),
                             model: target.model.clone(),
@@ -417,6 +428,16 @@ impl Router {
         }
     }
 
+    /// The local target that continues a broken stream of `served_by`, if the route
+    /// asks for it.
+    fn continuation_target(&self, route: &Route, served_by: &str) -> Option<(Arc<dyn Backend>, String)> {
+        if !route.continue_locally || served_by == LOCAL_BACKEND_ID {
+            return None;
+        }
+        let target = route.targets.iter().find(|t| t.backend == LOCAL_BACKEND_ID)?;
+        Some((self.backends.get(&target.backend)?.clone(), target.model.clone()))
+    }
+
     /// Log and count a breaker transition.
     fn note(&self, backend: &str, transition: Option<Transition>) {
         let Some(t) = transition else { return };
@@ -427,6 +448,80 @@ impl Router {
             tracing::info!(backend, from = t.from.as_str(), to = t.to.as_str(), reason = %t.reason, "breaker");
         }
     }
+}
+
+/// Pass `events` through, remembering the text sent; if the stream fails, ask `local` to
+/// continue from that text (prefilled as the assistant's partial reply) and splice its
+/// events in, so the client gets one coherent answer. Falls back to the original error.
+fn continuing(
+    events: EventStream,
+    request: Arc<GenerationRequest>,
+    from: String,
+    local: Arc<dyn Backend>,
+    local_model: String,
+) -> EventStream {
+    struct State {
+        events: EventStream,
+        request: Arc<GenerationRequest>,
+        from: String,
+        local: Option<Arc<dyn Backend>>,
+        local_model: String,
+        sent: crate::backend::Continuation,
+        /// The continuation's first delta repeats the role; drop it.
+        strip_role: bool,
+    }
+    let state = State {
+        events,
+        request,
+        from,
+        local: Some(local),
+        local_model,
+        sent: crate::backend::Continuation::default(),
+        strip_role: false,
+    };
+    Box::pin(futures_util::stream::unfold(state, |mut state| async move {
+        loop {
+            match state.events.next().await? {
+                Ok(GenerationEvent::Delta(mut delta)) => {
+                    if state.strip_role {
+                        delta.role = None;
+                        state.strip_role = false;
+                    }
+                    if let Some(text) = &delta.content {
+                        state.sent.content.push_str(text);
+                    }
+                    if let Some(text) = &delta.reasoning_content {
+                        state.sent.reasoning.push_str(text);
+                    }
+                    return Some((Ok(GenerationEvent::Delta(delta)), state));
+                }
+                Ok(event) => return Some((Ok(event), state)),
+                Err(error) => {
+                    let Some(local) = state.local.take() else {
+                        return Some((Err(error), state));
+                    };
+                    let mut request = (*state.request).clone();
+                    request.continuation = Some(state.sent.clone());
+                    let attempt = BackendRequest {
+                        model: state.local_model.clone(),
+                        request: Arc::new(request),
+                    };
+                    match local.generate(attempt).await {
+                        Ok(rest) => {
+                            metrics::continued(&state.from, local.id(), error.kind);
+                            tracing::info!(from = %state.from, to = %local.id(), reason = error.kind.as_str(), "continuing a broken stream locally");
+                            state.events = rest;
+                            state.strip_role = true;
+                        }
+                        Err(local_error) => {
+                            tracing::warn!(%local_error, "the local model could not continue the stream");
+                            return Some((Err(error), state));
+                        }
+                    }
+                }
+            }
+        }
+    }))
 }
 
 /// Wait for the first output event (or the clean end of the stream). Everything before

@@ -247,6 +247,7 @@ mod tests {
                 prompt: Prompt::Chat(vec![]),
                 sampling: SamplingParams::default(),
                 has_tools: false,
+                continuation: None,
                 raw,
             }),
         };
