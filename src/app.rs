@@ -72,12 +72,14 @@ impl AppState {
             .enumerate()
             .map(|(i, var)| resolve_secret(env, &format!("server.client_api_key_envs[{i}]"), var))
             .collect::<Result<Vec<_>, _>>()?;
+        let router = Arc::new(Router::new(
+            RouteTable::from_config(config),
+            backends,
+            router_settings(config)?,
+        ));
+        router.spawn_probes();
         Ok(AppState {
-            router: Arc::new(Router::new(
-                RouteTable::from_config(config),
-                backends,
-                router_settings(config)?,
-            )),
+            router,
             metrics: metrics::install(),
             client_keys: Arc::new(ClientKeys::new(&client_keys)),
             max_body_bytes: config.server.max_body_bytes,
@@ -109,6 +111,7 @@ fn router_settings(config: &Config) -> Result<RouterSettings, ConfigError> {
             r.retry_budget_floor,
             std::time::Duration::from_secs(10),
         ),
+        probe_interval: r.probe_interval,
     })
 }
 

@@ -325,6 +325,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
         }
     }
 
+    /// A cheap health check (a remote: an unbilled `GET /models`). Default: healthy.
+    async fn probe(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// Start generating. Errors known before the first event (refused connection, HTTP
     /// status) come back here; later ones arrive inside the stream.
     async fn generate(&self, request: BackendRequest) -> Result<EventStream, BackendError>;

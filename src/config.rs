@@ -56,6 +56,10 @@ pub struct RouterConfig {
     pub retry_budget_ratio: f64,
     /// Retries allowed in any 10 s on top of the ratio. Default 10.
     pub retry_budget_floor: u32,
+    /// Interval of the active probe of each remote (`GET /models`); "0s" turns it off.
+    /// Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
 }
 
 impl Default for RouterConfig {
@@ -70,6 +74,7 @@ impl Default for RouterConfig {
             retry_after_cap: Duration::from_secs(2),
             retry_budget_ratio: 0.2,
             retry_budget_floor: 10,
+            probe_interval: Duration::from_secs(10),
         }
     }
 }

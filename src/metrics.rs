@@ -22,6 +22,8 @@ pub const ATTEMPTS_TOTAL: &str = "lifeboat_attempts_total";
 pub const ATTEMPT_ERRORS_TOTAL: &str = "lifeboat_attempt_errors_total";
 /// Failures after the commit point, sent in-band to the client, by `backend` and `kind`.
 pub const STREAM_ERRORS_TOTAL: &str = "lifeboat_stream_errors_total";
+/// Share of successful attempts and probes, by `backend` and `window` (`1m`, `1h`, `24h`).
+pub const AVAILABILITY_RATIO: &str = "lifeboat_availability_ratio";
 /// Broken streams continued by another backend, by `from`, `to` and `reason`.
 pub const CONTINUATIONS_TOTAL: &str = "lifeboat_continuations_total";
 /// Retries on the same backend, by `backend` and the `reason` (error kind).
@@ -83,6 +85,7 @@ fn describe() {
     metrics::describe_counter!(FAILOVERS_TOTAL, "Failovers from one backend to the next");
     metrics::describe_counter!(RETRIES_TOTAL, "Retries on the same backend");
     metrics::describe_counter!(CONTINUATIONS_TOTAL, "Broken streams continued locally");
+    metrics::describe_gauge!(AVAILABILITY_RATIO, "Successful attempts and probes over a window");
     metrics::describe_gauge!(BREAKER_STATE, "Breaker state: 0 closed, 1 half-open, 2 open");
     metrics::describe_counter!(BREAKER_TRANSITIONS_TOTAL, "Breaker state changes");
 }
@@ -94,6 +97,15 @@ pub fn attempt_started(backend: &str, kind: BackendKind) {
 pub fn attempt_failed(backend: &str, kind: ErrorKind) {
     metrics::counter!(ATTEMPT_ERRORS_TOTAL, "backend" => backend.to_string(), "kind" => kind.as_str())
         .increment(1);
+}
+
+pub fn availability(backend: &str, minute: Option<f64>, hour: Option<f64>, day: Option<f64>) {
+    for (window, value) in [("1m", minute), ("1h", hour), ("24h", day)] {
+        if let Some(value) = value {
+            metrics::gauge!(AVAILABILITY_RATIO, "backend" => backend.to_string(), "window" => window)
+                .set(value);
+        }
+    }
 }
 
 pub fn continued(from: &str, to: &str, reason: ErrorKind) {

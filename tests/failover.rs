@@ -395,3 +395,66 @@ async fn a_stream_cut_after_the_first_token_is_continued_locally() {
         "{response}"
     );
 }
+
+#[tokio::test]
+async fn the_probe_opens_the_breaker_before_clients_notice_and_closes_it_after_recovery() {
+    let Failover { app, _model } = failover_app_with(MockSettings::default(), |config| {
+        config.router.probe_interval = Duration::from_millis(100);
+        config.router.failure_threshold = 2;
+    })
+    .await;
+    app.mock.set_fault(FaultMode::Http401).await.expect("fault");
+    let opened = async {
+        loop {
+            let health: Value = app.get("/health").await.json().await.expect("json");
+            if health["backends"]["gateway"]["breaker"] == "open" {
+                return health;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let health = tokio::time::timeout(Duration::from_secs(5), opened)
+        .await
+        .expect("probes open the breaker");
+    let gateway = &health["backends"]["gateway"];
+    assert!(
+        gateway["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("probe: unauthorized"),
+        "{health}"
+    );
+    assert_eq!(gateway["availability"]["1m"], 0.0, "{health}");
+    assert_eq!(gateway["recent"][0]["source"], "probe");
+    let chat_calls = |app: &TestApp| {
+        app.mock
+            .last_request()
+            .map_or(0, |r| u64::from(r.path.ends_with("/chat/completions")))
+    };
+    assert_eq!(ask(&app, false).await, "local");
+    assert_eq!(
+        chat_calls(&app),
+        0,
+        "the client request never went to the failing gateway"
+    );
+
+    app.mock.set_fault(FaultMode::None).await.expect("recover");
+    let closed = async {
+        loop {
+            let health: Value = app.get("/health").await.json().await.expect("json");
+            if health["backends"]["gateway"]["breaker"] == "closed" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("a probe was the trial");
+    assert_eq!(ask(&app, false).await, "gateway");
+    let metrics = app.get("/metrics").await.text().await.expect("text");
+    assert!(
+        metrics.contains(r#"lifeboat_availability_ratio{backend="gateway",window="1m"}"#),
+        "{metrics}"
+    );
+}

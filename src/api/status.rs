@@ -17,9 +17,32 @@ pub(crate) async fn health(State(state): State<AppState>) -> Response {
         .health()
         .into_iter()
         .map(|h| {
+            let recent: Vec<serde_json::Value> = h
+                .recent
+                .iter()
+                .map(|e| {
+                    json!({
+                        "at_unix_ms": e.at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+                        "source": e.source.as_str(),
+                        "outcome": e.outcome,
+                        "latency_ms": e.latency.as_secs_f64() * 1000.0,
+                    })
+                })
+                .collect();
             (
                 h.id,
-                json!({ "kind": h.kind.as_str(), "breaker": h.breaker.as_str(), "reason": h.reason }),
+                json!({
+                    "kind": h.kind.as_str(),
+                    "breaker": h.breaker.as_str(),
+                    "reason": h.reason,
+                    "availability": {
+                        "1m": h.availability.last_minute,
+                        "1h": h.availability.last_hour,
+                        "24h": h.availability.last_day,
+                    },
+                    "ttft_ewma_ms": h.ttft_ewma.map(|d| d.as_secs_f64() * 1000.0),
+                    "recent": recent,
+                }),
             )
         })
         .collect();
@@ -57,8 +80,16 @@ pub(crate) async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
-/// `GET /metrics`: Prometheus text format.
+/// `GET /metrics`: Prometheus text format (availability gauges refreshed first).
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
+    for h in state.router.health() {
+        crate::metrics::availability(
+            &h.id,
+            h.availability.last_minute,
+            h.availability.last_hour,
+            h.availability.last_day,
+        );
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         state.metrics.render(),

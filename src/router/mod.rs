@@ -6,6 +6,7 @@
 //! No HTTP types in here: the API layer turns [`RouteError`] into a response.
 
 pub mod breaker;
+pub mod health;
 pub mod policy;
 pub mod retry;
 
@@ -22,6 +23,7 @@ use crate::{
     metrics,
 };
 use breaker::{BreakerConfig, BreakerState, CircuitBreaker, Transition};
+use health::{Availability, HealthEvent, HealthRecord, Source};
 use retry::{Backoff, RetryBudget};
 
 /// How the router retries and when it gives a remote a rest.
@@ -34,6 +36,8 @@ pub struct RouterSettings {
     /// Longest `Retry-After` waited for; longer fails over at once. Default 2 s.
     pub retry_after_cap: std::time::Duration,
     pub budget: RetryBudget,
+    /// How often each remote is probed (`GET /models`); zero turns probing off.
+    pub probe_interval: std::time::Duration,
 }
 
 impl Default for RouterSettings {
@@ -46,6 +50,7 @@ impl Default for RouterSettings {
             max_retries: 1,
             retry_after_cap: Duration::from_secs(2),
             budget: RetryBudget::new(0.2, 10, Duration::from_secs(10)),
+            probe_interval: Duration::from_secs(10),
         }
     }
 }
@@ -204,13 +209,16 @@ impl std::fmt::Debug for Routed {
 }
 
 /// One backend's health as `/health` shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BackendHealth {
     pub id: String,
     pub kind: BackendKind,
     /// `closed`, `open` or `half_open`; the local model has no breaker (`closed`).
     pub breaker: BreakerState,
     pub reason: String,
+    pub availability: Availability,
+    pub ttft_ewma: Option<std::time::Duration>,
+    pub recent: Vec<HealthEvent>,
 }
 
 /// The request router.
@@ -221,6 +229,7 @@ pub struct Router {
     /// One per remote. The local model is the last resort and never cooled down: its
     /// queue is its admission control.
     breakers: HashMap<String, CircuitBreaker>,
+    health: HashMap<String, HealthRecord>,
     settings: RouterSettings,
 }
 
@@ -231,12 +240,66 @@ impl Router {
             .filter(|b| b.kind() == BackendKind::Remote)
             .map(|b| (b.id().to_string(), CircuitBreaker::new(settings.breaker)))
             .collect();
+        let health = backends
+            .iter()
+            .map(|b| (b.id().to_string(), HealthRecord::new()))
+            .collect();
         let backends = backends.into_iter().map(|b| (b.id().to_string(), b)).collect();
         Router {
             table,
             backends,
             breakers,
+            health,
             settings,
+        }
+    }
+
+    /// Probe every remote in the background every `probe_interval`. A probe goes through
+    /// the breaker like a request: it can open it, and when the cooldown is over it is
+    /// the trial, so no client request has to be. Tasks end when the router is dropped.
+    pub fn spawn_probes(self: &Arc<Self>) {
+        let interval = self.settings.probe_interval;
+        if interval.is_zero() {
+            return;
+        }
+        for id in self.breakers.keys() {
+            let router = Arc::downgrade(self);
+            let id = id.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(interval).await;
+                    let Some(router) = router.upgrade() else { return };
+                    router.probe_once(&id).await;
+                }
+            });
+        }
+    }
+
+    /// One probe of backend `id`, if its breaker lets it through.
+    pub async fn probe_once(&self, id: &str) {
+        let (Some(backend), Some(breaker)) = (self.backends.get(id), self.breakers.get(id)) else {
+            return;
+        };
+        let (permit, transition) = breaker.try_acquire();
+        self.note(id, transition);
+        let Some(permit) = permit else { return };
+        let started = tokio::time::Instant::now();
+        let outcome = backend.probe().await;
+        let record = self.health.get(id);
+        match outcome {
+            Ok(()) => {
+                if let Some(record) = record {
+                    record.observe(Source::Probe, "ok", started.elapsed());
+                }
+                self.note(id, permit.success());
+            }
+            Err(error) => {
+                if let Some(record) = record {
+                    record.observe(Source::Probe, error.kind.as_str(), started.elapsed());
+                }
+                tracing::debug!(backend = id, %error, "probe failed");
+                self.note(id, permit.failure(&format!("probe: {}", error.kind.as_str())));
+            }
         }
     }
 
@@ -250,11 +313,15 @@ impl Router {
                     .breakers
                     .get(b.id())
                     .map_or((BreakerState::Closed, b.status().detail), CircuitBreaker::state);
+                let record = self.health.get(b.id()).cloned().unwrap_or_default();
                 BackendHealth {
                     id: b.id().to_string(),
                     kind: b.kind(),
                     breaker,
                     reason,
+                    availability: record.availability(),
+                    ttft_ewma: record.ttft_ewma(),
+                    recent: record.recent(),
                 }
             })
             .collect();
@@ -347,6 +414,7 @@ impl Router {
                     tracing::info!(from = %from, to = %backend.id(), reason = error.kind.as_str(), "failing over");
                 }
                 metrics::attempt_started(backend.id(), backend.kind());
+                let attempt_started = tokio::time::Instant::now();
                 let attempt = BackendRequest {
                     model: target.model.clone(),
                     request: request.clone(),
@@ -355,8 +423,12 @@ impl Router {
                     Ok(events) => commit(events).await,
                     Err(error) => Err(error),
                 };
+                let record = self.health.get(backend.id());
                 let error = match result {
                     Ok(events) => {
+                        if let Some(record) = record {
+                            record.observe(Source::Request, "ok", attempt_started.elapsed());
+                        }
                         if let Some(permit) = permit {
                             self.note(backend.id(), permit.success());
                         }
@@ -376,6 +448,9 @@ impl Router {
                     Err(error) => error,
                 };
                 metrics::attempt_failed(backend.id(), error.kind);
+                if let Some(record) = record {
+                    record.observe(Source::Request, error.kind.as_str(), attempt_started.elapsed());
+                }
                 tracing::debug!(backend = %backend.id(), kind = error.kind.as_str(), %error, "attempt failed");
                 if let Some(permit) = permit {
                     if policy::counts_against_health(&error) {

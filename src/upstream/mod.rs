@@ -133,6 +133,43 @@ impl Backend for RemoteBackend {
         BackendKind::Remote
     }
 
+    /// `GET {base}/models`: unbilled, and it exercises DNS, TLS, the key and the gateway's
+    /// front end. Any non-2xx — a 400 or 401 included — is a failure, not "reachable".
+    async fn probe(&self) -> Result<(), BackendError> {
+        let url = self
+            .base_url
+            .join("models")
+            .map_err(|err| BackendError::new(ErrorKind::Internal, Origin::Upstream, err.to_string()))?;
+        let mut builder = self.client.get(url);
+        if let Some(key) = &self.api_key {
+            builder = builder.bearer_auth(key.expose());
+        }
+        let deadline = self.config.connect_timeout + self.config.first_token_timeout;
+        let response = match tokio::time::timeout(deadline, builder.send()).await {
+            Err(_) => {
+                return Err(BackendError::new(
+                    ErrorKind::Timeout(crate::backend::TimeoutPhase::FirstToken),
+                    Origin::Upstream,
+                    "probe timed out",
+                ));
+            }
+            Ok(Err(err)) => return Err(classify_send_error(&err)),
+            Ok(Ok(response)) => response,
+        };
+        if response.status().is_success() {
+            return Ok(());
+        }
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = read_limited(response, Instant::now() + deadline).await;
+        Err(classify_status(
+            status,
+            &headers,
+            &body,
+            self.api_key.as_ref().map(Secret::expose),
+        ))
+    }
+
     async fn generate(&self, request: BackendRequest) -> Result<EventStream, BackendError> {
         let deadlines = Deadlines {
             started: Instant::now(),
