@@ -20,6 +20,7 @@ use crate::{
     metrics,
     router::{
         RouteTable, Router, RouterSettings,
+        alerts::Alerter,
         breaker::BreakerConfig,
         retry::{Backoff, RetryBudget},
     },
@@ -75,7 +76,7 @@ impl AppState {
         let router = Arc::new(Router::new(
             RouteTable::from_config(config),
             backends,
-            router_settings(config)?,
+            router_settings(config, env)?,
         ));
         router.spawn_probes();
         Ok(AppState {
@@ -90,7 +91,15 @@ impl AppState {
     }
 }
 
-fn router_settings(config: &Config) -> Result<RouterSettings, ConfigError> {
+fn router_settings(config: &Config, env: &dyn EnvSource) -> Result<RouterSettings, ConfigError> {
+    let webhooks = config
+        .alerts
+        .webhook_envs
+        .iter()
+        .enumerate()
+        .map(|(i, var)| resolve_secret(env, &format!("alerts.webhook_envs[{i}]"), var))
+        .collect::<Result<Vec<_>, _>>()?;
+    let alerter = (!webhooks.is_empty()).then(|| Alerter::spawn(webhooks));
     let r = &config.router;
     let backoff =
         Backoff::try_new(r.backoff_min, r.backoff_max, true).map_err(|message| ConfigError::Invalid {
@@ -112,6 +121,7 @@ fn router_settings(config: &Config) -> Result<RouterSettings, ConfigError> {
             std::time::Duration::from_secs(10),
         ),
         probe_interval: r.probe_interval,
+        alerter,
     })
 }
 

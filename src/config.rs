@@ -27,6 +27,17 @@ pub struct Config {
     pub local: LocalConfig,
     /// Failover and breaker settings, `[router]`.
     pub router: RouterConfig,
+    /// Breaker alerts, `[alerts]`.
+    pub alerts: AlertsConfig,
+}
+
+/// `[alerts]`: where breaker state changes are posted.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Environment variables that each hold one webhook URL (Slack-compatible JSON is
+    /// posted). URLs carry tokens, so they are secrets and never written in the file.
+    pub webhook_envs: Vec<String>,
 }
 
 /// `[router]`: when a remote counts as failing and how long it is left alone.
@@ -322,6 +333,9 @@ impl Config {
         }
         for (i, env) in self.server.client_api_key_envs.iter().enumerate() {
             check_env_name(&format!("server.client_api_key_envs[{i}]"), env)?;
+        }
+        for (i, env) in self.alerts.webhook_envs.iter().enumerate() {
+            check_env_name(&format!("alerts.webhook_envs[{i}]"), env)?;
         }
         let mut public: HashSet<String> = HashSet::new();
         for (name, remote) in &self.remotes {

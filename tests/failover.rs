@@ -458,3 +458,88 @@ async fn the_probe_opens_the_breaker_before_clients_notice_and_closes_it_after_r
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn breaker_changes_are_posted_to_webhooks() {
+    use axum::{Json, Router, extract::State, routing::post};
+    use std::sync::Mutex;
+    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let hook = Router::new()
+        .route(
+            "/hook",
+            post(
+                |State(seen): State<Arc<Mutex<Vec<Value>>>>, Json(body): Json<Value>| async move {
+                    seen.lock().expect("lock").push(body);
+                },
+            ),
+        )
+        .with_state(received.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hook_url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, hook).await });
+
+    let model = tempfile::tempdir().expect("temp dir");
+    make_tiny(Arch::Qwen2, model.path(), 7).expect("tiny model");
+    let path = model.path().to_path_buf();
+    let mut env = HashMap::new();
+    env.insert("ALERT_HOOK".to_string(), hook_url);
+    let app = spawn_app_with(
+        MockSettings::default(),
+        move |config| {
+            config.local.model = Some(path);
+            config.router.failure_threshold = 1;
+            config.router.max_retries = 0;
+            config.router.cooldown = COOLDOWN;
+            config.alerts.webhook_envs = vec!["ALERT_HOOK".into()];
+        },
+        env,
+    )
+    .await;
+    for _ in 0..500 {
+        if app.get("/ready").await.status() == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    app.mock.set_fault(FaultMode::Http402).await.expect("fault");
+    assert_eq!(ask(&app, false).await, "local");
+    app.mock.set_fault(FaultMode::None).await.expect("recover");
+    tokio::time::sleep(COOLDOWN + Duration::from_millis(50)).await;
+    assert_eq!(ask(&app, false).await, "gateway");
+    let alerts = async {
+        loop {
+            if received.lock().expect("lock").len() >= 3 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), alerts)
+        .await
+        .expect("three alerts");
+    let alerts = received.lock().expect("lock").clone();
+    let open = &alerts[0];
+    assert_eq!(
+        (open["from"].as_str(), open["to"].as_str()),
+        (Some("closed"), Some("open")),
+        "{open}"
+    );
+    assert_eq!(open["severity"], "critical");
+    assert_eq!(open["backend"], "gateway");
+    assert!(
+        open["recommended_action"]
+            .as_str()
+            .expect("action")
+            .contains("top it up"),
+        "{open}"
+    );
+    assert!(
+        open["text"]
+            .as_str()
+            .expect("text")
+            .starts_with("[lifeboat] gateway")
+    );
+    assert_eq!(alerts[1]["to"], "half_open");
+    assert_eq!(alerts[2]["to"], "closed");
+    assert_eq!(alerts[2]["severity"], "info");
+}

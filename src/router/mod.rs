@@ -5,6 +5,7 @@
 //!
 //! No HTTP types in here: the API layer turns [`RouteError`] into a response.
 
+pub mod alerts;
 pub mod breaker;
 pub mod health;
 pub mod policy;
@@ -38,6 +39,8 @@ pub struct RouterSettings {
     pub budget: RetryBudget,
     /// How often each remote is probed (`GET /models`); zero turns probing off.
     pub probe_interval: std::time::Duration,
+    /// Where breaker changes are posted, if anywhere.
+    pub alerter: Option<alerts::Alerter>,
 }
 
 impl Default for RouterSettings {
@@ -51,6 +54,7 @@ impl Default for RouterSettings {
             retry_after_cap: Duration::from_secs(2),
             budget: RetryBudget::new(0.2, 10, Duration::from_secs(10)),
             probe_interval: Duration::from_secs(10),
+            alerter: None,
         }
     }
 }
@@ -517,6 +521,17 @@ impl Router {
     fn note(&self, backend: &str, transition: Option<Transition>) {
         let Some(t) = transition else { return };
         metrics::breaker_transition(backend, t.to);
+        if let Some(alerter) = &self.settings.alerter {
+            let availability = self.health.get(backend).map_or(
+                Availability {
+                    last_minute: None,
+                    last_hour: None,
+                    last_day: None,
+                },
+                HealthRecord::availability,
+            );
+            alerter.send(alerts::alert_body(backend, &t, availability));
+        }
         if t.to == BreakerState::Open {
             tracing::warn!(backend, from = t.from.as_str(), to = t.to.as_str(), reason = %t.reason, "breaker");
         } else {
