@@ -139,6 +139,7 @@ async fn main() {
     config.router.probe_interval = Duration::ZERO;
     config.router.max_retries = 0;
     config.router.failure_threshold = u32::MAX;
+    config.router.error_rate_threshold = 2.0;
     let state = AppState::from_config(&config, &HashMap::<String, String>::new()).expect("config");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr2 = listener.local_addr().expect("addr");

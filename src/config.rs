@@ -52,6 +52,11 @@ pub struct RouterConfig {
     /// Cooldowns double on repeated trips, up to this. Default 60 s.
     #[serde(with = "humantime_serde")]
     pub max_cooldown: Duration,
+    /// Error share over the last minute that opens a breaker (with at least
+    /// `error_rate_min_requests` outcomes); above 1 turns the rate trigger off. Default 0.5.
+    pub error_rate_threshold: f64,
+    /// Outcomes needed before the error rate counts. Default 4.
+    pub error_rate_min_requests: u32,
     /// Extra attempts on the same remote for fast transient failures. Default 1.
     pub max_retries: u32,
     /// First backoff bound; doubles per retry (full jitter). Default 100 ms.
@@ -79,6 +84,8 @@ impl Default for RouterConfig {
             failure_threshold: 3,
             cooldown: Duration::from_secs(5),
             max_cooldown: Duration::from_secs(60),
+            error_rate_threshold: 0.5,
+            error_rate_min_requests: 4,
             max_retries: 1,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),

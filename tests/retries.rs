@@ -24,6 +24,7 @@ fn fast_backoff(config: &mut Config) {
     config.router.backoff_min = Duration::from_millis(10);
     config.router.backoff_max = Duration::from_millis(20);
     config.router.failure_threshold = 100;
+    config.router.error_rate_threshold = 2.0;
 }
 
 #[tokio::test]

@@ -228,6 +228,7 @@ async fn faults_become_openai_errors_at_the_api() {
             gateway.idle_timeout = DEADLINE;
             // This test is about classification; breaker and retries have their own tests.
             config.router.failure_threshold = u32::MAX;
+            config.router.error_rate_threshold = 2.0;
             config.router.max_retries = 0;
         },
         HashMap::new(),

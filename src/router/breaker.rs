@@ -1,4 +1,6 @@
-//! A circuit breaker per remote: Closed → Open after N consecutive failures → HalfOpen
+//! A circuit breaker per remote: Closed → Open after N consecutive failures, or when the
+//! error rate over the last minute passes a threshold (which also catches a gateway that
+//! fails every other request and never fails N in a row) → HalfOpen
 //! after a cooldown that doubles on every repeated trip (up to a cap) → one trial request
 //! → Closed on success, Open again on failure.
 //!
@@ -21,6 +23,13 @@ pub struct BreakerConfig {
     pub cooldown: Duration,
     /// Cooldowns double per repeated trip up to this. Default 60 s.
     pub max_cooldown: Duration,
+    /// Error share over `rate_window` that opens the breaker. Default 0.5.
+    pub error_rate_threshold: f64,
+    /// Outcomes needed in the window before the rate counts; low so that low traffic is
+    /// protected too. Default 4.
+    pub min_requests: u32,
+    /// Window of the error rate. Default 60 s.
+    pub rate_window: Duration,
 }
 
 impl Default for BreakerConfig {
@@ -29,6 +38,9 @@ impl Default for BreakerConfig {
             failure_threshold: 3,
             cooldown: Duration::from_secs(5),
             max_cooldown: Duration::from_secs(60),
+            error_rate_threshold: 0.5,
+            min_requests: 4,
+            rate_window: Duration::from_secs(60),
         }
     }
 }
@@ -74,6 +86,8 @@ struct Inner {
     trips: u32,
     /// Why the state is what it is (last failure or success).
     reason: String,
+    /// Outcomes in the rate window while closed: (when, failed).
+    outcomes: std::collections::VecDeque<(Instant, bool)>,
 }
 
 /// A state change, for logs, metrics and alerts.
@@ -116,6 +130,7 @@ impl CircuitBreaker {
                 state: State::Closed { failures: 0 },
                 trips: 0,
                 reason: "no requests yet".into(),
+                outcomes: std::collections::VecDeque::new(),
             })),
         }
     }
@@ -188,9 +203,27 @@ impl CircuitBreaker {
             reported: false,
         }
     }
+    /// Record an outcome in the rate window; returns the error rate when it counts.
+    fn rate_after(&self, inner: &mut Inner, failed: bool) -> Option<f64> {
+        let now = Instant::now();
+        inner.outcomes.push_back((now, failed));
+        while inner
+            .outcomes
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > self.config.rate_window)
+        {
+            inner.outcomes.pop_front();
+        }
+        let total = inner.outcomes.len();
+        let failures = inner.outcomes.iter().filter(|(_, f)| *f).count();
+        (total >= self.config.min_requests as usize).then(|| failures as f64 / total as f64)
+    }
 
     fn on_success(&self) -> Option<Transition> {
         let mut inner = self.lock();
+        if matches!(inner.state, State::Closed { .. }) {
+            self.rate_after(&mut inner, false);
+        }
         let from = public(inner.state);
         inner.state = State::Closed { failures: 0 };
         inner.trips = 0;
@@ -205,8 +238,13 @@ impl CircuitBreaker {
     fn on_failure(&self, reason: &str) -> Option<Transition> {
         let mut inner = self.lock();
         inner.reason = reason.to_string();
+        let rate = match inner.state {
+            State::Closed { .. } => self.rate_after(&mut inner, true),
+            _ => None,
+        };
+        let rate_trips = rate.is_some_and(|r| r >= self.config.error_rate_threshold);
         match inner.state {
-            State::Closed { failures } if failures + 1 < self.config.failure_threshold => {
+            State::Closed { failures } if failures + 1 < self.config.failure_threshold && !rate_trips => {
                 inner.state = State::Closed {
                     failures: failures + 1,
                 };
@@ -219,7 +257,14 @@ impl CircuitBreaker {
                 inner.state = State::Open {
                     until: Instant::now() + cooldown,
                 };
-                let why = if from == BreakerState::Closed {
+                inner.outcomes.clear();
+                let why = if from == BreakerState::Closed && rate_trips {
+                    format!(
+                        "error rate {:.0}% over the last {}, last: {reason}",
+                        rate.unwrap_or(1.0) * 100.0,
+                        humantime::format_duration(self.config.rate_window)
+                    )
+                } else if from == BreakerState::Closed {
                     format!(
                         "{} consecutive failures, last: {reason}",
                         self.config.failure_threshold
@@ -275,13 +320,39 @@ impl Drop for Permit {
 #[cfg(test)]
 mod tests {
     use super::*;
-
     fn breaker() -> CircuitBreaker {
         CircuitBreaker::new(BreakerConfig {
             failure_threshold: 3,
             cooldown: Duration::from_secs(5),
             max_cooldown: Duration::from_secs(12),
+            // Out of the way of the consecutive-failure tests.
+            error_rate_threshold: 1.1,
+            ..BreakerConfig::default()
         })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn error_rate_trips_a_gateway_that_never_fails_three_times_in_a_row() {
+        let b = CircuitBreaker::new(BreakerConfig::default());
+        let ok = |b: &CircuitBreaker| b.try_acquire().0.expect("permit").success();
+        ok(&b);
+        assert!(fail(&b).is_none());
+        ok(&b);
+        let t = fail(&b).expect("2 of 4 failed: 50 % trips");
+        assert_eq!(t.to, BreakerState::Open);
+        assert!(t.reason.contains("error rate 50%"), "{}", t.reason);
+
+        let b = CircuitBreaker::new(BreakerConfig::default());
+        ok(&b);
+        ok(&b);
+        ok(&b);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        fail(&b);
+        assert_eq!(
+            b.state().0,
+            BreakerState::Closed,
+            "old successes left the window; 1 outcome is too few"
+        );
     }
 
     fn fail(b: &CircuitBreaker) -> Option<Transition> {
