@@ -186,6 +186,8 @@ pub struct RemoteConfig {
     pub total_timeout: Duration,
     /// Idle keep-alive connections kept per host. Default 64.
     pub pool_max_idle_per_host: usize,
+    /// `remote-preferred` (default: the local model backs it up) or `remote-only`.
+    pub egress: Egress,
     /// How long an idle pooled connection is kept. Default 90 s.
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
@@ -205,6 +207,7 @@ impl Default for RemoteConfig {
             idle_timeout: Duration::from_secs(30),
             total_timeout: Duration::from_secs(600),
             pool_max_idle_per_host: 64,
+            egress: Egress::RemotePreferred,
             pool_idle_timeout: Duration::from_secs(90),
             continue_locally: false,
         }
@@ -220,13 +223,30 @@ pub struct RouteConfig {
     /// Other names that resolve to this route (e.g. `deepseek-v3`).
     #[serde(default)]
     pub aliases: Vec<String>,
-    /// Key of the remote in `[remotes]`.
+    /// Key of the remote in `[remotes]` (not needed for `egress = "local-only"`).
+    #[serde(default)]
     pub remote: String,
     /// Model name at the gateway; defaults to `name`.
     pub remote_model: Option<String>,
     /// See `remotes.NAME.continue_locally`; set per route.
     #[serde(default)]
     pub continue_locally: bool,
+    /// Where this route's requests may go. Default `remote-preferred`.
+    #[serde(default)]
+    pub egress: Egress,
+}
+
+/// Where a route's requests may be served.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Egress {
+    /// The remote first, the local model when it fails.
+    #[default]
+    RemotePreferred,
+    /// Only the local model: nothing leaves the box.
+    LocalOnly,
+    /// Only the remote: no local fallback.
+    RemoteOnly,
 }
 
 /// Settings that flags or `LIFEBOAT_*` variables override (clap merges the two).
@@ -361,6 +381,12 @@ impl Config {
                     return Err(ConfigError::invalid(key(field), "must be greater than 0"));
                 }
             }
+            if remote.egress == Egress::LocalOnly {
+                return Err(ConfigError::invalid(
+                    key("egress"),
+                    "a remote cannot be local-only; add a [[routes]] entry with egress = \"local-only\"",
+                ));
+            }
             for (i, model) in remote.models.iter().enumerate() {
                 if model.trim().is_empty() {
                     return Err(ConfigError::invalid(
@@ -424,7 +450,20 @@ impl Config {
             if route.name.trim().is_empty() {
                 return Err(ConfigError::invalid(key("name"), "must not be empty"));
             }
-            if !self.remotes.contains_key(&route.remote) {
+            if route.egress == Egress::LocalOnly {
+                if self.local.model.is_none() {
+                    return Err(ConfigError::invalid(
+                        key("egress"),
+                        "is local-only but no local model is configured (local.model / --model)",
+                    ));
+                }
+                if !route.remote.is_empty() {
+                    return Err(ConfigError::invalid(
+                        key("remote"),
+                        "must not be set on a local-only route: nothing leaves the box",
+                    ));
+                }
+            } else if !self.remotes.contains_key(&route.remote) {
                 let known: Vec<&str> = self.remotes.keys().map(String::as_str).collect();
                 return Err(ConfigError::invalid(
                     key("remote"),
@@ -659,6 +698,17 @@ mod tests {
         .expect("parses");
         let err = config.validate().expect_err("duplicate name").to_string();
         assert!(err.starts_with("routes[0].aliases[0]:"), "{err}");
+    }
+    #[test]
+    fn egress_policies_are_checked() {
+        let local_only = "[[routes]]\nname = \"private\"\negress = \"local-only\"\n";
+        let config = parse(local_only).expect("parses");
+        let err = config.validate().expect_err("no local model").to_string();
+        assert!(err.starts_with("routes[0].egress:"), "{err}");
+        let config = parse(&format!("[local]\nmodel = \"m\"\n{local_only}")).expect("parses");
+        config.validate().expect("local-only with a local model");
+        let err = parse("[[routes]]\nname = \"x\"\negress = \"everywhere\"\n").expect_err("bad value");
+        assert!(err.to_string().contains("routes[0].egress"), "{err}");
     }
 
     #[test]

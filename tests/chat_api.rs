@@ -50,7 +50,7 @@ async fn upstream_gets_the_body_verbatim_with_model_renamed_usage_forced_and_key
                 aliases: vec!["deepseek/deepseek-v3".into()],
                 remote: "gateway".into(),
                 remote_model: Some("deepseek-chat".into()),
-                continue_locally: false,
+                ..RouteConfig::default()
             });
         },
         env,
@@ -143,7 +143,7 @@ async fn models_list_and_get() {
                 aliases: vec!["ds-v3".into()],
                 remote: "gateway".into(),
                 remote_model: Some("deepseek-chat".into()),
-                continue_locally: false,
+                ..RouteConfig::default()
             });
         },
         HashMap::new(),

@@ -543,3 +543,40 @@ async fn breaker_changes_are_posted_to_webhooks() {
     assert_eq!(alerts[2]["to"], "closed");
     assert_eq!(alerts[2]["severity"], "info");
 }
+
+#[tokio::test]
+async fn egress_policies_decide_who_may_serve() {
+    use lifeboat::config::{Egress, RouteConfig};
+    let Failover { app, _model } = failover_app_with(MockSettings::default(), |config| {
+        config.routes.push(RouteConfig {
+            name: "private".into(),
+            egress: Egress::LocalOnly,
+            ..RouteConfig::default()
+        });
+        config.routes.push(RouteConfig {
+            name: "hosted-only".into(),
+            remote: "gateway".into(),
+            remote_model: Some("deepseek-chat".into()),
+            egress: Egress::RemoteOnly,
+            ..RouteConfig::default()
+        });
+    })
+    .await;
+    let chat = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
+    let response = app.post_json("/v1/chat/completions", &chat("private")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-lifeboat-backend"], "local");
+    assert_eq!(app.mock.total_requests(), 0, "nothing left the box");
+
+    app.mock.set_fault(FaultMode::Http503).await.expect("fault");
+    let response = app.post_json("/v1/chat/completions", &chat("hosted-only")).await;
+    assert_eq!(response.status(), 502, "remote-only is never served locally");
+    let response = app
+        .post_json("/v1/chat/completions", &chat("deepseek-chat"))
+        .await;
+    assert_eq!(
+        response.headers()["x-lifeboat-backend"],
+        "local",
+        "remote-preferred falls back"
+    );
+}

@@ -19,7 +19,7 @@ use crate::{
     backend::{
         Backend, BackendError, BackendKind, BackendRequest, EventStream, GenerationEvent, GenerationRequest,
     },
-    config::Config,
+    config::{Config, Egress},
     engine::LOCAL_BACKEND_ID,
     metrics,
 };
@@ -98,23 +98,25 @@ impl RouteTable {
     /// `[[routes]]` entry with its aliases.
     pub fn from_config(config: &Config) -> RouteTable {
         let mut table = RouteTable::default();
-        // With `local.fallback`, the local model backs up every remote route.
-        let fallback = config
-            .local
-            .served_name()
-            .filter(|_| config.local.fallback)
-            .map(|name| Target {
-                backend: LOCAL_BACKEND_ID.to_string(),
-                model: name,
-            });
+        let local = config.local.served_name().map(|name| Target {
+            backend: LOCAL_BACKEND_ID.to_string(),
+            model: name,
+        });
+        // With `local.fallback`, the local model backs up every remote-preferred route.
+        let fallback = local.clone().filter(|_| config.local.fallback);
         let with_fallback =
             |remote: Target| -> Vec<Target> { std::iter::once(remote).chain(fallback.clone()).collect() };
+        let remote_only = |remote: Target| vec![remote];
         for (remote, settings) in &config.remotes {
+            let targets = match settings.egress {
+                Egress::RemoteOnly => &remote_only as &dyn Fn(Target) -> Vec<Target>,
+                _ => &with_fallback,
+            };
             for model in &settings.models {
                 table.add(
                     Route {
                         name: model.clone(),
-                        targets: with_fallback(Target {
+                        targets: targets(Target {
                             backend: remote.clone(),
                             model: model.clone(),
                         }),
@@ -138,13 +140,19 @@ impl RouteTable {
             );
         }
         for route in &config.routes {
+            let remote = Target {
+                backend: route.remote.clone(),
+                model: route.remote_model.clone().unwrap_or_else(|| route.name.clone()),
+            };
+            let targets = match route.egress {
+                Egress::RemotePreferred => with_fallback(remote),
+                Egress::RemoteOnly => vec![remote],
+                Egress::LocalOnly => local.clone().into_iter().collect(),
+            };
             table.add(
                 Route {
                     name: route.name.clone(),
-                    targets: with_fallback(Target {
-                        backend: route.remote.clone(),
-                        model: route.remote_model.clone().unwrap_or_else(|| route.name.clone()),
-                    }),
+                    targets,
                     continue_locally: route.continue_locally,
                 },
                 &route.aliases,
