@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import urllib.request
@@ -58,6 +59,8 @@ def main():
     mock, m = start(
         ["mock-upstream", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
          "--tokens", "12", "--inter-token-delay", "5ms", "--cut-after", "3",
+         # Longer than lifeboat's retry-after cap (2 s): the 429 reaches the client.
+         "--retry-after", "5s",
          "--models", "deepseek-chat"],
         r"api=(\S+) admin=(\S+)",
         "stdout",
@@ -70,6 +73,22 @@ def main():
     )
     base_url = m.group(1)
     client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=30)
+    # A second lifeboat with a tiny local model behind the same gateway.
+    tiny = tempfile.mkdtemp(prefix="lifeboat-tiny-")
+    subprocess.run([BIN, "model", "make-tiny", "--arch", "qwen2", "--out", tiny], check=True, capture_output=True)
+    local_server, m = start(
+        ["serve", "--listen", "127.0.0.1:0", "--remote-url", mock_api, "--remote-model", "deepseek-chat",
+         "--model", tiny, "--served-model-name", "tiny-r1"],
+        r"OpenAI base URL (http://\S+)",
+        "stderr",
+    )
+    local = openai.OpenAI(base_url=m.group(1), api_key="unused", max_retries=0, timeout=30)
+    for _ in range(200):
+        try:
+            with urllib.request.urlopen(m.group(1).removesuffix("/v1") + "/ready", timeout=5):
+                break
+        except Exception:  # noqa: BLE001 - 503 while the model loads
+            time.sleep(0.05)
     expected = "Lifeboat keeps the lights on when the gateway goes dark."
 
     checks = []
@@ -157,9 +176,18 @@ def main():
         try:
             client.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "x"}])
         except openai.RateLimitError as e:
-            assert e.response.headers.get("retry-after") == "1", dict(e.response.headers)
+            assert e.response.headers.get("retry-after") == "5", dict(e.response.headers)
             return
         raise AssertionError("no RateLimitError")
+
+    @check
+    def transient_gateway_503_is_retried_invisibly():
+        admin(mock_admin, "http503", 1)
+        raw = client.chat.completions.with_raw_response.create(
+            model="deepseek-chat", messages=[{"role": "user", "content": "x"}], max_tokens=2
+        )
+        assert raw.headers["x-lifeboat-attempts"] == "2", dict(raw.headers)
+        assert raw.parse().choices[0].message.content == "Lifeboat"
 
     @check
     def cut_after_first_byte_raises_in_stream():
@@ -178,6 +206,35 @@ def main():
             return
         raise AssertionError("the cut stream ended without an error")
 
+    @check
+    def local_model_reasoning_and_determinism():
+        ask = dict(model="tiny-r1", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0)
+        a = local.chat.completions.create(**ask)
+        b = local.chat.completions.create(**ask)
+        assert a.choices[0].message.reasoning_content, a
+        assert a.choices[0].message.reasoning_content == b.choices[0].message.reasoning_content
+        assert a.usage.completion_tokens == 8, a.usage
+        chunks = list(local.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+        streamed = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+        assert streamed == a.choices[0].message.reasoning_content, streamed
+        assert chunks[-1].usage.completion_tokens == 8
+
+    @check
+    def gateway_down_is_answered_locally():
+        admin(mock_admin, "http503")
+        try:
+            raw = local.chat.completions.with_raw_response.create(
+                model="deepseek-chat", messages=[{"role": "user", "content": "x"}], max_tokens=4
+            )
+            assert raw.headers["x-lifeboat-backend"] == "local", dict(raw.headers)
+            assert raw.parse().model == "tiny-r1"
+            stream = local.chat.completions.create(
+                model="deepseek-chat", messages=[{"role": "user", "content": "x"}], max_tokens=4, stream=True
+            )
+            assert [c for c in stream if c.choices and c.choices[0].finish_reason], "stream finished"
+        finally:
+            admin(mock_admin, "none")
+
     passed = failed = 0
     try:
         for fn in checks:
@@ -190,7 +247,7 @@ def main():
                 print(f"FAIL {fn.__name__}")
                 traceback.print_exc()
     finally:
-        for proc in (server, mock):
+        for proc in (server, local_server, mock):
             proc.terminate()
             try:
                 proc.wait(timeout=10)
