@@ -10,16 +10,16 @@ pub mod breaker;
 pub mod health;
 pub mod policy;
 pub mod retry;
+mod routes;
+mod stream;
+
+pub use routes::{ModelInfo, Route, RouteTable, Target};
+use stream::{commit, continuing};
 
 use std::{collections::HashMap, sync::Arc};
 
-use futures_util::StreamExt;
-
 use crate::{
-    backend::{
-        Backend, BackendError, BackendKind, BackendRequest, EventStream, GenerationEvent, GenerationRequest,
-    },
-    config::{Config, Egress},
+    backend::{Backend, BackendError, BackendKind, BackendRequest, EventStream, GenerationRequest},
     engine::LOCAL_BACKEND_ID,
     metrics,
 };
@@ -56,123 +56,6 @@ impl Default for RouterSettings {
             probe_interval: Duration::from_secs(10),
             alerter: None,
         }
-    }
-}
-
-/// One place a public model name can be served.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    /// Backend id (the remote's key in `[remotes]`).
-    pub backend: String,
-    /// Model name at that backend.
-    pub model: String,
-}
-
-/// A public model name and where it is served, in order of preference.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
-    pub name: String,
-    pub targets: Vec<Target>,
-    /// A stream that breaks after the commit point is continued by the local target.
-    pub continue_locally: bool,
-}
-
-/// What `/v1/models` lists.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModelInfo {
-    pub id: String,
-    /// The backend that serves it first.
-    pub owned_by: String,
-}
-
-/// Public names and aliases → routes.
-#[derive(Debug, Clone, Default)]
-pub struct RouteTable {
-    /// Public names in listing order (aliases are not listed).
-    public: Vec<Arc<Route>>,
-    by_name: HashMap<String, Arc<Route>>,
-}
-
-impl RouteTable {
-    /// Build from a validated config: every remote model under its own name, then each
-    /// `[[routes]]` entry with its aliases.
-    pub fn from_config(config: &Config) -> RouteTable {
-        let mut table = RouteTable::default();
-        let local = config.local.served_name().map(|name| Target {
-            backend: LOCAL_BACKEND_ID.to_string(),
-            model: name,
-        });
-        // With `local.fallback`, the local model backs up every remote-preferred route.
-        let fallback = local.clone().filter(|_| config.local.fallback);
-        let with_fallback =
-            |remote: Target| -> Vec<Target> { std::iter::once(remote).chain(fallback.clone()).collect() };
-        let remote_only = |remote: Target| vec![remote];
-        for (remote, settings) in &config.remotes {
-            let targets = match settings.egress {
-                Egress::RemoteOnly => &remote_only as &dyn Fn(Target) -> Vec<Target>,
-                _ => &with_fallback,
-            };
-            for model in &settings.models {
-                table.add(
-                    Route {
-                        name: model.clone(),
-                        targets: targets(Target {
-                            backend: remote.clone(),
-                            model: model.clone(),
-                        }),
-                        continue_locally: settings.continue_locally,
-                    },
-                    &[],
-                );
-            }
-        }
-        if let Some(name) = config.local.served_name() {
-            table.add(
-                Route {
-                    name: name.clone(),
-                    targets: vec![Target {
-                        backend: LOCAL_BACKEND_ID.to_string(),
-                        model: name,
-                    }],
-                    continue_locally: false,
-                },
-                &[],
-            );
-        }
-        for route in &config.routes {
-            let remote = Target {
-                backend: route.remote.clone(),
-                model: route.remote_model.clone().unwrap_or_else(|| route.name.clone()),
-            };
-            let targets = match route.egress {
-                Egress::RemotePreferred => with_fallback(remote),
-                Egress::RemoteOnly => vec![remote],
-                Egress::LocalOnly => local.clone().into_iter().collect(),
-            };
-            table.add(
-                Route {
-                    name: route.name.clone(),
-                    targets,
-                    continue_locally: route.continue_locally,
-                },
-                &route.aliases,
-            );
-        }
-        table
-    }
-
-    fn add(&mut self, route: Route, aliases: &[String]) {
-        let route = Arc::new(route);
-        self.public.push(route.clone());
-        self.by_name.insert(route.name.clone(), route.clone());
-        for alias in aliases {
-            self.by_name.insert(alias.clone(), route.clone());
-        }
-    }
-
-    /// The route for a public name or alias.
-    pub fn resolve(&self, model: &str) -> Option<&Arc<Route>> {
-        self.by_name.get(model)
     }
 }
 
@@ -344,7 +227,7 @@ impl Router {
     /// Public model names for `/v1/models`.
     pub fn models(&self) -> Vec<ModelInfo> {
         self.table
-            .public
+            .public()
             .iter()
             .map(|route| ModelInfo {
                 id: route.name.clone(),
@@ -545,158 +428,5 @@ impl Router {
         } else {
             tracing::info!(backend, from = t.from.as_str(), to = t.to.as_str(), reason = %t.reason, "breaker");
         }
-    }
-}
-
-/// Pass `events` through, remembering the text sent; if the stream fails, ask `local` to
-/// continue from that text (prefilled as the assistant's partial reply) and splice its
-/// events in, so the client gets one coherent answer. Falls back to the original error.
-fn continuing(
-    events: EventStream,
-    request: Arc<GenerationRequest>,
-    from: String,
-    local: Arc<dyn Backend>,
-    local_model: String,
-) -> EventStream {
-    struct State {
-        events: EventStream,
-        request: Arc<GenerationRequest>,
-        from: String,
-        local: Option<Arc<dyn Backend>>,
-        local_model: String,
-        sent: crate::backend::Continuation,
-        /// The continuation's first delta repeats the role; drop it.
-        strip_role: bool,
-    }
-    let state = State {
-        events,
-        request,
-        from,
-        local: Some(local),
-        local_model,
-        sent: crate::backend::Continuation::default(),
-        strip_role: false,
-    };
-    Box::pin(futures_util::stream::unfold(state, |mut state| async move {
-        loop {
-            match state.events.next().await? {
-                Ok(GenerationEvent::Delta(mut delta)) => {
-                    if state.strip_role {
-                        delta.role = None;
-                        state.strip_role = false;
-                    }
-                    if let Some(text) = &delta.content {
-                        state.sent.content.push_str(text);
-                    }
-                    if let Some(text) = &delta.reasoning_content {
-                        state.sent.reasoning.push_str(text);
-                    }
-                    return Some((Ok(GenerationEvent::Delta(delta)), state));
-                }
-                Ok(event) => return Some((Ok(event), state)),
-                Err(error) => {
-                    let Some(local) = state.local.take() else {
-                        return Some((Err(error), state));
-                    };
-                    let mut request = (*state.request).clone();
-                    request.continuation = Some(state.sent.clone());
-                    let attempt = BackendRequest {
-                        model: state.local_model.clone(),
-                        request: Arc::new(request),
-                    };
-                    match local.generate(attempt).await {
-                        Ok(rest) => {
-                            metrics::continued(&state.from, local.id(), error.kind);
-                            tracing::info!(from = %state.from, to = %local.id(), reason = error.kind.as_str(), "continuing a broken stream locally");
-                            state.events = rest;
-                            state.strip_role = true;
-                        }
-                        Err(local_error) => {
-                            tracing::warn!(%local_error, "the local model could not continue the stream");
-                            return Some((Err(error), state));
-                        }
-                    }
-                }
-            }
-        }
-    }))
-}
-
-/// Wait for the first output event (or the clean end of the stream). Everything before
-/// it is buffered and replayed, so the caller sees the whole stream; an error before it is
-/// returned instead of the stream.
-async fn commit(mut events: EventStream) -> Result<EventStream, BackendError> {
-    let mut held: Vec<GenerationEvent> = Vec::new();
-    loop {
-        match events.next().await {
-            Some(Ok(event)) => {
-                let output = event.is_output();
-                held.push(event);
-                if output {
-                    break;
-                }
-            }
-            Some(Err(error)) => return Err(error),
-            None => break,
-        }
-    }
-    let replay = futures_util::stream::iter(held.into_iter().map(Ok));
-    Ok(Box::pin(replay.chain(events)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::{ChoiceDelta, ErrorKind, Origin};
-
-    fn delta(content: &str) -> GenerationEvent {
-        GenerationEvent::Delta(ChoiceDelta {
-            content: Some(content.into()),
-            ..ChoiceDelta::default()
-        })
-    }
-
-    #[tokio::test]
-    async fn errors_before_the_first_output_are_returned_not_streamed() {
-        let events: EventStream = Box::pin(futures_util::stream::iter(vec![
-            Ok(delta("")),
-            Err(BackendError::new(ErrorKind::StreamCut, Origin::Upstream, "cut")),
-        ]));
-        let err = commit(events).await.err().expect("error before commit");
-        assert_eq!(err.kind, ErrorKind::StreamCut);
-    }
-
-    #[tokio::test]
-    async fn held_events_are_replayed_in_order() {
-        let events: EventStream = Box::pin(futures_util::stream::iter(vec![
-            Ok(delta("")),
-            Ok(delta("a")),
-            Err(BackendError::new(ErrorKind::StreamCut, Origin::Upstream, "cut")),
-        ]));
-        let stream = commit(events).await.expect("committed");
-        let items: Vec<_> = stream.collect().await;
-        assert_eq!(items.len(), 3);
-        assert!(matches!(&items[1], Ok(e) if *e == delta("a")));
-        assert!(items[2].is_err());
-    }
-
-    #[test]
-    fn route_table_resolves_names_and_aliases() {
-        let config = Config::from_toml(
-            "[remotes.g]\nbase_url = \"http://x/v1\"\nmodels = [\"deepseek-chat\"]\n\
-             [[routes]]\nname = \"deepseek-v3\"\naliases = [\"ds/v3\"]\nremote = \"g\"\nremote_model = \"deepseek-chat\"\n",
-            "t",
-        )
-        .expect("parses");
-        let table = RouteTable::from_config(&config);
-        assert_eq!(
-            table.resolve("ds/v3").expect("alias").targets[0].model,
-            "deepseek-chat"
-        );
-        assert_eq!(table.resolve("deepseek-v3").expect("name").name, "deepseek-v3");
-        assert!(table.resolve("gpt-4").is_none());
-        let router = Router::new(table, vec![], RouterSettings::default());
-        let ids: Vec<String> = router.models().into_iter().map(|m| m.id).collect();
-        assert_eq!(ids, vec!["deepseek-chat", "deepseek-v3"]);
     }
 }

@@ -1,0 +1,157 @@
+//! The route table: public model names and aliases → an ordered list of targets
+//! (remote gateways first, the local model last), per the egress policy of each route.
+
+use std::{collections::HashMap, sync::Arc};
+
+use crate::{
+    config::{Config, Egress},
+    engine::LOCAL_BACKEND_ID,
+};
+
+/// One place a public model name can be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Backend id (the remote's key in `[remotes]`).
+    pub backend: String,
+    /// Model name at that backend.
+    pub model: String,
+}
+
+/// A public model name and where it is served, in order of preference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub name: String,
+    pub targets: Vec<Target>,
+    /// A stream that breaks after the commit point is continued by the local target.
+    pub continue_locally: bool,
+}
+
+/// What `/v1/models` lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    pub id: String,
+    /// The backend that serves it first.
+    pub owned_by: String,
+}
+
+/// Public names and aliases → routes.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    /// Public names in listing order (aliases are not listed).
+    public: Vec<Arc<Route>>,
+    by_name: HashMap<String, Arc<Route>>,
+}
+
+impl RouteTable {
+    /// Build from a validated config: every remote model under its own name, then each
+    /// `[[routes]]` entry with its aliases.
+    pub fn from_config(config: &Config) -> RouteTable {
+        let mut table = RouteTable::default();
+        let local = config.local.served_name().map(|name| Target {
+            backend: LOCAL_BACKEND_ID.to_string(),
+            model: name,
+        });
+        // With `local.fallback`, the local model backs up every remote-preferred route.
+        let fallback = local.clone().filter(|_| config.local.fallback);
+        let with_fallback =
+            |remote: Target| -> Vec<Target> { std::iter::once(remote).chain(fallback.clone()).collect() };
+        let remote_only = |remote: Target| vec![remote];
+        for (remote, settings) in &config.remotes {
+            let targets = match settings.egress {
+                Egress::RemoteOnly => &remote_only as &dyn Fn(Target) -> Vec<Target>,
+                _ => &with_fallback,
+            };
+            for model in &settings.models {
+                table.add(
+                    Route {
+                        name: model.clone(),
+                        targets: targets(Target {
+                            backend: remote.clone(),
+                            model: model.clone(),
+                        }),
+                        continue_locally: settings.continue_locally,
+                    },
+                    &[],
+                );
+            }
+        }
+        if let Some(name) = config.local.served_name() {
+            table.add(
+                Route {
+                    name: name.clone(),
+                    targets: vec![Target {
+                        backend: LOCAL_BACKEND_ID.to_string(),
+                        model: name,
+                    }],
+                    continue_locally: false,
+                },
+                &[],
+            );
+        }
+        for route in &config.routes {
+            let remote = Target {
+                backend: route.remote.clone(),
+                model: route.remote_model.clone().unwrap_or_else(|| route.name.clone()),
+            };
+            let targets = match route.egress {
+                Egress::RemotePreferred => with_fallback(remote),
+                Egress::RemoteOnly => vec![remote],
+                Egress::LocalOnly => local.clone().into_iter().collect(),
+            };
+            table.add(
+                Route {
+                    name: route.name.clone(),
+                    targets,
+                    continue_locally: route.continue_locally,
+                },
+                &route.aliases,
+            );
+        }
+        table
+    }
+
+    fn add(&mut self, route: Route, aliases: &[String]) {
+        let route = Arc::new(route);
+        self.public.push(route.clone());
+        self.by_name.insert(route.name.clone(), route.clone());
+        for alias in aliases {
+            self.by_name.insert(alias.clone(), route.clone());
+        }
+    }
+
+    /// Routes under their public names, in listing order (aliases are not listed).
+    pub fn public(&self) -> &[Arc<Route>] {
+        &self.public
+    }
+
+    /// The route for a public name or alias.
+    pub fn resolve(&self, model: &str) -> Option<&Arc<Route>> {
+        self.by_name.get(model)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::{Router, RouterSettings};
+
+    #[test]
+    fn route_table_resolves_names_and_aliases() {
+        let config = Config::from_toml(
+            "[remotes.g]\nbase_url = \"http://x/v1\"\nmodels = [\"deepseek-chat\"]\n\
+             [[routes]]\nname = \"deepseek-v3\"\naliases = [\"ds/v3\"]\nremote = \"g\"\nremote_model = \"deepseek-chat\"\n",
+            "t",
+        )
+        .expect("parses");
+        let table = RouteTable::from_config(&config);
+        assert_eq!(
+            table.resolve("ds/v3").expect("alias").targets[0].model,
+            "deepseek-chat"
+        );
+        assert_eq!(table.resolve("deepseek-v3").expect("name").name, "deepseek-v3");
+        assert!(table.resolve("gpt-4").is_none());
+        let router = Router::new(table, vec![], RouterSettings::default());
+        let ids: Vec<String> = router.models().into_iter().map(|m| m.id).collect();
+        assert_eq!(ids, vec!["deepseek-chat", "deepseek-v3"]);
+    }
+}

@@ -1,0 +1,144 @@
+//! Stream plumbing of the router: the commit point (hold everything back until the first
+//! real output) and the local continuation of a stream that broke after it.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+
+use crate::{
+    backend::{Backend, BackendError, BackendRequest, EventStream, GenerationEvent, GenerationRequest},
+    metrics,
+};
+
+/// Pass `events` through, remembering the text sent; if the stream fails, ask `local` to
+/// continue from that text (prefilled as the assistant's partial reply) and splice its
+/// events in, so the client gets one coherent answer. Falls back to the original error.
+pub(super) fn continuing(
+    events: EventStream,
+    request: Arc<GenerationRequest>,
+    from: String,
+    local: Arc<dyn Backend>,
+    local_model: String,
+) -> EventStream {
+    struct State {
+        events: EventStream,
+        request: Arc<GenerationRequest>,
+        from: String,
+        local: Option<Arc<dyn Backend>>,
+        local_model: String,
+        sent: crate::backend::Continuation,
+        /// The continuation's first delta repeats the role; drop it.
+        strip_role: bool,
+    }
+    let state = State {
+        events,
+        request,
+        from,
+        local: Some(local),
+        local_model,
+        sent: crate::backend::Continuation::default(),
+        strip_role: false,
+    };
+    Box::pin(futures_util::stream::unfold(state, |mut state| async move {
+        loop {
+            match state.events.next().await? {
+                Ok(GenerationEvent::Delta(mut delta)) => {
+                    if state.strip_role {
+                        delta.role = None;
+                        state.strip_role = false;
+                    }
+                    if let Some(text) = &delta.content {
+                        state.sent.content.push_str(text);
+                    }
+                    if let Some(text) = &delta.reasoning_content {
+                        state.sent.reasoning.push_str(text);
+                    }
+                    return Some((Ok(GenerationEvent::Delta(delta)), state));
+                }
+                Ok(event) => return Some((Ok(event), state)),
+                Err(error) => {
+                    let Some(local) = state.local.take() else {
+                        return Some((Err(error), state));
+                    };
+                    let mut request = (*state.request).clone();
+                    request.continuation = Some(state.sent.clone());
+                    let attempt = BackendRequest {
+                        model: state.local_model.clone(),
+                        request: Arc::new(request),
+                    };
+                    match local.generate(attempt).await {
+                        Ok(rest) => {
+                            metrics::continued(&state.from, local.id(), error.kind);
+                            tracing::info!(from = %state.from, to = %local.id(), reason = error.kind.as_str(), "continuing a broken stream locally");
+                            state.events = rest;
+                            state.strip_role = true;
+                        }
+                        Err(local_error) => {
+                            tracing::warn!(%local_error, "the local model could not continue the stream");
+                            return Some((Err(error), state));
+                        }
+                    }
+                }
+            }
+        }
+    }))
+}
+
+/// Wait for the first output event (or the clean end of the stream). Everything before
+/// it is buffered and replayed, so the caller sees the whole stream; an error before it is
+/// returned instead of the stream.
+pub(super) async fn commit(mut events: EventStream) -> Result<EventStream, BackendError> {
+    let mut held: Vec<GenerationEvent> = Vec::new();
+    loop {
+        match events.next().await {
+            Some(Ok(event)) => {
+                let output = event.is_output();
+                held.push(event);
+                if output {
+                    break;
+                }
+            }
+            Some(Err(error)) => return Err(error),
+            None => break,
+        }
+    }
+    let replay = futures_util::stream::iter(held.into_iter().map(Ok));
+    Ok(Box::pin(replay.chain(events)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{ChoiceDelta, ErrorKind, Origin};
+
+    fn delta(content: &str) -> GenerationEvent {
+        GenerationEvent::Delta(ChoiceDelta {
+            content: Some(content.into()),
+            ..ChoiceDelta::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn errors_before_the_first_output_are_returned_not_streamed() {
+        let events: EventStream = Box::pin(futures_util::stream::iter(vec![
+            Ok(delta("")),
+            Err(BackendError::new(ErrorKind::StreamCut, Origin::Upstream, "cut")),
+        ]));
+        let err = commit(events).await.err().expect("error before commit");
+        assert_eq!(err.kind, ErrorKind::StreamCut);
+    }
+
+    #[tokio::test]
+    async fn held_events_are_replayed_in_order() {
+        let events: EventStream = Box::pin(futures_util::stream::iter(vec![
+            Ok(delta("")),
+            Ok(delta("a")),
+            Err(BackendError::new(ErrorKind::StreamCut, Origin::Upstream, "cut")),
+        ]));
+        let stream = commit(events).await.expect("committed");
+        let items: Vec<_> = stream.collect().await;
+        assert_eq!(items.len(), 3);
+        assert!(matches!(&items[1], Ok(e) if *e == delta("a")));
+        assert!(items[2].is_err());
+    }
+}
