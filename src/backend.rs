@@ -324,6 +324,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
             detail: "ready".into(),
         }
     }
+    /// Whether a new request would start at once (a free local slot). Default: yes.
+    fn has_capacity(&self) -> bool {
+        true
+    }
 
     /// A cheap health check (a remote: an unbilled `GET /models`). Default: healthy.
     async fn probe(&self) -> Result<(), BackendError> {

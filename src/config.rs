@@ -188,6 +188,11 @@ pub struct RemoteConfig {
     pub pool_max_idle_per_host: usize,
     /// `remote-preferred` (default: the local model backs it up) or `remote-only`.
     pub egress: Egress,
+    /// Race the local model when this gateway is slow to its first token. Default false.
+    pub hedge: bool,
+    /// Hedge after this long without a first token; default: the gateway's p95 TTFT.
+    #[serde(with = "humantime_serde")]
+    pub hedge_after: Option<Duration>,
     /// How long an idle pooled connection is kept. Default 90 s.
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
@@ -208,6 +213,8 @@ impl Default for RemoteConfig {
             total_timeout: Duration::from_secs(600),
             pool_max_idle_per_host: 64,
             egress: Egress::RemotePreferred,
+            hedge: false,
+            hedge_after: None,
             pool_idle_timeout: Duration::from_secs(90),
             continue_locally: false,
         }
@@ -234,6 +241,12 @@ pub struct RouteConfig {
     /// Where this route's requests may go. Default `remote-preferred`.
     #[serde(default)]
     pub egress: Egress,
+    /// See `remotes.NAME.hedge`; set per route.
+    #[serde(default)]
+    pub hedge: bool,
+    /// See `remotes.NAME.hedge_after`.
+    #[serde(default, with = "humantime_serde")]
+    pub hedge_after: Option<Duration>,
 }
 
 /// Where a route's requests may be served.

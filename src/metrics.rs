@@ -24,6 +24,8 @@ pub const ATTEMPT_ERRORS_TOTAL: &str = "lifeboat_attempt_errors_total";
 pub const STREAM_ERRORS_TOTAL: &str = "lifeboat_stream_errors_total";
 /// Share of successful attempts and probes, by `backend` and `window` (`1m`, `1h`, `24h`).
 pub const AVAILABILITY_RATIO: &str = "lifeboat_availability_ratio";
+/// Hedged attempts by `outcome` (`primary_won`, `hedge_won`, `hedge_failed`).
+pub const HEDGES_TOTAL: &str = "lifeboat_hedges_total";
 /// Broken streams continued by another backend, by `from`, `to` and `reason`.
 pub const CONTINUATIONS_TOTAL: &str = "lifeboat_continuations_total";
 /// Retries on the same backend, by `backend` and the `reason` (error kind).
@@ -85,6 +87,7 @@ fn describe() {
     metrics::describe_counter!(FAILOVERS_TOTAL, "Failovers from one backend to the next");
     metrics::describe_counter!(RETRIES_TOTAL, "Retries on the same backend");
     metrics::describe_counter!(CONTINUATIONS_TOTAL, "Broken streams continued locally");
+    metrics::describe_counter!(HEDGES_TOTAL, "Hedged attempts by outcome");
     metrics::describe_gauge!(AVAILABILITY_RATIO, "Successful attempts and probes over a window");
     metrics::describe_gauge!(BREAKER_STATE, "Breaker state: 0 closed, 1 half-open, 2 open");
     metrics::describe_counter!(BREAKER_TRANSITIONS_TOTAL, "Breaker state changes");
@@ -106,6 +109,10 @@ pub fn availability(backend: &str, minute: Option<f64>, hour: Option<f64>, day: 
                 .set(value);
         }
     }
+}
+
+pub fn hedge(outcome: &'static str) {
+    metrics::counter!(HEDGES_TOTAL, "outcome" => outcome).increment(1);
 }
 
 pub fn continued(from: &str, to: &str, reason: ErrorKind) {

@@ -580,3 +580,46 @@ async fn egress_policies_decide_who_may_serve() {
         "remote-preferred falls back"
     );
 }
+
+#[tokio::test]
+async fn hedging_races_the_local_model_against_a_slow_first_token() {
+    let settings = MockSettings {
+        first_token_delay: Duration::from_millis(1500),
+        ..MockSettings::default()
+    };
+    let Failover { app, _model } = failover_app_with(settings, |config| {
+        let gateway = config.remotes.get_mut("gateway").expect("gateway");
+        gateway.first_token_timeout = Duration::from_secs(5);
+        gateway.hedge = true;
+        gateway.hedge_after = Some(Duration::from_millis(100));
+    })
+    .await;
+    let started = std::time::Instant::now();
+    for stream in [false, true] {
+        let body = json!({"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": stream});
+        let response = app.post_json("/v1/chat/completions", &body).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-lifeboat-backend"], "local", "the hedge won");
+        assert_eq!(response.headers()["x-lifeboat-attempts"], "2");
+        let text = response.text().await.expect("body");
+        assert!(!text.contains("\"error\""), "{text}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "did not wait for the slow gateway"
+    );
+    let health: Value = app.get("/health").await.json().await.expect("json");
+    assert_eq!(
+        health["backends"]["gateway"]["breaker"], "closed",
+        "slow is not failed"
+    );
+    let metrics = app.get("/metrics").await.text().await.expect("text");
+    assert!(
+        metrics.contains(r#"lifeboat_hedges_total{outcome="hedge_won"} 2"#),
+        "{metrics}"
+    );
+
+    // A fast gateway wins before the hedge delay: no local attempt at all.
+    app.mock.update_settings(|s| s.first_token_delay = Duration::ZERO);
+    assert_eq!(ask(&app, true).await, "gateway");
+}

@@ -239,6 +239,10 @@ impl Backend for LocalBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Local
     }
+    /// Free when nothing is queued: a hedge must not wait behind other requests.
+    fn has_capacity(&self) -> bool {
+        self.phase() == Phase::Ready && self.jobs.capacity() == self.jobs.max_capacity()
+    }
 
     fn status(&self) -> BackendStatus {
         let phase = self.phase();

@@ -158,6 +158,23 @@ impl HealthRecord {
     pub fn ttft_ewma(&self) -> Option<Duration> {
         self.lock().ttft_ewma.map(Duration::from_secs_f64)
     }
+    /// 95th percentile of the time to first token of the recent successful requests;
+    /// `None` with fewer than 10 samples.
+    pub fn ttft_p95(&self) -> Option<Duration> {
+        let inner = self.lock();
+        let mut samples: Vec<Duration> = inner
+            .recent
+            .iter()
+            .filter(|e| e.source == Source::Request && e.outcome == "ok")
+            .map(|e| e.latency)
+            .collect();
+        if samples.len() < 10 {
+            return None;
+        }
+        samples.sort();
+        let rank = ((samples.len() as f64) * 0.95).ceil() as usize;
+        samples.get(rank.saturating_sub(1)).copied()
+    }
 
     /// The last events, oldest first.
     pub fn recent(&self) -> Vec<HealthEvent> {
@@ -201,6 +218,7 @@ mod tests {
             record.observe(Source::Request, "ok", Duration::from_millis(100 + i % 2 * 100));
         }
         assert_eq!(record.recent().len(), 100);
+        assert_eq!(record.ttft_p95(), Some(Duration::from_millis(200)));
         let ttft = record.ttft_ewma().expect("ewma").as_millis();
         assert!((100..=200).contains(&ttft), "{ttft}");
     }

@@ -8,13 +8,14 @@
 pub mod alerts;
 pub mod breaker;
 pub mod health;
+mod hedge;
 pub mod policy;
 pub mod retry;
 mod routes;
 mod stream;
 
 pub use routes::{ModelInfo, Route, RouteTable, Target};
-use stream::{commit, continuing};
+use stream::continuing;
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -26,6 +27,9 @@ use crate::{
 use breaker::{BreakerConfig, BreakerState, CircuitBreaker, Transition};
 use health::{Availability, HealthEvent, HealthRecord, Source};
 use retry::{Backoff, RetryBudget};
+
+/// Hedge delay when the route sets none and the remote has too few TTFT samples.
+const DEFAULT_HEDGE_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How the router retries and when it gives a remote a rest.
 #[derive(Debug, Clone)]
@@ -314,9 +318,27 @@ impl Router {
                     model: target.model.clone(),
                     request: request.clone(),
                 };
-                let result = match backend.generate(attempt).await {
-                    Ok(events) => commit(events).await,
-                    Err(error) => Err(error),
+                let plan = self.hedge_plan(&route, backend.as_ref());
+                let result = match hedge::attempt(backend.as_ref(), attempt, plan).await {
+                    hedge::Outcome::Primary(result) => result,
+                    hedge::Outcome::HedgeWon {
+                        events,
+                        primary_error,
+                    } => {
+                        // The remote was slow (or failed meanwhile); only a failure counts.
+                        if let (Some(error), Some(permit)) = (&primary_error, permit)
+                            && policy::counts_against_health(error)
+                        {
+                            self.note(backend.id(), permit.failure(error.kind.as_str()));
+                        }
+                        let local = self.hedge_plan_target(&route);
+                        return Ok(Routed {
+                            backend: LOCAL_BACKEND_ID.to_string(),
+                            model: local.unwrap_or_default(),
+                            attempts: attempts + 1,
+                            events,
+                        });
+                    }
                 };
                 let record = self.health.get(backend.id());
                 let error = match result {
@@ -396,6 +418,30 @@ impl Router {
                 model: route.name.clone(),
             }),
         }
+    }
+    /// The hedge for an attempt on `primary`: only for remotes on routes with `hedge`, to
+    /// the route's local target, after the route's delay or the remote's p95 TTFT.
+    fn hedge_plan(&self, route: &Route, primary: &dyn Backend) -> Option<hedge::HedgePlan> {
+        if !route.hedge || primary.kind() != BackendKind::Remote {
+            return None;
+        }
+        let target = route.targets.iter().find(|t| t.backend == LOCAL_BACKEND_ID)?;
+        let local = self.backends.get(&target.backend)?.clone();
+        let observed = self.health.get(primary.id()).and_then(HealthRecord::ttft_p95);
+        let delay = route.hedge_after.or(observed).unwrap_or(DEFAULT_HEDGE_DELAY);
+        Some(hedge::HedgePlan {
+            local,
+            model: target.model.clone(),
+            delay,
+        })
+    }
+
+    fn hedge_plan_target(&self, route: &Route) -> Option<String> {
+        route
+            .targets
+            .iter()
+            .find(|t| t.backend == LOCAL_BACKEND_ID)
+            .map(|t| t.model.clone())
     }
 
     /// The local target that continues a broken stream of `served_by`, if the route

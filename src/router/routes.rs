@@ -24,6 +24,10 @@ pub struct Route {
     pub targets: Vec<Target>,
     /// A stream that breaks after the commit point is continued by the local target.
     pub continue_locally: bool,
+    /// Race the local target when the remote is slow to its first token.
+    pub hedge: bool,
+    /// Hedge delay; `None`: the remote's observed p95 TTFT.
+    pub hedge_after: Option<std::time::Duration>,
 }
 
 /// What `/v1/models` lists.
@@ -70,6 +74,8 @@ impl RouteTable {
                             model: model.clone(),
                         }),
                         continue_locally: settings.continue_locally,
+                        hedge: settings.hedge,
+                        hedge_after: settings.hedge_after,
                     },
                     &[],
                 );
@@ -84,6 +90,8 @@ impl RouteTable {
                         model: name,
                     }],
                     continue_locally: false,
+                    hedge: false,
+                    hedge_after: None,
                 },
                 &[],
             );
@@ -103,6 +111,8 @@ impl RouteTable {
                     name: route.name.clone(),
                     targets,
                     continue_locally: route.continue_locally,
+                    hedge: route.hedge,
+                    hedge_after: route.hedge_after,
                 },
                 &route.aliases,
             );
