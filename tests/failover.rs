@@ -623,3 +623,49 @@ async fn hedging_races_the_local_model_against_a_slow_first_token() {
     app.mock.update_settings(|s| s.first_token_delay = Duration::ZERO);
     assert_eq!(ask(&app, true).await, "gateway");
 }
+
+#[tokio::test]
+async fn midstream_cut_is_continued_and_opens_the_breaker() {
+    let settings = MockSettings {
+        cut_after: 2,
+        inter_token_delay: Duration::from_millis(10),
+        ..MockSettings::default()
+    };
+    let Failover { app, _model } = failover_app_with(settings, |config| {
+        config
+            .remotes
+            .get_mut("gateway")
+            .expect("gateway")
+            .continue_locally = true;
+    })
+    .await;
+    let app = Arc::new(app);
+    app.mock.set_fault(FaultMode::MidstreamCut).await.expect("fault");
+    app.mock.reset_counts();
+    // `ask` fails on any error frame or truncated answer.
+    let served = load(&app).await;
+    let requests = (CLIENTS * ROUNDS) as f64;
+    assert!(app.mock.total_requests() as f64 <= 1.2 * requests);
+    assert!(
+        served.iter().any(|b| b == "local"),
+        "cut streams opened the breaker: {served:?}"
+    );
+    let health: Value = app.get("/health").await.json().await.expect("json");
+    assert_ne!(health["backends"]["gateway"]["breaker"], "closed", "{health}");
+    assert!(
+        health["backends"]["gateway"]["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("after the first token"),
+        "{health}"
+    );
+    app.mock.set_fault(FaultMode::None).await.expect("recover");
+    let back = async {
+        while ask(&app, false).await != "gateway" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(COOLDOWN * 8, back)
+        .await
+        .expect("back on the gateway");
+}

@@ -284,6 +284,12 @@ impl CircuitBreaker {
         }
     }
 
+    /// A failure reported after the request's permit was spent (its stream broke after
+    /// the first token); counts like any other failure.
+    pub fn record_failure(&self, reason: &str) -> Option<Transition> {
+        self.on_failure(reason)
+    }
+
     fn release_trial(&self) {
         let mut inner = self.lock();
         if let State::HalfOpen {

@@ -15,7 +15,7 @@ mod routes;
 mod stream;
 
 pub use routes::{ModelInfo, Route, RouteTable, Target};
-use stream::continuing;
+use stream::{continuing, observed};
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -349,6 +349,8 @@ impl Router {
                         if let Some(permit) = permit {
                             self.note(backend.id(), permit.success());
                         }
+                        let watcher = self.after_commit(backend.id());
+                        let events = observed(events, move |error| watcher.failed(error));
                         let events = match self.continuation_target(&route, backend.id()) {
                             Some((local, model)) if request.sampling.n <= 1 => {
                                 continuing(events, request.clone(), backend.id().to_string(), local, model)
@@ -456,23 +458,80 @@ impl Router {
 
     /// Log and count a breaker transition.
     fn note(&self, backend: &str, transition: Option<Transition>) {
-        let Some(t) = transition else { return };
-        metrics::breaker_transition(backend, t.to);
-        if let Some(alerter) = &self.settings.alerter {
-            let availability = self.health.get(backend).map_or(
-                Availability {
-                    last_minute: None,
-                    last_hour: None,
-                    last_day: None,
-                },
-                HealthRecord::availability,
-            );
-            alerter.send(alerts::alert_body(backend, &t, availability));
+        report(
+            backend,
+            transition,
+            self.health.get(backend),
+            self.settings.alerter.as_ref(),
+        );
+    }
+
+    /// What watches a committed stream of `backend` for late failures.
+    fn after_commit(&self, backend: &str) -> AfterCommit {
+        AfterCommit {
+            backend: backend.to_string(),
+            breaker: self.breakers.get(backend).cloned(),
+            health: self.health.get(backend).cloned(),
+            alerter: self.settings.alerter.clone(),
         }
-        if t.to == BreakerState::Open {
-            tracing::warn!(backend, from = t.from.as_str(), to = t.to.as_str(), reason = %t.reason, "breaker");
-        } else {
-            tracing::info!(backend, from = t.from.as_str(), to = t.to.as_str(), reason = %t.reason, "breaker");
+    }
+}
+
+/// Log, count and alert a breaker transition.
+fn report(
+    backend: &str,
+    transition: Option<Transition>,
+    health: Option<&HealthRecord>,
+    alerter: Option<&alerts::Alerter>,
+) {
+    let Some(t) = transition else { return };
+    metrics::breaker_transition(backend, t.to);
+    if let Some(alerter) = alerter {
+        let availability = health.map_or(
+            Availability {
+                last_minute: None,
+                last_hour: None,
+                last_day: None,
+            },
+            HealthRecord::availability,
+        );
+        alerter.send(alerts::alert_body(backend, &t, availability));
+    }
+    if t.to == BreakerState::Open {
+        tracing::warn!(backend, from = t.from.as_str(), to = t.to.as_str(), reason = %t.reason, "breaker");
+    } else {
+        tracing::info!(backend, from = t.from.as_str(), to = t.to.as_str(), reason = %t.reason, "breaker");
+    }
+}
+
+/// Feeds failures after the commit point (a cut or stalled stream) back into the
+/// backend's health and breaker: a gateway that cuts every stream is not healthy, even
+/// though each request looked fine at its first token.
+#[derive(Debug, Clone)]
+struct AfterCommit {
+    backend: String,
+    breaker: Option<CircuitBreaker>,
+    health: Option<HealthRecord>,
+    alerter: Option<alerts::Alerter>,
+}
+
+impl AfterCommit {
+    fn failed(&self, error: &BackendError) {
+        if !policy::counts_against_health(error) {
+            return;
+        }
+        if let Some(health) = &self.health {
+            health.observe(Source::Request, error.kind.as_str(), std::time::Duration::ZERO);
+        }
+        if let Some(breaker) = &self.breaker {
+            let transition =
+                breaker.record_failure(&format!("after the first token: {}", error.kind.as_str()));
+            report(
+                &self.backend,
+                transition,
+                self.health.as_ref(),
+                self.alerter.as_ref(),
+            );
         }
     }
 }

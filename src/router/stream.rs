@@ -84,6 +84,18 @@ pub(super) fn continuing(
     }))
 }
 
+/// Call `on_error` for a failure inside a committed stream, passing every item through.
+pub(super) fn observed(
+    events: EventStream,
+    on_error: impl Fn(&BackendError) + Send + 'static,
+) -> EventStream {
+    Box::pin(events.inspect(move |item| {
+        if let Err(error) = item {
+            on_error(error);
+        }
+    }))
+}
+
 /// Wait for the first output event (or the clean end of the stream). Everything before
 /// it is buffered and replayed, so the caller sees the whole stream; an error before it is
 /// returned instead of the stream.
