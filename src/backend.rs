@@ -55,6 +55,20 @@ pub struct ChatMessage {
     pub reasoning_content: Option<String>,
 }
 
+impl ChatMessage {
+    /// A plain message with text content.
+    pub fn text(role: &str, content: impl Into<String>) -> ChatMessage {
+        ChatMessage {
+            role: role.to_string(),
+            content: Some(content.into()),
+            name: None,
+            tool_calls: None,
+            tool_call_id: None,
+            reasoning_content: None,
+        }
+    }
+}
+
 /// What to generate from: a conversation or raw prompts (legacy completions).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Prompt {
@@ -107,6 +121,36 @@ pub struct GenerationRequest {
     /// The client's JSON body, verbatim. A remote forwards it with only `model`,
     /// `stream` and `stream_options` changed, so fields lifeboat does not know survive.
     pub raw: Map<String, Value>,
+}
+
+impl GenerationRequest {
+    /// A streamed chat request with one user message, for callers outside the API (the
+    /// CLI, benches, tests); its raw body holds just what a client would have sent.
+    pub fn chat(model: &str, user: &str, sampling: SamplingParams) -> GenerationRequest {
+        let mut raw = Map::new();
+        raw.insert("model".into(), Value::from(model));
+        raw.insert(
+            "messages".into(),
+            serde_json::json!([{"role": "user", "content": user}]),
+        );
+        if let Some(max) = sampling.max_tokens {
+            raw.insert("max_tokens".into(), Value::from(max));
+        }
+        GenerationRequest {
+            endpoint: Endpoint::ChatCompletions,
+            model: model.to_string(),
+            stream: true,
+            include_usage: true,
+            prompt: Prompt::Chat(vec![ChatMessage::text("user", user)]),
+            sampling: SamplingParams {
+                n: sampling.n.max(1),
+                ..sampling
+            },
+            has_tools: false,
+            continuation: None,
+            raw,
+        }
+    }
 }
 
 /// The part of an answer already delivered to the client.

@@ -9,9 +9,7 @@ use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 use common::{TestApp, read_sse, spawn_app_with};
 use futures_util::StreamExt;
 use lifeboat::{
-    backend::{
-        Backend, BackendRequest, ChatMessage, Endpoint, ErrorKind, GenerationRequest, Prompt, SamplingParams,
-    },
+    backend::{Backend, BackendRequest, ChatMessage, ErrorKind, GenerationRequest, SamplingParams},
     engine::{Arch, LocalBackend, LocalSettings, read_info, tiny::make_tiny},
     mock_upstream::MockSettings,
 };
@@ -113,17 +111,7 @@ async fn greedy_chat_is_served_deterministically_with_exact_usage() {
         .template
         .as_ref()
         .expect("template")
-        .render(
-            &[ChatMessage {
-                role: "user".into(),
-                content: Some("Hello there, tiny model".into()),
-                name: None,
-                tool_calls: None,
-                tool_call_id: None,
-                reasoning_content: None,
-            }],
-            None,
-        )
+        .render(&[ChatMessage::text("user", "Hello there, tiny model")], None)
         .expect("renders");
     let prompt_tokens = info.tokenizer.encode(&rendered, false).expect("encodes").len();
     assert_eq!(first["usage"]["prompt_tokens"], prompt_tokens as u64);
@@ -313,29 +301,15 @@ async fn broken_model_folders_fail_with_the_file_named() {
 fn request(max_tokens: u32) -> BackendRequest {
     BackendRequest {
         model: MODEL.into(),
-        request: Arc::new(GenerationRequest {
-            endpoint: Endpoint::ChatCompletions,
-            model: MODEL.into(),
-            stream: true,
-            include_usage: false,
-            prompt: Prompt::Chat(vec![ChatMessage {
-                role: "user".into(),
-                content: Some("Count for me".into()),
-                name: None,
-                tool_calls: None,
-                tool_call_id: None,
-                reasoning_content: None,
-            }]),
-            sampling: SamplingParams {
+        request: Arc::new(GenerationRequest::chat(
+            MODEL,
+            "Count for me",
+            SamplingParams {
                 max_tokens: Some(max_tokens),
                 temperature: Some(0.0),
-                n: 1,
                 ..SamplingParams::default()
             },
-            has_tools: false,
-            continuation: None,
-            raw: serde_json::Map::new(),
-        }),
+        )),
     }
 }
 

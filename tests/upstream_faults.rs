@@ -9,8 +9,8 @@ use common::{chat_body, spawn_app_with};
 use futures_util::StreamExt;
 use lifeboat::{
     backend::{
-        Backend, BackendError, BackendRequest, Endpoint, ErrorKind, GenerationEvent, GenerationRequest,
-        Prompt, SamplingParams, TimeoutPhase,
+        Backend, BackendError, BackendRequest, ErrorKind, GenerationEvent, GenerationRequest, SamplingParams,
+        TimeoutPhase,
     },
     config::{RemoteConfig, Secret},
     mock_upstream::{FaultMode, MockSettings, MockUpstream},
@@ -20,27 +20,14 @@ use serde_json::{Value, json};
 
 const DEADLINE: Duration = Duration::from_millis(300);
 
-fn request(model: &str, max_tokens: u64) -> BackendRequest {
-    let Value::Object(raw) = json!({
-        "model": model,
-        "messages": [{"role": "user", "content": "hello"}],
-        "max_tokens": max_tokens,
-    }) else {
-        unreachable!()
+fn request(model: &str, max_tokens: u32) -> BackendRequest {
+    let sampling = SamplingParams {
+        max_tokens: Some(max_tokens),
+        ..SamplingParams::default()
     };
     BackendRequest {
         model: model.to_string(),
-        request: Arc::new(GenerationRequest {
-            endpoint: Endpoint::ChatCompletions,
-            model: model.to_string(),
-            stream: true,
-            include_usage: false,
-            prompt: Prompt::Chat(vec![]),
-            sampling: SamplingParams::default(),
-            has_tools: false,
-            continuation: None,
-            raw,
-        }),
+        request: Arc::new(GenerationRequest::chat(model, "hello", sampling)),
     }
 }
 

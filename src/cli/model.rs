@@ -8,10 +8,7 @@ use futures_util::StreamExt;
 
 use super::CliError;
 use crate::{
-    backend::{
-        Backend, BackendRequest, ChatMessage, Endpoint, GenerationEvent, GenerationRequest, Prompt,
-        SamplingParams, StopSequences,
-    },
+    backend::{Backend, BackendRequest, GenerationEvent, GenerationRequest, SamplingParams},
     engine::{Arch, LocalBackend, LocalSettings, read_info, tiny::make_tiny},
 };
 
@@ -121,31 +118,16 @@ async fn generate(args: GenerateArgs) -> Result<(), CliError> {
     })
     .map_err(|e| CliError::Usage(e.to_string()))?;
     backend.wait_ready().await.map_err(CliError::Usage)?;
-    let request = GenerationRequest {
-        endpoint: Endpoint::ChatCompletions,
-        model: "local".into(),
-        stream: true,
-        include_usage: true,
-        prompt: Prompt::Chat(vec![ChatMessage {
-            role: "user".into(),
-            content: Some(args.prompt),
-            name: None,
-            tool_calls: None,
-            tool_call_id: None,
-            reasoning_content: None,
-        }]),
-        sampling: SamplingParams {
+    let request = GenerationRequest::chat(
+        "local",
+        &args.prompt,
+        SamplingParams {
             max_tokens: Some(args.max_tokens),
             temperature: Some(args.temperature),
             seed: args.seed,
-            stop: StopSequences::default(),
-            n: 1,
             ..SamplingParams::default()
         },
-        has_tools: false,
-        continuation: None,
-        raw: serde_json::Map::new(),
-    };
+    );
     let mut events = backend
         .generate(BackendRequest {
             model: "local".into(),

@@ -123,16 +123,8 @@ fn message_json(message: &ChatMessage) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-
     fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage {
-            role: role.into(),
-            content: Some(content.into()),
-            name: None,
-            tool_calls: None,
-            tool_call_id: None,
-            reasoning_content: None,
-        }
+        ChatMessage::text(role, content)
     }
 
     struct Case {

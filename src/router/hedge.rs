@@ -102,8 +102,7 @@ mod tests {
 
     use super::*;
     use crate::backend::{
-        BackendKind, ChoiceDelta, Endpoint, ErrorKind, GenerationEvent, GenerationRequest, Origin, Prompt,
-        SamplingParams,
+        BackendKind, ChoiceDelta, ErrorKind, GenerationEvent, GenerationRequest, Origin, SamplingParams,
     };
 
     /// A backend whose first token (or failure) comes after `delay`.
@@ -156,17 +155,7 @@ mod tests {
     fn request() -> BackendRequest {
         BackendRequest {
             model: "m".into(),
-            request: Arc::new(GenerationRequest {
-                endpoint: Endpoint::ChatCompletions,
-                model: "m".into(),
-                stream: true,
-                include_usage: false,
-                prompt: Prompt::Chat(vec![]),
-                sampling: SamplingParams::default(),
-                has_tools: false,
-                continuation: None,
-                raw: serde_json::Map::new(),
-            }),
+            request: Arc::new(GenerationRequest::chat("m", "hi", SamplingParams::default())),
         }
     }
 
