@@ -1,7 +1,12 @@
 //! The application: shared state, the axum app built by a function, and the server entry
 //! that takes a listener and a shutdown future (so tests start it on port 0).
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use axum::{
     http::StatusCode,
@@ -15,7 +20,7 @@ use tower_http::{catch_panic::CatchPanicLayer, trace::TraceLayer};
 use crate::{
     api::{self, auth::ClientKeys, types::ErrorResponse},
     backend::Backend,
-    config::{Config, ConfigError, EnvSource, resolve_secret},
+    config::{Config, ConfigError, EnvSource, read_secret_file, resolve_secret},
     engine::{LocalBackend, LocalSettings},
     metrics,
     router::{
@@ -27,68 +32,123 @@ use crate::{
     upstream::RemoteBackend,
 };
 
+/// What a reload (SIGHUP) replaces: the router (routes, remotes and their keys) and the
+/// accepted client keys. Each request takes one snapshot, so a reload never changes the
+/// rules under a request in flight.
+#[derive(Debug)]
+pub struct Live {
+    pub router: Arc<Router>,
+    pub client_keys: Arc<ClientKeys>,
+}
+
 /// Handles shared by every request.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    pub router: Arc<Router>,
+    live: Arc<RwLock<Arc<Live>>>,
     pub metrics: PrometheusHandle,
-    pub client_keys: Arc<ClientKeys>,
     pub max_body_bytes: usize,
     /// Process start, reported as `created` of the models.
     pub started_unix: u64,
+    /// The running local model and the folder it came from; kept across reloads.
+    local: Option<(PathBuf, Arc<dyn Backend>)>,
 }
 
 impl AppState {
     /// Build backends and the router from a validated config; secrets come from `env`.
     pub fn from_config(config: &Config, env: &dyn EnvSource) -> Result<AppState, ConfigError> {
         config.validate()?;
-        let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
-        for (name, remote) in &config.remotes {
-            let key = match &remote.api_key_env {
-                Some(var) => Some(resolve_secret(env, &format!("remotes.{name}.api_key_env"), var)?),
-                None => None,
-            };
-            let backend =
-                RemoteBackend::new(name.clone(), remote, key).map_err(|err| ConfigError::Invalid {
-                    key: format!("remotes.{name}"),
-                    message: err.message,
+        let local: Option<(PathBuf, Arc<dyn Backend>)> = match &config.local.model {
+            Some(model) => {
+                let backend = LocalBackend::start(&LocalSettings {
+                    model: model.clone(),
+                    queue_capacity: config.local.queue_capacity,
+                })
+                .map_err(|err| ConfigError::Invalid {
+                    key: "local.model".into(),
+                    message: err.to_string(),
                 })?;
-            backends.push(Arc::new(backend));
-        }
-        if let Some(model) = &config.local.model {
-            let local = LocalBackend::start(&LocalSettings {
-                model: model.clone(),
-                queue_capacity: config.local.queue_capacity,
-            })
-            .map_err(|err| ConfigError::Invalid {
-                key: "local.model".into(),
-                message: err.to_string(),
-            })?;
-            backends.push(Arc::new(local));
-        }
-        let client_keys = config
-            .server
-            .client_api_key_envs
-            .iter()
-            .enumerate()
-            .map(|(i, var)| resolve_secret(env, &format!("server.client_api_key_envs[{i}]"), var))
-            .collect::<Result<Vec<_>, _>>()?;
-        let router = Arc::new(Router::new(
-            RouteTable::from_config(config),
-            backends,
-            router_settings(config, env)?,
-        ));
-        router.spawn_probes();
+                Some((model.clone(), Arc::new(backend)))
+            }
+            None => None,
+        };
+        let live = build_live(config, env, local.as_ref().map(|(_, b)| b.clone()))?;
         Ok(AppState {
-            router,
+            live: Arc::new(RwLock::new(Arc::new(live))),
             metrics: metrics::install(),
-            client_keys: Arc::new(ClientKeys::new(&client_keys)),
             max_body_bytes: config.server.max_body_bytes,
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            local,
         })
     }
+
+    /// The current router and client keys.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The current router.
+    pub fn router(&self) -> Arc<Router> {
+        self.live().router.clone()
+    }
+
+    /// Swap in routes, remotes, keys and router settings from `config`; requests in
+    /// flight finish under the old ones. The local model keeps running (changing it needs
+    /// a restart); the server settings (listen address, body limit) need a restart too.
+    /// On error nothing changes.
+    pub fn reload(&self, config: &Config, env: &dyn EnvSource) -> Result<(), ConfigError> {
+        config.validate()?;
+        let running = self.local.as_ref().map(|(path, _)| path);
+        if config.local.model.as_ref() != running {
+            return Err(ConfigError::Invalid {
+                key: "local.model".into(),
+                message: "changing the local model needs a restart".into(),
+            });
+        }
+        let live = build_live(config, env, self.local.as_ref().map(|(_, b)| b.clone()))?;
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
+        Ok(())
+    }
+}
+
+/// Remotes (with their keys), the router over them and `local`, and the client keys.
+fn build_live(
+    config: &Config,
+    env: &dyn EnvSource,
+    local: Option<Arc<dyn Backend>>,
+) -> Result<Live, ConfigError> {
+    let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
+    for (name, remote) in &config.remotes {
+        let key = match (&remote.api_key_env, &remote.api_key_file) {
+            (Some(var), _) => Some(resolve_secret(env, &format!("remotes.{name}.api_key_env"), var)?),
+            (None, Some(path)) => Some(read_secret_file(&format!("remotes.{name}.api_key_file"), path)?),
+            (None, None) => None,
+        };
+        let backend = RemoteBackend::new(name.clone(), remote, key).map_err(|err| ConfigError::Invalid {
+            key: format!("remotes.{name}"),
+            message: err.message,
+        })?;
+        backends.push(Arc::new(backend));
+    }
+    backends.extend(local);
+    let client_keys = config
+        .server
+        .client_api_key_envs
+        .iter()
+        .enumerate()
+        .map(|(i, var)| resolve_secret(env, &format!("server.client_api_key_envs[{i}]"), var))
+        .collect::<Result<Vec<_>, _>>()?;
+    let router = Arc::new(Router::new(
+        RouteTable::from_config(config),
+        backends,
+        router_settings(config, env)?,
+    ));
+    router.spawn_probes();
+    Ok(Live {
+        router,
+        client_keys: Arc::new(ClientKeys::new(&client_keys)),
+    })
 }
 
 fn router_settings(config: &Config, env: &dyn EnvSource) -> Result<RouterSettings, ConfigError> {

@@ -170,6 +170,9 @@ pub struct RemoteConfig {
     pub base_url: String,
     /// Name of the environment variable that holds the gateway key (never the key).
     pub api_key_env: Option<String>,
+    /// Or a file holding the key (a mounted secret); re-read on SIGHUP, so a key can be
+    /// rotated without a restart.
+    pub api_key_file: Option<PathBuf>,
     /// Models served under the same name at the gateway and by lifeboat.
     pub models: Vec<String>,
     /// TCP + TLS connect deadline. Default 5 s.
@@ -206,6 +209,7 @@ impl Default for RemoteConfig {
         RemoteConfig {
             base_url: String::new(),
             api_key_env: None,
+            api_key_file: None,
             models: Vec::new(),
             connect_timeout: Duration::from_secs(5),
             first_token_timeout: Duration::from_secs(30),
@@ -383,6 +387,12 @@ impl Config {
             check_base_url(&key("base_url"), &remote.base_url)?;
             if let Some(env) = &remote.api_key_env {
                 check_env_name(&key("api_key_env"), env)?;
+            }
+            if remote.api_key_env.is_some() && remote.api_key_file.is_some() {
+                return Err(ConfigError::invalid(
+                    key("api_key_file"),
+                    "set api_key_env or api_key_file, not both",
+                ));
             }
             for (field, value) in [
                 ("connect_timeout", remote.connect_timeout),
@@ -617,6 +627,17 @@ impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
     }
+}
+
+/// Read a secret from a file (trimmed); `key` is the config path that named it.
+pub fn read_secret_file(key: &str, path: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| ConfigError::invalid(key, format!("cannot read {}: {err}", path.display())))?;
+    let value = text.trim();
+    if value.is_empty() {
+        return Err(ConfigError::invalid(key, format!("{} is empty", path.display())));
+    }
+    Ok(Secret(value.to_string()))
 }
 
 /// Read the secret held by environment variable `name`; `key` is the config path that

@@ -246,3 +246,66 @@ fn serve_with_flags_env_and_file_then_sigterm() {
     );
     assert_eq!(mock.terminate(), 0);
 }
+
+#[test]
+fn sighup_reloads_the_config_file_and_a_bad_file_changes_nothing() {
+    let mut mock_command = lifeboat();
+    mock_command.args([
+        "mock-upstream",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]);
+    let mut mock = Running::spawn(mock_command);
+    let line = mock.wait_for("mock-upstream api=");
+    let api = between(&line, "api=", ' ').to_string();
+    let write = |path: &std::path::Path, models: &str| {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[remotes.gateway]\nbase_url = \"{api}\"\nmodels = [{models}]\n"
+        );
+        std::fs::write(path, text).expect("write config");
+    };
+    let file = write_config("");
+    write(file.path(), "\"deepseek-chat\"");
+    let mut command = lifeboat();
+    command.args(["serve", "--config", &file.path().display().to_string()]);
+    let mut server = Running::spawn(command);
+    let line = server.wait_for("OpenAI base URL");
+    let base = between(&line, "OpenAI base URL ", ' ').trim().to_string();
+    lifeboat::upstream::install_crypto_provider();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let models = || -> usize {
+        runtime.block_on(async {
+            let list: Value = reqwest::get(format!("{base}/models"))
+                .await
+                .expect("get")
+                .json()
+                .await
+                .expect("json");
+            list["data"].as_array().map_or(0, Vec::len)
+        })
+    };
+    assert_eq!(models(), 1);
+    let hup = |pid: u32| {
+        let status = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    write(file.path(), "\"deepseek-chat\", \"deepseek-reasoner\"");
+    hup(server.child.id());
+    server.wait_for("SIGHUP: configuration reloaded");
+    assert_eq!(models(), 2);
+    std::fs::write(file.path(), "[server]\nlisen = 1\n").expect("write");
+    hup(server.child.id());
+    let line = server.wait_for("SIGHUP: reload failed");
+    assert!(line.contains("unknown field"), "{line}");
+    assert_eq!(models(), 2, "a bad file changes nothing");
+    assert_eq!(server.terminate(), 0);
+    assert_eq!(mock.terminate(), 0);
+}

@@ -650,15 +650,15 @@ async fn midstream_cut_is_continued_and_opens_the_breaker() {
         served.iter().any(|b| b == "local"),
         "cut streams opened the breaker: {served:?}"
     );
+    // Only an open breaker sends these requests to the local model first (each cut answer
+    // had already committed on the gateway); the late failures are in the gateway's record.
+    // The breaker's state right now is racy: a half-open trial counts as a success at its
+    // first token, before its cut.
     let health: Value = app.get("/health").await.json().await.expect("json");
-    assert_ne!(health["backends"]["gateway"]["breaker"], "closed", "{health}");
-    assert!(
-        health["backends"]["gateway"]["reason"]
-            .as_str()
-            .expect("reason")
-            .contains("after the first token"),
-        "{health}"
-    );
+    let recent = health["backends"]["gateway"]["recent"]
+        .as_array()
+        .expect("events");
+    assert!(recent.iter().any(|e| e["outcome"] == "stream_cut"), "{health}");
     app.mock.set_fault(FaultMode::None).await.expect("recover");
     let back = async {
         while ask(&app, false).await != "gateway" {

@@ -49,7 +49,8 @@ fn digest(key: &str) -> [u8; 32] {
 
 /// Middleware for `/v1/*`: `Authorization: Bearer KEY` (or `x-api-key: KEY`).
 pub(crate) async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if state.client_keys.is_open() {
+    let keys = state.live().client_keys.clone();
+    if keys.is_open() {
         return next.run(request).await;
     }
     let headers = request.headers();
@@ -71,7 +72,7 @@ pub(crate) async fn require_key(State(state): State<AppState>, request: Request,
             "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
         )
         .into_response(),
-        Some(key) if state.client_keys.accepts(key) => next.run(request).await,
+        Some(key) if keys.accepts(key) => next.run(request).await,
         Some(_) => ApiError::Unauthorized("Incorrect API key provided.").into_response(),
     }
 }

@@ -104,11 +104,11 @@ async fn generate(
     let result = async move {
         let body = body.map_err(|rejection| body_error(rejection, state.max_body_bytes))?;
         let request = validate::parse(endpoint, &body)?;
-        if !state.router.knows_model(&request.model) {
+        if !state.router().knows_model(&request.model) {
             return Err(ApiError::ModelNotFound(request.model));
         }
         let (stream, include_usage) = (request.stream, request.include_usage);
-        let routed = state.router.dispatch(request).await?;
+        let routed = state.router().dispatch(request).await?;
         metrics::first_token(&routed.backend, started.elapsed());
         let meta = ResponseMeta::new(endpoint, &routed, include_usage, started);
         let headers = [

@@ -24,7 +24,7 @@ fn object(info: ModelInfo, created: u64) -> ModelObject {
 /// `GET /v1/models`
 pub(crate) async fn list(State(state): State<AppState>) -> Response {
     let data = state
-        .router
+        .router()
         .models()
         .into_iter()
         .map(|info| object(info, state.started_unix))
@@ -35,7 +35,7 @@ pub(crate) async fn list(State(state): State<AppState>) -> Response {
 /// `GET /v1/models/{id}`; ids may contain `/` (`provider/model`), hence the wildcard.
 pub(crate) async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let info = state
-        .router
+        .router()
         .models()
         .into_iter()
         .find(|m| m.id == id)

@@ -13,7 +13,7 @@ use crate::app::AppState;
 /// `GET /health`: the process is up and answering; each backend's breaker and its reason.
 pub(crate) async fn health(State(state): State<AppState>) -> Response {
     let backends: serde_json::Map<String, serde_json::Value> = state
-        .router
+        .router()
         .health()
         .into_iter()
         .map(|h| {
@@ -52,8 +52,8 @@ pub(crate) async fn health(State(state): State<AppState>) -> Response {
 /// `GET /ready`: 200 when every configured backend can take requests (a local model is
 /// loaded and warm), else 503 with each backend's phase.
 pub(crate) async fn ready(State(state): State<AppState>) -> Response {
-    let backends = state.router.backend_ids();
-    let statuses = state.router.backend_statuses();
+    let backends = state.router().backend_ids();
+    let statuses = state.router().backend_statuses();
     let details: serde_json::Map<String, serde_json::Value> = statuses
         .iter()
         .map(|(id, s)| (id.clone(), json!(s.detail)))
@@ -65,7 +65,7 @@ pub(crate) async fn ready(State(state): State<AppState>) -> Response {
         )
             .into_response();
     }
-    if state.router.has_backends() {
+    if state.router().has_backends() {
         Json(json!({ "status": "ready", "backends": backends, "phases": details })).into_response()
     } else {
         (
@@ -82,7 +82,7 @@ pub(crate) async fn ready(State(state): State<AppState>) -> Response {
 
 /// `GET /metrics`: Prometheus text format (availability gauges refreshed first).
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
-    for h in state.router.health() {
+    for h in state.router().health() {
         crate::metrics::availability(
             &h.id,
             h.availability.last_minute,

@@ -73,7 +73,7 @@ impl ServeArgs {
 pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     let config = args.load_config()?;
     let state = AppState::from_config(&config, &ProcessEnv).map_err(|e| CliError::Usage(e.to_string()))?;
-    if !state.router.has_backends() {
+    if !state.router().has_backends() {
         tracing::warn!(
             "no backend configured: every generation request will fail; pass --remote-url URL or --model PATH"
         );
@@ -88,6 +88,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         tracing::info!(remote = %name, base_url = %remote.base_url, models = ?remote.models, "remote gateway");
     }
     tracing::info!(%addr, "lifeboat listening; OpenAI base URL http://{addr}/v1");
+    spawn_reloader(args, state.clone());
     app::run(
         listener,
         app::app(state),
@@ -96,4 +97,30 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     )
     .await
     .map_err(|e| CliError::Runtime(format!("server error: {e}")))
+}
+
+/// On SIGHUP, re-read the config file (and secrets) and swap in the new routes, remotes
+/// and keys; requests in flight finish under the old ones. A bad file changes nothing.
+fn spawn_reloader(args: ServeArgs, state: AppState) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload by restarting");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            let result = args
+                .load_config()
+                .map_err(|e| e.to_string())
+                .and_then(|config| state.reload(&config, &ProcessEnv).map_err(|e| e.to_string()));
+            match result {
+                Ok(()) => tracing::info!("SIGHUP: configuration reloaded"),
+                Err(message) => {
+                    tracing::error!(%message, "SIGHUP: reload failed; keeping the running configuration")
+                }
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (args, state);
 }

@@ -18,6 +18,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The running app's state (for reloads).
+    pub state: AppState,
     pub client: reqwest::Client,
     pub mock: Arc<MockUpstream>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -55,7 +57,7 @@ pub async fn spawn_app_with(
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(app::run(
         listener,
-        app::app(state),
+        app::app(state.clone()),
         async {
             let _ = rx.await;
         },
@@ -64,6 +66,7 @@ pub async fn spawn_app_with(
     lifeboat::upstream::install_crypto_provider();
     TestApp {
         addr,
+        state,
         client: reqwest::Client::new(),
         mock,
         shutdown: Some(tx),
