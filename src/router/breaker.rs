@@ -304,6 +304,11 @@ impl CircuitBreaker {
 }
 
 impl Permit {
+    /// Whether this permit is a half-open breaker's one trial.
+    pub fn is_trial(&self) -> bool {
+        self.trial
+    }
+
     pub fn success(mut self) -> Option<Transition> {
         self.reported = true;
         self.breaker.on_success()

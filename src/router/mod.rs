@@ -346,11 +346,17 @@ impl Router {
                         if let Some(record) = record {
                             record.observe(Source::Request, "ok", attempt_started.elapsed());
                         }
-                        if let Some(permit) = permit {
-                            self.note(backend.id(), permit.success());
-                        }
                         let watcher = self.after_commit(backend.id());
-                        let events = observed(events, move |error| watcher.failed(error));
+                        let events = match permit {
+                            // A half-open trial is judged by the whole stream: it closes the
+                            // breaker only if the answer completes.
+                            Some(permit) if permit.is_trial() => watcher.judge_trial(events, permit),
+                            Some(permit) => {
+                                self.note(backend.id(), permit.success());
+                                observed(events, move |error| watcher.failed(error))
+                            }
+                            None => observed(events, move |error| watcher.failed(error)),
+                        };
                         let events = match self.continuation_target(&route, backend.id()) {
                             Some((local, model)) if request.sampling.n <= 1 => {
                                 continuing(events, request.clone(), backend.id().to_string(), local, model)
@@ -516,6 +522,54 @@ struct AfterCommit {
 }
 
 impl AfterCommit {
+    /// Pass a trial's stream through; report success when it ends cleanly, failure when
+    /// it breaks (a dropped stream releases the trial unjudged).
+    fn judge_trial(self, events: EventStream, permit: breaker::Permit) -> EventStream {
+        use futures_util::StreamExt;
+        let state = (events, Some(permit), self);
+        Box::pin(futures_util::stream::unfold(
+            state,
+            |(mut events, mut permit, watcher)| async move {
+                match events.next().await {
+                    Some(Ok(event)) => Some((Ok(event), (events, permit, watcher))),
+                    Some(Err(error)) => {
+                        if let Some(permit) = permit.take() {
+                            if let Some(health) = &watcher.health {
+                                health.observe(
+                                    Source::Request,
+                                    error.kind.as_str(),
+                                    std::time::Duration::ZERO,
+                                );
+                            }
+                            let reason =
+                                format!("trial broke after the first token: {}", error.kind.as_str());
+                            let transition = permit.failure(&reason);
+                            report(
+                                &watcher.backend,
+                                transition,
+                                watcher.health.as_ref(),
+                                watcher.alerter.as_ref(),
+                            );
+                        }
+                        Some((Err(error), (events, permit, watcher)))
+                    }
+                    None => {
+                        if let Some(permit) = permit.take() {
+                            let transition = permit.success();
+                            report(
+                                &watcher.backend,
+                                transition,
+                                watcher.health.as_ref(),
+                                watcher.alerter.as_ref(),
+                            );
+                        }
+                        None
+                    }
+                }
+            },
+        ))
+    }
+
     fn failed(&self, error: &BackendError) {
         if !policy::counts_against_health(error) {
             return;
