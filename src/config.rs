@@ -251,6 +251,21 @@ pub struct RouteConfig {
     /// See `remotes.NAME.hedge_after`.
     #[serde(default, with = "humantime_serde")]
     pub hedge_after: Option<Duration>,
+    /// Send a share of this route's requests to another remote first (a canary).
+    #[serde(default)]
+    pub canary: Option<CanaryConfig>,
+}
+
+/// `[routes.canary]`: another remote that gets `share` of the route's requests first; the
+/// route's own remote (then the local model) backs it up.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryConfig {
+    pub remote: String,
+    /// Model name at the canary; defaults to the route's `remote_model` or `name`.
+    pub remote_model: Option<String>,
+    /// Fraction of requests, between 0 and 1 (exclusive).
+    pub share: f64,
 }
 
 /// Where a route's requests may be served.
@@ -500,6 +515,26 @@ impl Config {
                         }
                     ),
                 ));
+            }
+            if let Some(canary) = &route.canary {
+                if !(canary.share > 0.0 && canary.share < 1.0) {
+                    return Err(ConfigError::invalid(
+                        key("canary.share"),
+                        format!("must be between 0 and 1 (exclusive), got {}", canary.share),
+                    ));
+                }
+                if !self.remotes.contains_key(&canary.remote) {
+                    return Err(ConfigError::invalid(
+                        key("canary.remote"),
+                        format!("no remote named {:?}", canary.remote),
+                    ));
+                }
+                if route.egress == Egress::LocalOnly {
+                    return Err(ConfigError::invalid(
+                        key("canary"),
+                        "a local-only route cannot have a canary",
+                    ));
+                }
             }
             for (j, name) in std::iter::once(&route.name).chain(&route.aliases).enumerate() {
                 if !public.insert(name.clone()) {

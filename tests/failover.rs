@@ -669,3 +669,62 @@ async fn midstream_cut_is_continued_and_opens_the_breaker() {
         .await
         .expect("back on the gateway");
 }
+
+#[tokio::test]
+async fn a_canary_gets_its_exact_share_and_is_backed_up_by_the_main_remote() {
+    use lifeboat::config::{CanaryConfig, RemoteConfig, RouteConfig};
+    let canary = lifeboat::mock_upstream::MockUpstream::start(MockSettings {
+        models: vec!["deepseek-chat-next".into()],
+        ..MockSettings::default()
+    })
+    .await
+    .expect("canary mock");
+    let canary_url = canary.url();
+    let Failover { app, _model } = failover_app_with(MockSettings::default(), move |config| {
+        config.remotes.insert(
+            "canary".into(),
+            RemoteConfig {
+                base_url: canary_url,
+                ..RemoteConfig::default()
+            },
+        );
+        config.routes.push(RouteConfig {
+            name: "chat".into(),
+            remote: "gateway".into(),
+            remote_model: Some("deepseek-chat".into()),
+            canary: Some(CanaryConfig {
+                remote: "canary".into(),
+                remote_model: Some("deepseek-chat-next".into()),
+                share: 0.25,
+            }),
+            ..RouteConfig::default()
+        });
+    })
+    .await;
+    let body = json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
+    let mut served = Vec::new();
+    for _ in 0..8 {
+        let response = app.post_json("/v1/chat/completions", &body).await;
+        assert_eq!(response.status(), 200);
+        served.push(
+            response.headers()["x-lifeboat-backend"]
+                .to_str()
+                .expect("ascii")
+                .to_string(),
+        );
+    }
+    assert_eq!(served.iter().filter(|b| *b == "canary").count(), 2, "{served:?}");
+    assert_eq!(served.iter().filter(|b| *b == "gateway").count(), 6, "{served:?}");
+    assert_eq!(canary.total_requests(), 2);
+
+    canary.set_fault(FaultMode::Http500).await.expect("fault");
+    for _ in 0..4 {
+        let response = app.post_json("/v1/chat/completions", &body).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers()["x-lifeboat-backend"],
+            "gateway",
+            "a failing canary falls back"
+        );
+    }
+}

@@ -60,9 +60,15 @@ impl ServeArgs {
                 served_model_name: self.served_model_name.clone(),
             })
             .map_err(|e| CliError::Usage(e.to_string()))?;
-        if let Some((name, remote)) = config.remotes.iter_mut().find(|(_, r)| r.models.is_empty()) {
-            // A gateway with no model listed would be unreachable; DeepSeek's chat model
-            // is the one lifeboat exists for.
+        let single_unrouted_remote = config.remotes.len() == 1 && config.routes.is_empty();
+        if let Some((name, remote)) = config
+            .remotes
+            .iter_mut()
+            .find(|(_, r)| r.models.is_empty())
+            .filter(|_| single_unrouted_remote)
+        {
+            // A lone gateway with no model listed (`--remote-url` alone) would be
+            // unreachable; DeepSeek's chat model is the one lifeboat exists for.
             tracing::info!(remote = %name, "no models listed for the remote; serving deepseek-chat");
             remote.models.push("deepseek-chat".to_string());
         }

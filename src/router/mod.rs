@@ -14,7 +14,7 @@ pub mod retry;
 mod routes;
 mod stream;
 
-pub use routes::{ModelInfo, Route, RouteTable, Target};
+pub use routes::{Canary, ModelInfo, Route, RouteTable, Target};
 use stream::{continuing, observed};
 
 use std::{collections::HashMap, sync::Arc};
@@ -129,6 +129,8 @@ pub struct Router {
     /// queue is its admission control.
     breakers: HashMap<String, CircuitBreaker>,
     health: HashMap<String, HealthRecord>,
+    /// Requests seen per route with a canary.
+    canary_counters: HashMap<String, std::sync::atomic::AtomicU64>,
     settings: RouterSettings,
 }
 
@@ -143,12 +145,19 @@ impl Router {
             .iter()
             .map(|b| (b.id().to_string(), HealthRecord::new()))
             .collect();
+        let canary_counters = table
+            .public()
+            .iter()
+            .filter(|r| r.canary.is_some())
+            .map(|r| (r.name.clone(), std::sync::atomic::AtomicU64::new(0)))
+            .collect();
         let backends = backends.into_iter().map(|b| (b.id().to_string(), b)).collect();
         Router {
             table,
             backends,
             breakers,
             health,
+            canary_counters,
             settings,
         }
     }
@@ -285,7 +294,8 @@ impl Router {
         let mut attempts = 0u32;
         let mut last_error: Option<(String, BackendError)> = None;
         let mut retry_in: Option<std::time::Duration> = None;
-        for target in &route.targets {
+        let targets = self.order(&route);
+        for target in &targets {
             let Some(backend) = self.backends.get(&target.backend) else {
                 continue;
             };
@@ -427,6 +437,25 @@ impl Router {
             }),
         }
     }
+    /// The targets for one request: the route's own, or — for its share of requests —
+    /// the canary first with the route's own behind it. The share is kept exactly by
+    /// counting (request i goes to the canary when ⌊(i+1)·share⌋ > ⌊i·share⌋), so a 10 %
+    /// canary gets every tenth request, not a random tenth.
+    fn order(&self, route: &Route) -> Vec<Target> {
+        let Some(canary) = &route.canary else {
+            return route.targets.clone();
+        };
+        let counter = self.canary_counters.get(&route.name);
+        let i = counter.map_or(0, |c| c.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) as f64;
+        if ((i + 1.0) * canary.share).floor() > (i * canary.share).floor() {
+            std::iter::once(canary.target.clone())
+                .chain(route.targets.iter().cloned())
+                .collect()
+        } else {
+            route.targets.clone()
+        }
+    }
+
     /// The hedge for an attempt on `primary`: only for remotes on routes with `hedge`, to
     /// the route's local target, after the route's delay or the remote's p95 TTFT.
     fn hedge_plan(&self, route: &Route, primary: &dyn Backend) -> Option<hedge::HedgePlan> {

@@ -28,7 +28,18 @@ pub struct Route {
     pub hedge: bool,
     /// Hedge delay; `None`: the remote's observed p95 TTFT.
     pub hedge_after: Option<std::time::Duration>,
+    /// A target tried first for `share` of the requests, ahead of `targets`.
+    pub canary: Option<Canary>,
 }
+
+/// See [`Route::canary`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Canary {
+    pub target: Target,
+    pub share: f64,
+}
+
+impl Eq for Canary {}
 
 /// What `/v1/models` lists.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +87,7 @@ impl RouteTable {
                         continue_locally: settings.continue_locally,
                         hedge: settings.hedge,
                         hedge_after: settings.hedge_after,
+                        canary: None,
                     },
                     &[],
                 );
@@ -92,6 +104,7 @@ impl RouteTable {
                     continue_locally: false,
                     hedge: false,
                     hedge_after: None,
+                    canary: None,
                 },
                 &[],
             );
@@ -113,6 +126,17 @@ impl RouteTable {
                     continue_locally: route.continue_locally,
                     hedge: route.hedge,
                     hedge_after: route.hedge_after,
+                    canary: route.canary.as_ref().map(|c| Canary {
+                        target: Target {
+                            backend: c.remote.clone(),
+                            model: c
+                                .remote_model
+                                .clone()
+                                .or_else(|| route.remote_model.clone())
+                                .unwrap_or_else(|| route.name.clone()),
+                        },
+                        share: c.share,
+                    }),
                 },
                 &route.aliases,
             );
