@@ -191,6 +191,12 @@ pub struct RemoteConfig {
     pub pool_max_idle_per_host: usize,
     /// `remote-preferred` (default: the local model backs it up) or `remote-only`.
     pub egress: Egress,
+    /// How the background probe checks this gateway: `models` (unbilled `GET /models`,
+    /// default) or `chat` (a one-token chat completion with `probe_model`, billed but it
+    /// proves the model answers).
+    pub probe: ProbeKind,
+    /// Model for the `chat` probe; defaults to the first of `models`.
+    pub probe_model: Option<String>,
     /// Race the local model when this gateway is slow to its first token. Default false.
     pub hedge: bool,
     /// Hedge after this long without a first token; default: the gateway's p95 TTFT.
@@ -217,6 +223,8 @@ impl Default for RemoteConfig {
             total_timeout: Duration::from_secs(600),
             pool_max_idle_per_host: 64,
             egress: Egress::RemotePreferred,
+            probe: ProbeKind::Models,
+            probe_model: None,
             hedge: false,
             hedge_after: None,
             pool_idle_timeout: Duration::from_secs(90),
@@ -266,6 +274,15 @@ pub struct CanaryConfig {
     pub remote_model: Option<String>,
     /// Fraction of requests, between 0 and 1 (exclusive).
     pub share: f64,
+}
+
+/// See [`RemoteConfig::probe`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeKind {
+    #[default]
+    Models,
+    Chat,
 }
 
 /// Where a route's requests may be served.
@@ -402,6 +419,12 @@ impl Config {
             check_base_url(&key("base_url"), &remote.base_url)?;
             if let Some(env) = &remote.api_key_env {
                 check_env_name(&key("api_key_env"), env)?;
+            }
+            if remote.probe == ProbeKind::Chat && remote.probe_model.is_none() && remote.models.is_empty() {
+                return Err(ConfigError::invalid(
+                    key("probe_model"),
+                    "a chat probe needs a model: set probe_model or list models",
+                ));
             }
             if remote.api_key_env.is_some() && remote.api_key_file.is_some() {
                 return Err(ConfigError::invalid(

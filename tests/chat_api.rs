@@ -195,6 +195,13 @@ async fn health_ready_and_metrics() {
             .status(),
         200
     );
+    let health: Value = app.get("/health").await.json().await.expect("json");
+    let gateway = &health["backends"]["gateway"];
+    assert!(
+        gateway["ttft_ewma_ms"].is_number() && gateway["latency_ewma_ms"].is_number(),
+        "{health}"
+    );
+    assert_eq!(gateway["availability"]["1m"], 1.0);
     let metrics = app.get("/metrics").await;
     assert_eq!(metrics.status(), 200);
     assert!(

@@ -728,3 +728,54 @@ async fn a_canary_gets_its_exact_share_and_is_backed_up_by_the_main_remote() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_one_token_chat_probe_can_replace_the_models_probe() {
+    let Failover { app, _model } = failover_app_with(MockSettings::default(), |config| {
+        let gateway = config.remotes.get_mut("gateway").expect("gateway");
+        gateway.probe = lifeboat::config::ProbeKind::Chat;
+        config.router.probe_interval = Duration::from_millis(100);
+        config.router.failure_threshold = 2;
+    })
+    .await;
+    let probed = async {
+        loop {
+            if let Some(seen) = app.mock.last_request() {
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let seen = tokio::time::timeout(Duration::from_secs(5), probed)
+        .await
+        .expect("a probe ran");
+    assert_eq!(seen.path, "/v1/chat/completions");
+    assert_eq!(seen.body["max_tokens"], 1);
+    assert_eq!(seen.body["model"], "deepseek-chat");
+    app.mock.set_fault(FaultMode::Http500).await.expect("fault");
+    let opened = async {
+        loop {
+            let health: Value = app.get("/health").await.json().await.expect("json");
+            if health["backends"]["gateway"]["breaker"] == "open" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), opened)
+        .await
+        .expect("chat probes open the breaker");
+}
+
+#[tokio::test]
+async fn a_request_the_local_model_cannot_take_reports_the_gateway_failure() {
+    let Failover { app, _model } = failover_app(MockSettings::default()).await;
+    app.mock.set_fault(FaultMode::Http503).await.expect("fault");
+    let long = "numbers ".repeat(600);
+    let body =
+        json!({"model": "deepseek-chat", "messages": [{"role": "user", "content": long}], "max_tokens": 3});
+    let response = app.post_json("/v1/chat/completions", &body).await;
+    assert_eq!(response.status(), 502, "not the local model's 400");
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "upstream_error");
+}

@@ -41,6 +41,7 @@ pub(crate) async fn health(State(state): State<AppState>) -> Response {
                         "24h": h.availability.last_day,
                     },
                     "ttft_ewma_ms": h.ttft_ewma.map(|d| d.as_secs_f64() * 1000.0),
+                    "latency_ewma_ms": h.latency_ewma.map(|d| d.as_secs_f64() * 1000.0),
                     "recent": recent,
                 }),
             )

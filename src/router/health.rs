@@ -59,6 +59,7 @@ struct Inner {
     buckets: Vec<Bucket>,
     recent: VecDeque<HealthEvent>,
     ttft_ewma: Option<f64>,
+    latency_ewma: Option<f64>,
 }
 
 /// Availability over the standard windows, as fractions (None: no traffic).
@@ -89,6 +90,7 @@ impl HealthRecord {
                 buckets: vec![Bucket::default(); BUCKETS],
                 recent: VecDeque::with_capacity(RECENT_EVENTS),
                 ttft_ewma: None,
+                latency_ewma: None,
             })),
         }
     }
@@ -152,6 +154,21 @@ impl HealthRecord {
             last_hour: Self::window(&inner, 60),
             last_day: Self::window(&inner, BUCKETS as u64),
         }
+    }
+
+    /// Record the whole latency of a request that completed.
+    pub fn observe_latency(&self, latency: Duration) {
+        let mut inner = self.lock();
+        let sample = latency.as_secs_f64();
+        inner.latency_ewma = Some(match inner.latency_ewma {
+            Some(avg) => avg + EWMA_ALPHA * (sample - avg),
+            None => sample,
+        });
+    }
+
+    /// Moving average of the whole latency of completed requests.
+    pub fn latency_ewma(&self) -> Option<Duration> {
+        self.lock().latency_ewma.map(Duration::from_secs_f64)
     }
 
     /// Moving average of the time to first token of successful requests.

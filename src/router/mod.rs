@@ -117,6 +117,7 @@ pub struct BackendHealth {
     pub reason: String,
     pub availability: Availability,
     pub ttft_ewma: Option<std::time::Duration>,
+    pub latency_ewma: Option<std::time::Duration>,
     pub recent: Vec<HealthEvent>,
 }
 
@@ -229,6 +230,7 @@ impl Router {
                     reason,
                     availability: record.availability(),
                     ttft_ewma: record.ttft_ewma(),
+                    latency_ewma: record.latency_ewma(),
                     recent: record.recent(),
                 }
             })
@@ -363,9 +365,9 @@ impl Router {
                             Some(permit) if permit.is_trial() => watcher.judge_trial(events, permit),
                             Some(permit) => {
                                 self.note(backend.id(), permit.success());
-                                observed(events, move |error| watcher.failed(error))
+                                watcher.observe(events, attempt_started)
                             }
-                            None => observed(events, move |error| watcher.failed(error)),
+                            None => watcher.observe(events, attempt_started),
                         };
                         let events = match self.continuation_target(&route, backend.id()) {
                             Some((local, model)) if request.sampling.n <= 1 => {
@@ -396,6 +398,18 @@ impl Router {
                     }
                 }
                 if !policy::fails_over(&error) {
+                    // The local model refusing a request it cannot take (too long for its
+                    // context) after the gateway failed: the gateway's failure is the news.
+                    if backend.kind() == BackendKind::Local
+                        && let Some((from, original)) = last_error
+                    {
+                        tracing::info!(%error, "the local model cannot take this request; reporting the gateway's failure");
+                        return Err(RouteError::Backend {
+                            backend: from,
+                            error: original,
+                            attempts,
+                        });
+                    }
                     return Err(RouteError::Backend {
                         backend: backend.id().to_string(),
                         error,
@@ -551,6 +565,21 @@ struct AfterCommit {
 }
 
 impl AfterCommit {
+    /// Watch a committed stream: late failures count against the backend, and a clean end
+    /// records the attempt's whole latency.
+    fn observe(self, events: EventStream, started: tokio::time::Instant) -> EventStream {
+        let on_error = self.clone();
+        observed(
+            events,
+            move |error| on_error.failed(error),
+            move || {
+                if let Some(health) = &self.health {
+                    health.observe_latency(started.elapsed());
+                }
+            },
+        )
+    }
+
     /// Pass a trial's stream through; report success when it ends cleanly, failure when
     /// it breaks (a dropped stream releases the trial unjudged).
     fn judge_trial(self, events: EventStream, permit: breaker::Permit) -> EventStream {

@@ -84,16 +84,34 @@ pub(super) fn continuing(
     }))
 }
 
-/// Call `on_error` for a failure inside a committed stream, passing every item through.
-pub(super) fn observed(
-    events: EventStream,
-    on_error: impl Fn(&BackendError) + Send + 'static,
-) -> EventStream {
-    Box::pin(events.inspect(move |item| {
-        if let Err(error) = item {
-            on_error(error);
-        }
-    }))
+/// Call `on_error` for a failure inside a committed stream and `on_complete` when it ends
+/// cleanly, passing every item through.
+pub(super) fn observed<E, C>(events: EventStream, on_error: E, on_complete: C) -> EventStream
+where
+    E: Fn(&BackendError) + Send + 'static,
+    C: FnOnce() + Send + 'static,
+{
+    let state = (events, on_error, Some(on_complete));
+    Box::pin(futures_util::stream::unfold(
+        state,
+        |(mut events, on_error, mut done)| async move {
+            match events.next().await {
+                Some(item) => {
+                    if let Err(error) = &item {
+                        on_error(error);
+                        done = None;
+                    }
+                    Some((item, (events, on_error, done)))
+                }
+                None => {
+                    if let Some(done) = done.take() {
+                        done();
+                    }
+                    None
+                }
+            }
+        },
+    ))
 }
 
 /// Wait for the first output event (or the clean end of the stream). Everything before

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::{
     backend::{Backend, BackendError, BackendKind, BackendRequest, ErrorKind, EventStream, Origin},
-    config::{RemoteConfig, Secret},
+    config::{ProbeKind, RemoteConfig, Secret},
 };
 use stream::{Deadlines, classify_send_error, classify_status, error_chain};
 
@@ -133,14 +133,34 @@ impl Backend for RemoteBackend {
         BackendKind::Remote
     }
 
-    /// `GET {base}/models`: unbilled, and it exercises DNS, TLS, the key and the gateway's
-    /// front end. Any non-2xx — a 400 or 401 included — is a failure, not "reachable".
+    /// `GET {base}/models` by default: unbilled, and it exercises DNS, TLS, the key and the gateway's
+    /// front end. Any non-2xx — a 400 or 401 included — is a failure, not "reachable". With
+    /// `probe = "chat"`, a one-token chat completion instead (billed, but proves the model
+    /// answers).
     async fn probe(&self) -> Result<(), BackendError> {
-        let url = self
-            .base_url
-            .join("models")
-            .map_err(|err| BackendError::new(ErrorKind::Internal, Origin::Upstream, err.to_string()))?;
-        let mut builder = self.client.get(url);
+        fn internal(err: impl std::fmt::Display) -> BackendError {
+            BackendError::new(ErrorKind::Internal, Origin::Upstream, err.to_string())
+        }
+        let mut builder = match self.config.probe {
+            ProbeKind::Models => self.client.get(self.base_url.join("models").map_err(internal)?),
+            ProbeKind::Chat => {
+                let model = self
+                    .config
+                    .probe_model
+                    .clone()
+                    .or_else(|| self.config.models.first().cloned())
+                    .unwrap_or_default();
+                let body = serde_json::json!({
+                    "model": model,
+                    "messages": [{"role": "user", "content": "ping"}],
+                    "max_tokens": 1,
+                    "stream": false,
+                });
+                self.client
+                    .post(self.base_url.join("chat/completions").map_err(internal)?)
+                    .json(&body)
+            }
+        };
         if let Some(key) = &self.api_key {
             builder = builder.bearer_auth(key.expose());
         }
