@@ -247,6 +247,16 @@ async fn prompt_longer_than_the_context_is_a_400() {
             .contains("512"),
         "{body}"
     );
+    let response = app
+        .post_json("/v1/chat/completions", &chat(json!({"max_tokens": 600})))
+        .await;
+    assert_eq!(
+        response.status(),
+        400,
+        "max_tokens beyond the context is refused, as vLLM does"
+    );
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"]["param"], "max_tokens");
 }
 
 #[tokio::test]

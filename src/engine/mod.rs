@@ -289,7 +289,21 @@ impl Backend for LocalBackend {
         }
         let room = context - prompt.len();
         let params = request.request.sampling.clone();
-        let max_tokens = params.max_tokens.map_or(room, |m| (m as usize).min(room));
+        // As vLLM does: a max_tokens that cannot fit is refused, not silently shortened.
+        if let Some(asked) = params.max_tokens.filter(|m| *m as usize > room) {
+            let mut err = local_error(
+                ErrorKind::BadRequest,
+                format!(
+                    "This model's maximum context length is {context} tokens; the prompt has {} tokens \
+                     and max_tokens asks for {asked} more.",
+                    prompt.len()
+                ),
+            );
+            err.param = Some("max_tokens".into());
+            err.code = Some("context_length_exceeded".into());
+            return Err(err);
+        }
+        let max_tokens = params.max_tokens.map_or(room, |m| m as usize);
         let seed = params.seed.unwrap_or_else(rand::random);
         let (events, receiver) = mpsc::channel(64);
         let job = worker::Job {
