@@ -60,6 +60,27 @@ fn row(name: &str, h: &Histogram<u64>) {
     );
 }
 
+/// Serve `config` on 127.0.0.1:0 and wait until it is ready; returns the chat URL.
+async fn serve(config: &lifeboat::config::Config, client: &reqwest::Client) -> String {
+    let state = AppState::from_config(config, &HashMap::<String, String>::new()).expect("config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(app::run(
+        listener,
+        app::app(state),
+        std::future::pending(),
+        Duration::ZERO,
+    ));
+    for _ in 0..200 {
+        let ready = client.get(format!("http://{addr}/ready")).send().await;
+        if ready.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    format!("http://{addr}/v1/chat/completions")
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mut requests = 300usize;
@@ -90,29 +111,9 @@ async fn main() {
     config.router.max_retries = 0;
     config.router.cooldown = Duration::from_secs(3600);
     config.router.max_cooldown = Duration::from_secs(3600);
-    let state = AppState::from_config(&config, &HashMap::<String, String>::new()).expect("config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(app::run(
-        listener,
-        app::app(state),
-        std::future::pending(),
-        Duration::ZERO,
-    ));
     lifeboat::upstream::install_crypto_provider();
     let client = reqwest::Client::new();
-    let url = format!("http://{addr}/v1/chat/completions");
-    for _ in 0..200 {
-        if client
-            .get(format!("http://{addr}/ready"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let url = serve(&config, &client).await;
 
     // (1) Breaker open: trip it, then alternate remote-name and local-name requests.
     mock.set_fault(FaultMode::Refuse).await.expect("fault");
@@ -140,27 +141,7 @@ async fn main() {
     config.router.max_retries = 0;
     config.router.failure_threshold = u32::MAX;
     config.router.error_rate_threshold = 2.0;
-    let state = AppState::from_config(&config, &HashMap::<String, String>::new()).expect("config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr2 = listener.local_addr().expect("addr");
-    tokio::spawn(app::run(
-        listener,
-        app::app(state),
-        std::future::pending(),
-        Duration::ZERO,
-    ));
-    for _ in 0..200 {
-        if client
-            .get(format!("http://{addr2}/ready"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let url2 = format!("http://{addr2}/v1/chat/completions");
+    let url2 = serve(&config, &client).await;
     let (mut refused, mut direct2) = (histogram(), histogram());
     for _ in 0..requests {
         if let Some(us) = ttft(&client, &url2, "deepseek-chat").await {
