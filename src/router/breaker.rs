@@ -88,6 +88,9 @@ struct Inner {
     reason: String,
     /// Outcomes in the rate window while closed: (when, failed).
     outcomes: std::collections::VecDeque<(Instant, bool)>,
+    /// Failures among `outcomes`, kept as a running count (the window can hold many
+    /// thousands of outcomes under load; counting them per request was the hot spot).
+    failures_in_window: usize,
 }
 
 /// A state change, for logs, metrics and alerts.
@@ -131,6 +134,7 @@ impl CircuitBreaker {
                 trips: 0,
                 reason: "no requests yet".into(),
                 outcomes: std::collections::VecDeque::new(),
+                failures_in_window: 0,
             })),
         }
     }
@@ -207,15 +211,18 @@ impl CircuitBreaker {
     fn rate_after(&self, inner: &mut Inner, failed: bool) -> Option<f64> {
         let now = Instant::now();
         inner.outcomes.push_back((now, failed));
+        inner.failures_in_window += usize::from(failed);
         while inner
             .outcomes
             .front()
             .is_some_and(|(at, _)| now.duration_since(*at) > self.config.rate_window)
         {
-            inner.outcomes.pop_front();
+            if let Some((_, old_failed)) = inner.outcomes.pop_front() {
+                inner.failures_in_window -= usize::from(old_failed);
+            }
         }
         let total = inner.outcomes.len();
-        let failures = inner.outcomes.iter().filter(|(_, f)| *f).count();
+        let failures = inner.failures_in_window;
         (total >= self.config.min_requests as usize).then(|| failures as f64 / total as f64)
     }
 
@@ -258,6 +265,7 @@ impl CircuitBreaker {
                     until: Instant::now() + cooldown,
                 };
                 inner.outcomes.clear();
+                inner.failures_in_window = 0;
                 let why = if from == BreakerState::Closed && rate_trips {
                     format!(
                         "error rate {:.0}% over the last {}, last: {reason}",
