@@ -170,26 +170,39 @@ fn between<'a>(line: &'a str, start: &str, end: char) -> &'a str {
     rest.split(end).next().unwrap_or(rest)
 }
 
-#[test]
-fn serve_with_flags_env_and_file_then_sigterm() {
-    // The mock gateway, through its own CLI, on port 0.
-    let mut mock_command = lifeboat();
-    mock_command.args([
-        "mock-upstream",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--models",
-        "deepseek-chat,deepseek-reasoner",
-        "--api-key-env",
-        "MOCK_KEY",
-    ]);
-    mock_command.env("MOCK_KEY", "sk-super-secret-value");
-    let mut mock = Running::spawn(mock_command);
+/// `lifeboat mock-upstream` on port 0 (API and admin) with `extra` arguments; returns
+/// the process, its API base URL and its admin URL.
+fn spawn_mock(extra: &[&str], env: &[(&str, &str)]) -> (Running, String, String) {
+    let mut command = lifeboat();
+    command
+        .args([
+            "mock-upstream",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(extra)
+        .envs(env.iter().copied());
+    let mut mock = Running::spawn(command);
     let line = mock.wait_for("mock-upstream api=");
     let api = between(&line, "api=", ' ').to_string();
     let admin = between(&line, "admin=", ' ').to_string();
+    (mock, api, admin)
+}
+
+#[test]
+fn serve_with_flags_env_and_file_then_sigterm() {
+    // The mock gateway, through its own CLI, on port 0.
+    let (mut mock, api, admin) = spawn_mock(
+        &[
+            "--models",
+            "deepseek-chat,deepseek-reasoner",
+            "--api-key-env",
+            "MOCK_KEY",
+        ],
+        &[("MOCK_KEY", "sk-super-secret-value")],
+    );
 
     // File says one thing, environment another, flags a third: flags win, then env.
     let file = write_config(
@@ -249,17 +262,7 @@ fn serve_with_flags_env_and_file_then_sigterm() {
 
 #[test]
 fn sighup_reloads_the_config_file_and_a_bad_file_changes_nothing() {
-    let mut mock_command = lifeboat();
-    mock_command.args([
-        "mock-upstream",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-    ]);
-    let mut mock = Running::spawn(mock_command);
-    let line = mock.wait_for("mock-upstream api=");
-    let api = between(&line, "api=", ' ').to_string();
+    let (mut mock, api, _admin) = spawn_mock(&[], &[]);
     let write = |path: &std::path::Path, models: &str| {
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n[remotes.gateway]\nbase_url = \"{api}\"\nmodels = [{models}]\n"

@@ -104,10 +104,9 @@ async fn generate(
     let result = async move {
         let body = body.map_err(|rejection| body_error(rejection, state.max_body_bytes))?;
         let request = validate::parse(endpoint, &body)?;
-        if !state.router().knows_model(&request.model) {
-            return Err(ApiError::ModelNotFound(request.model));
-        }
         let (stream, include_usage) = (request.stream, request.include_usage);
+        // One router snapshot for the whole request (a reload swaps in a new one); an
+        // unknown model comes back from it as `RouteError::UnknownModel`.
         let routed = state.router().dispatch(request).await?;
         metrics::first_token(&routed.backend, started.elapsed());
         let meta = ResponseMeta::new(endpoint, &routed, include_usage, started);

@@ -53,8 +53,9 @@ pub(crate) async fn health(State(state): State<AppState>) -> Response {
 /// `GET /ready`: 200 when every configured backend can take requests (a local model is
 /// loaded and warm), else 503 with each backend's phase.
 pub(crate) async fn ready(State(state): State<AppState>) -> Response {
-    let backends = state.router().backend_ids();
-    let statuses = state.router().backend_statuses();
+    let router = state.router();
+    let backends = router.backend_ids();
+    let statuses = router.backend_statuses();
     let details: serde_json::Map<String, serde_json::Value> = statuses
         .iter()
         .map(|(id, s)| (id.clone(), json!(s.detail)))
@@ -66,7 +67,7 @@ pub(crate) async fn ready(State(state): State<AppState>) -> Response {
         )
             .into_response();
     }
-    if state.router().has_backends() {
+    if router.has_backends() {
         Json(json!({ "status": "ready", "backends": backends, "phases": details })).into_response()
     } else {
         (

@@ -9,13 +9,15 @@ pub mod alerts;
 pub mod breaker;
 pub mod health;
 mod hedge;
+mod observe;
 pub mod policy;
 pub mod retry;
 mod routes;
 mod stream;
 
+use observe::{AfterCommit, report};
 pub use routes::{Canary, ModelInfo, Route, RouteTable, Target};
-use stream::{continuing, observed};
+use stream::continuing;
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -66,7 +68,7 @@ impl Default for RouterSettings {
 /// Why no response could be produced.
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
-    #[error("the model `{0}` does not exist")]
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
     UnknownModel(String),
     #[error("the model `{model}` has no available backend")]
     NoBackend { model: String },
@@ -278,11 +280,6 @@ impl Router {
         statuses
     }
 
-    /// Whether `model` names a route (public name or alias).
-    pub fn knows_model(&self, model: &str) -> bool {
-        self.table.resolve(model).is_some()
-    }
-
     /// Serve `request`: try the route's targets in order until one produces its first
     /// output. Returns the committed stream, or the error that should reach the client.
     pub async fn dispatch(&self, request: GenerationRequest) -> Result<Routed, RouteError> {
@@ -297,7 +294,7 @@ impl Router {
         let mut last_error: Option<(String, BackendError)> = None;
         let mut retry_in: Option<std::time::Duration> = None;
         let targets = self.order(&route);
-        for target in &targets {
+        for target in targets {
             let Some(backend) = self.backends.get(&target.backend) else {
                 continue;
             };
@@ -331,6 +328,7 @@ impl Router {
                     request: request.clone(),
                 };
                 let plan = self.hedge_plan(&route, backend.as_ref());
+                let hedge_model = plan.as_ref().map(|p| p.model.clone());
                 let result = match hedge::attempt(backend.as_ref(), attempt, plan).await {
                     hedge::Outcome::Primary(result) => result,
                     hedge::Outcome::HedgeWon {
@@ -343,10 +341,9 @@ impl Router {
                         {
                             self.note(backend.id(), permit.failure(error.kind.as_str()));
                         }
-                        let local = self.hedge_plan_target(&route);
                         return Ok(Routed {
                             backend: LOCAL_BACKEND_ID.to_string(),
-                            model: local.unwrap_or_default(),
+                            model: hedge_model.unwrap_or_default(),
                             attempts: attempts + 1,
                             events,
                         });
@@ -451,22 +448,21 @@ impl Router {
             }),
         }
     }
+
     /// The targets for one request: the route's own, or — for its share of requests —
     /// the canary first with the route's own behind it. The share is kept exactly by
     /// counting (request i goes to the canary when ⌊(i+1)·share⌋ > ⌊i·share⌋), so a 10 %
     /// canary gets every tenth request, not a random tenth.
-    fn order(&self, route: &Route) -> Vec<Target> {
+    fn order<'r>(&self, route: &'r Route) -> Vec<&'r Target> {
         let Some(canary) = &route.canary else {
-            return route.targets.clone();
+            return route.targets.iter().collect();
         };
         let counter = self.canary_counters.get(&route.name);
         let i = counter.map_or(0, |c| c.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) as f64;
         if ((i + 1.0) * canary.share).floor() > (i * canary.share).floor() {
-            std::iter::once(canary.target.clone())
-                .chain(route.targets.iter().cloned())
-                .collect()
+            std::iter::once(&canary.target).chain(&route.targets).collect()
         } else {
-            route.targets.clone()
+            route.targets.iter().collect()
         }
     }
 
@@ -476,7 +472,7 @@ impl Router {
         if !route.hedge || primary.kind() != BackendKind::Remote {
             return None;
         }
-        let target = route.targets.iter().find(|t| t.backend == LOCAL_BACKEND_ID)?;
+        let target = route.local_target()?;
         let local = self.backends.get(&target.backend)?.clone();
         let observed = self.health.get(primary.id()).and_then(HealthRecord::ttft_p95);
         let delay = route.hedge_after.or(observed).unwrap_or(DEFAULT_HEDGE_DELAY);
@@ -487,21 +483,13 @@ impl Router {
         })
     }
 
-    fn hedge_plan_target(&self, route: &Route) -> Option<String> {
-        route
-            .targets
-            .iter()
-            .find(|t| t.backend == LOCAL_BACKEND_ID)
-            .map(|t| t.model.clone())
-    }
-
     /// The local target that continues a broken stream of `served_by`, if the route
     /// asks for it.
     fn continuation_target(&self, route: &Route, served_by: &str) -> Option<(Arc<dyn Backend>, String)> {
         if !route.continue_locally || served_by == LOCAL_BACKEND_ID {
             return None;
         }
-        let target = route.targets.iter().find(|t| t.backend == LOCAL_BACKEND_ID)?;
+        let target = route.local_target()?;
         Some((self.backends.get(&target.backend)?.clone(), target.model.clone()))
     }
 
@@ -522,128 +510,6 @@ impl Router {
             breaker: self.breakers.get(backend).cloned(),
             health: self.health.get(backend).cloned(),
             alerter: self.settings.alerter.clone(),
-        }
-    }
-}
-
-/// Log, count and alert a breaker transition.
-fn report(
-    backend: &str,
-    transition: Option<Transition>,
-    health: Option<&HealthRecord>,
-    alerter: Option<&alerts::Alerter>,
-) {
-    let Some(t) = transition else { return };
-    metrics::breaker_transition(backend, t.to);
-    if let Some(alerter) = alerter {
-        let availability = health.map_or(
-            Availability {
-                last_minute: None,
-                last_hour: None,
-                last_day: None,
-            },
-            HealthRecord::availability,
-        );
-        alerter.send(alerts::alert_body(backend, &t, availability));
-    }
-    if t.to == BreakerState::Open {
-        tracing::warn!(backend, from = t.from.as_str(), to = t.to.as_str(), reason = %t.reason, "breaker");
-    } else {
-        tracing::info!(backend, from = t.from.as_str(), to = t.to.as_str(), reason = %t.reason, "breaker");
-    }
-}
-
-/// Feeds failures after the commit point (a cut or stalled stream) back into the
-/// backend's health and breaker: a gateway that cuts every stream is not healthy, even
-/// though each request looked fine at its first token.
-#[derive(Debug, Clone)]
-struct AfterCommit {
-    backend: String,
-    breaker: Option<CircuitBreaker>,
-    health: Option<HealthRecord>,
-    alerter: Option<alerts::Alerter>,
-}
-
-impl AfterCommit {
-    /// Watch a committed stream: late failures count against the backend, and a clean end
-    /// records the attempt's whole latency.
-    fn observe(self, events: EventStream, started: tokio::time::Instant) -> EventStream {
-        let on_error = self.clone();
-        observed(
-            events,
-            move |error| on_error.failed(error),
-            move || {
-                if let Some(health) = &self.health {
-                    health.observe_latency(started.elapsed());
-                }
-            },
-        )
-    }
-
-    /// Pass a trial's stream through; report success when it ends cleanly, failure when
-    /// it breaks (a dropped stream releases the trial unjudged).
-    fn judge_trial(self, events: EventStream, permit: breaker::Permit) -> EventStream {
-        use futures_util::StreamExt;
-        let state = (events, Some(permit), self);
-        Box::pin(futures_util::stream::unfold(
-            state,
-            |(mut events, mut permit, watcher)| async move {
-                match events.next().await {
-                    Some(Ok(event)) => Some((Ok(event), (events, permit, watcher))),
-                    Some(Err(error)) => {
-                        if let Some(permit) = permit.take() {
-                            if let Some(health) = &watcher.health {
-                                health.observe(
-                                    Source::Request,
-                                    error.kind.as_str(),
-                                    std::time::Duration::ZERO,
-                                );
-                            }
-                            let reason =
-                                format!("trial broke after the first token: {}", error.kind.as_str());
-                            let transition = permit.failure(&reason);
-                            report(
-                                &watcher.backend,
-                                transition,
-                                watcher.health.as_ref(),
-                                watcher.alerter.as_ref(),
-                            );
-                        }
-                        Some((Err(error), (events, permit, watcher)))
-                    }
-                    None => {
-                        if let Some(permit) = permit.take() {
-                            let transition = permit.success();
-                            report(
-                                &watcher.backend,
-                                transition,
-                                watcher.health.as_ref(),
-                                watcher.alerter.as_ref(),
-                            );
-                        }
-                        None
-                    }
-                }
-            },
-        ))
-    }
-
-    fn failed(&self, error: &BackendError) {
-        if !policy::counts_against_health(error) {
-            return;
-        }
-        if let Some(health) = &self.health {
-            health.observe(Source::Request, error.kind.as_str(), std::time::Duration::ZERO);
-        }
-        if let Some(breaker) = &self.breaker {
-            let transition =
-                breaker.record_failure(&format!("after the first token: {}", error.kind.as_str()));
-            report(
-                &self.backend,
-                transition,
-                self.health.as_ref(),
-                self.alerter.as_ref(),
-            );
         }
     }
 }

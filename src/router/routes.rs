@@ -32,6 +32,13 @@ pub struct Route {
     pub canary: Option<Canary>,
 }
 
+impl Route {
+    /// The local model's target on this route, if it has one.
+    pub fn local_target(&self) -> Option<&Target> {
+        self.targets.iter().find(|t| t.backend == LOCAL_BACKEND_ID)
+    }
+}
+
 /// See [`Route::canary`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Canary {

@@ -1,0 +1,226 @@
+//! `Config::validate`: everything parsing cannot check — URLs, references between
+//! sections, duplicate model names, limits — each error naming its key path.
+
+use std::collections::HashSet;
+
+use super::{Config, ConfigError, Egress, ProbeKind};
+
+impl Config {
+    /// Check everything that parsing cannot: URLs, references between sections,
+    /// duplicate model names, non-zero limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.max_body_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "server.max_body_bytes",
+                "must be greater than 0",
+            ));
+        }
+        for (i, env) in self.server.client_api_key_envs.iter().enumerate() {
+            check_env_name(&format!("server.client_api_key_envs[{i}]"), env)?;
+        }
+        for (i, env) in self.alerts.webhook_envs.iter().enumerate() {
+            check_env_name(&format!("alerts.webhook_envs[{i}]"), env)?;
+        }
+        let mut public: HashSet<String> = HashSet::new();
+        for (name, remote) in &self.remotes {
+            let key = |field: &str| format!("remotes.{name}.{field}");
+            check_base_url(&key("base_url"), &remote.base_url)?;
+            if let Some(env) = &remote.api_key_env {
+                check_env_name(&key("api_key_env"), env)?;
+            }
+            if remote.probe == ProbeKind::Chat && remote.probe_model.is_none() && remote.models.is_empty() {
+                return Err(ConfigError::invalid(
+                    key("probe_model"),
+                    "a chat probe needs a model: set probe_model or list models",
+                ));
+            }
+            if remote.api_key_env.is_some() && remote.api_key_file.is_some() {
+                return Err(ConfigError::invalid(
+                    key("api_key_file"),
+                    "set api_key_env or api_key_file, not both",
+                ));
+            }
+            for (field, value) in [
+                ("connect_timeout", remote.connect_timeout),
+                ("first_token_timeout", remote.first_token_timeout),
+                ("idle_timeout", remote.idle_timeout),
+                ("total_timeout", remote.total_timeout),
+            ] {
+                if value.is_zero() {
+                    return Err(ConfigError::invalid(key(field), "must be greater than 0"));
+                }
+            }
+            if remote.egress == Egress::LocalOnly {
+                return Err(ConfigError::invalid(
+                    key("egress"),
+                    "a remote cannot be local-only; add a [[routes]] entry with egress = \"local-only\"",
+                ));
+            }
+            for (i, model) in remote.models.iter().enumerate() {
+                if model.trim().is_empty() {
+                    return Err(ConfigError::invalid(
+                        key(&format!("models[{i}]")),
+                        "must not be empty",
+                    ));
+                }
+                if !public.insert(model.clone()) {
+                    return Err(ConfigError::invalid(
+                        key(&format!("models[{i}]")),
+                        format!("model name {model:?} is already served by another remote or route"),
+                    ));
+                }
+            }
+        }
+        if self.router.failure_threshold == 0 {
+            return Err(ConfigError::invalid(
+                "router.failure_threshold",
+                "must be at least 1",
+            ));
+        }
+        if self.router.cooldown.is_zero() || self.router.max_cooldown < self.router.cooldown {
+            return Err(ConfigError::invalid(
+                "router.max_cooldown",
+                "router.cooldown must be greater than 0 and router.max_cooldown at least router.cooldown",
+            ));
+        }
+        if let Err(message) =
+            crate::router::retry::Backoff::try_new(self.router.backoff_min, self.router.backoff_max, true)
+        {
+            return Err(ConfigError::invalid("router.backoff_max", message));
+        }
+        if !(0.0..=10.0).contains(&self.router.retry_budget_ratio) {
+            return Err(ConfigError::invalid(
+                "router.retry_budget_ratio",
+                format!("must be between 0 and 10, got {}", self.router.retry_budget_ratio),
+            ));
+        }
+        if self.local.queue_capacity == 0 {
+            return Err(ConfigError::invalid(
+                "local.queue_capacity",
+                "must be greater than 0",
+            ));
+        }
+        if self.local.served_model_name.is_some() && self.local.model.is_none() {
+            return Err(ConfigError::invalid(
+                "local.served_model_name",
+                "is set but local.model (--model) is not",
+            ));
+        }
+        if let Some(name) = self.local.served_name()
+            && !public.insert(name.clone())
+        {
+            return Err(ConfigError::invalid(
+                "local.served_model_name",
+                format!("model name {name:?} is already served by a remote"),
+            ));
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            let key = |field: &str| format!("routes[{i}].{field}");
+            if route.name.trim().is_empty() {
+                return Err(ConfigError::invalid(key("name"), "must not be empty"));
+            }
+            if route.egress == Egress::LocalOnly {
+                if self.local.model.is_none() {
+                    return Err(ConfigError::invalid(
+                        key("egress"),
+                        "is local-only but no local model is configured (local.model / --model)",
+                    ));
+                }
+                if !route.remote.is_empty() {
+                    return Err(ConfigError::invalid(
+                        key("remote"),
+                        "must not be set on a local-only route: nothing leaves the box",
+                    ));
+                }
+            } else if !self.remotes.contains_key(&route.remote) {
+                let known: Vec<&str> = self.remotes.keys().map(String::as_str).collect();
+                return Err(ConfigError::invalid(
+                    key("remote"),
+                    format!(
+                        "no remote named {:?} (defined remotes: {})",
+                        route.remote,
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ));
+            }
+            if let Some(canary) = &route.canary {
+                if !(canary.share > 0.0 && canary.share < 1.0) {
+                    return Err(ConfigError::invalid(
+                        key("canary.share"),
+                        format!("must be between 0 and 1 (exclusive), got {}", canary.share),
+                    ));
+                }
+                if !self.remotes.contains_key(&canary.remote) {
+                    return Err(ConfigError::invalid(
+                        key("canary.remote"),
+                        format!("no remote named {:?}", canary.remote),
+                    ));
+                }
+                if route.egress == Egress::LocalOnly {
+                    return Err(ConfigError::invalid(
+                        key("canary"),
+                        "a local-only route cannot have a canary",
+                    ));
+                }
+            }
+            for (j, name) in std::iter::once(&route.name).chain(&route.aliases).enumerate() {
+                if !public.insert(name.clone()) {
+                    let field = if j == 0 {
+                        "name".to_string()
+                    } else {
+                        format!("aliases[{}]", j - 1)
+                    };
+                    return Err(ConfigError::invalid(
+                        key(&field),
+                        format!("model name {name:?} is defined twice"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_base_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    if url.is_empty() {
+        return Err(ConfigError::invalid(
+            key,
+            "is required (the gateway's base URL ending in /v1)",
+        ));
+    }
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|err| ConfigError::invalid(key, format!("{url:?} is not a valid URL: {err}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{url:?} must start with http:// or https://"),
+        ));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{url:?} must not have a query or fragment"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_env_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let valid = !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            format!(
+                "{name:?} is not an environment variable name (it must name the variable, never hold the key)"
+            ),
+        ))
+    }
+}
