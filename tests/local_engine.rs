@@ -6,7 +6,7 @@ mod common;
 
 use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
-use common::{TestApp, read_sse, spawn_app_with};
+use common::{TestApp, read_sse, spawn_app_with, spawn_local_app};
 use futures_util::StreamExt;
 use lifeboat::{
     backend::{Backend, BackendRequest, ChatMessage, ErrorKind, GenerationRequest, SamplingParams},
@@ -24,27 +24,7 @@ fn tiny_model(arch: Arch) -> tempfile::TempDir {
 }
 
 async fn local_app(model: &Path) -> TestApp {
-    let model = model.to_path_buf();
-    let app = spawn_app_with(
-        MockSettings::default(),
-        move |config| {
-            config.remotes.clear();
-            config.local.model = Some(model);
-            config.local.served_model_name = Some(MODEL.into());
-        },
-        HashMap::new(),
-    )
-    .await;
-    for _ in 0..500 {
-        if app.get("/ready").await.status() == 200 {
-            return app;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!(
-        "local model never became ready: {}",
-        app.get("/ready").await.text().await.unwrap_or_default()
-    );
+    spawn_local_app(model, MODEL).await
 }
 
 fn chat(extra: Value) -> Value {
@@ -106,7 +86,7 @@ async fn greedy_chat_is_served_deterministically_with_exact_usage() {
     );
 
     // Usage: the exact prompt length under the model's own template and tokenizer.
-    let (info, _) = read_info(dir.path()).expect("info");
+    let info = read_info(dir.path()).expect("info");
     let rendered = info
         .template
         .as_ref()

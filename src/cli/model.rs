@@ -1,4 +1,4 @@
-//! `lifeboat model …`: tools for local model folders — `make-tiny` (a random-weight test
+//! `lifeboat model …`: tools for local models (folders or `.gguf` files) — `make-tiny` (a random-weight test
 //! model), `inspect` (what a folder holds) and `generate` (one prompt, streamed to stdout).
 
 use std::{io::Write, path::PathBuf, sync::Arc};
@@ -16,7 +16,7 @@ use crate::{
 pub enum ModelCommand {
     /// Write a tiny random-weight model with a real small tokenizer and an R1-style template.
     MakeTiny(MakeTinyArgs),
-    /// Show a model folder's architecture, size, context, tokenizer and template.
+    /// Show a model's architecture, size, context, tokenizer and template.
     Inspect(InspectArgs),
     /// Run one chat prompt through the local engine and stream the answer.
     Generate(GenerateArgs),
@@ -37,13 +37,13 @@ pub struct MakeTinyArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// Model folder.
+    /// Model folder or `.gguf` file.
     pub path: PathBuf,
 }
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Model folder.
+    /// Model folder or `.gguf` file.
     pub path: PathBuf,
     /// The user message.
     #[arg(long)]
@@ -75,7 +75,7 @@ pub async fn run(command: ModelCommand) -> Result<(), CliError> {
             Ok(())
         }
         ModelCommand::Inspect(args) => {
-            let (info, _) = read_info(&args.path).map_err(|e| CliError::Usage(e.to_string()))?;
+            let info = read_info(&args.path).map_err(|e| CliError::Usage(e.to_string()))?;
             let d = &info.dims;
             let params: usize = d
                 .expected_tensors()

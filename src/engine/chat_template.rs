@@ -46,7 +46,8 @@ impl ChatTemplate {
             env,
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
-            uses_think: source.contains("<think>"),
+            // `<think>` when the prompt opens it, `</think>` alone when the model does.
+            uses_think: source.contains("think>"),
         })
     }
 

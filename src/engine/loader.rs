@@ -1,6 +1,7 @@
-//! Model folder → ready-to-run model: `config.json` picks the architecture, every tensor
-//! of the safetensors files (sharded or not) is checked by name and shape, then the
-//! tokenizer, chat template and end-of-sequence ids are read.
+//! Model source → ready-to-run model. For a folder, `config.json` picks the architecture,
+//! every tensor of the safetensors files (sharded or not) is checked by name and shape,
+//! then the tokenizer, chat template and end-of-sequence ids are read; a `.gguf` file goes
+//! to [`super::gguf`].
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -49,13 +50,20 @@ fn read_json(path: &Path) -> Result<Value, EngineError> {
     serde_json::from_str(&text).map_err(|err| EngineError::load(path, format!("invalid JSON: {err}")))
 }
 
-/// Check that `source` names a model folder, with a precise message for what it is not.
+/// `source` is a single `.gguf` file rather than a model folder.
+pub fn is_gguf(source: &Path) -> bool {
+    source.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// Check that `source` names a model folder or a `.gguf` file, with a precise message for
+/// what it is not.
 pub fn check_source(source: &Path) -> Result<(), EngineError> {
-    if source.extension().is_some_and(|e| e == "gguf") {
-        return Err(EngineError::load(
-            source,
-            "GGUF files are not supported yet in this build; pass a folder with config.json, tokenizer.json and *.safetensors",
-        ));
+    if is_gguf(source) {
+        return match std::fs::metadata(source) {
+            Ok(meta) if meta.is_file() => Ok(()),
+            Ok(_) => Err(EngineError::load(source, "expected a .gguf file, found a folder")),
+            Err(err) => Err(EngineError::load(source, format!("cannot open: {err}"))),
+        };
     }
     if !source.exists() {
         let text = source.to_string_lossy();
@@ -156,8 +164,17 @@ fn eos_ids(
     ids.into_iter().collect()
 }
 
-/// Read the folder's metadata without loading weights (`model inspect`, prompt prep).
-pub fn read_info(dir: &Path) -> Result<(ModelInfo, Value), EngineError> {
+/// Read a model's facts without loading weights (`model inspect`, prompt prep).
+pub fn read_info(source: &Path) -> Result<ModelInfo, EngineError> {
+    check_source(source)?;
+    if is_gguf(source) {
+        return super::gguf::read_info(source);
+    }
+    Ok(read_folder_info(source)?.0)
+}
+
+/// A folder's facts and its `config.json`.
+fn read_folder_info(dir: &Path) -> Result<(ModelInfo, Value), EngineError> {
     check_source(dir)?;
     let config_path = dir.join("config.json");
     let config = read_json(&config_path)?;
@@ -198,9 +215,17 @@ pub fn read_info(dir: &Path) -> Result<(ModelInfo, Value), EngineError> {
     ))
 }
 
-/// Load a model folder onto `device`.
-pub fn load(dir: &Path, device: &Device) -> Result<Loaded, EngineError> {
-    let (info, config) = read_info(dir)?;
+/// Load a model folder or `.gguf` file onto `device`.
+pub fn load(source: &Path, device: &Device) -> Result<Loaded, EngineError> {
+    if is_gguf(source) {
+        check_source(source)?;
+        return super::gguf::load(source, device);
+    }
+    load_folder(source, device)
+}
+
+fn load_folder(dir: &Path, device: &Device) -> Result<Loaded, EngineError> {
+    let (info, config) = read_folder_info(dir)?;
     // CPU kernels are fastest and most complete in f32; GPUs run bf16.
     let dtype = if device.is_cpu() { DType::F32 } else { DType::BF16 };
     let files = weight_files(dir)?;

@@ -5,6 +5,8 @@
 //! runs the model. `/ready` reports the load phase until the model is warm.
 
 pub mod chat_template;
+pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod loader;
 pub mod models;
 pub mod reasoning;
@@ -86,7 +88,7 @@ struct Shared {
 /// Settings of the local backend.
 #[derive(Debug, Clone)]
 pub struct LocalSettings {
-    /// Model folder.
+    /// Model folder or `.gguf` file.
     pub model: PathBuf,
     /// Requests waiting beyond the one running; more get 429.
     pub queue_capacity: usize,

@@ -177,3 +177,30 @@ impl SseBody {
 pub async fn read_sse(response: reqwest::Response) -> SseBody {
     SseBody::parse(&response.text().await.expect("body"))
 }
+
+/// lifeboat serving only the local `model` as `served_name`, once `/ready` says 200.
+pub async fn spawn_local_app(model: &std::path::Path, served_name: &str) -> TestApp {
+    let model = model.to_path_buf();
+    let served_name = served_name.to_string();
+    let app = spawn_app_with(
+        MockSettings::default(),
+        move |config| {
+            config.remotes.clear();
+            config.local.model = Some(model);
+            config.local.served_model_name = Some(served_name);
+        },
+        HashMap::new(),
+    )
+    .await;
+    // Real GGUF files take seconds to load on 2 cores.
+    for _ in 0..6000 {
+        if app.get("/ready").await.status() == 200 {
+            return app;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "local model never became ready: {}",
+        app.get("/ready").await.text().await.unwrap_or_default()
+    );
+}
