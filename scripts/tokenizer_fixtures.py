@@ -14,6 +14,9 @@ from pathlib import Path
 import gguf
 import llama_cpp
 
+sys.path.insert(0, str(Path(__file__).parent))
+from gguf_header import HeaderReader  # noqa: E402
+
 # What the acceptance asks for: ASCII, CJK, emoji, code, digits, whitespace runs, special
 # tokens, plus the places where pre-tokenizers disagree (contractions, punctuation runs,
 # newlines next to text, fullwidth forms, combining marks).
@@ -55,13 +58,6 @@ TEXTS = [
 LLAMA_CPP_QUIRKS = {
     "<s> </s> [INST] not special here [/INST]": "llama.cpp treats the normal vocabulary entry '</s>' as a control token",
 }
-
-
-class HeaderReader(gguf.GGUFReader):
-    """Reads the key-value metadata of a GGUF whose tensor data is cut off."""
-
-    def _build_tensors(self, start_offs, fields):  # noqa: D401 - overrides the reader
-        self.tensors = []
 
 
 def vocab_only_copy(src: Path, dst: Path) -> Path:

@@ -31,15 +31,19 @@ impl ChatTemplate {
             },
         );
         env.add_function("strftime_now", |format: String| -> String {
-            // Templates use it only to print today's date; UTC is what a server has.
-            let now = std::time::SystemTime::now();
-            let date = httpdate::fmt_http_date(now);
-            if format.contains("%Y") {
-                date
-            } else {
-                String::new()
+            // Templates print today's date with it (Llama 3); a server's clock is UTC.
+            use std::fmt::Write as _;
+            let mut out = String::new();
+            match write!(out, "{}", chrono::Utc::now().format(&format)) {
+                Ok(()) => out,
+                Err(_) => String::new(),
             }
         });
+        // Hugging Face renders with trim_blocks and lstrip_blocks, and a `tojson` that
+        // keeps key order, does not HTML-escape and separates like Python's json.dumps.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.add_filter("tojson", python_tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
             .map_err(|err| EngineError::Template(format!("cannot compile the chat template: {err}")))?;
         Ok(ChatTemplate {
@@ -96,6 +100,62 @@ impl ChatTemplate {
                 eos_token => &self.eos_token,
             })
             .map_err(|err| EngineError::Template(format!("cannot render the chat template: {err}")))
+    }
+}
+
+/// `json.dumps(value, ensure_ascii=False, indent=indent)`, as transformers' `tojson`.
+fn python_tojson(
+    value: JinjaValue,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<JinjaValue, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    // Accepted for compatibility; Python's defaults are what templates rely on.
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    let _: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let mut out = Vec::new();
+    let result = match indent {
+        Some(width) => {
+            let pad = vec![b' '; width];
+            let mut ser = serde_json::Serializer::with_formatter(
+                &mut out,
+                serde_json::ser::PrettyFormatter::with_indent(&pad),
+            );
+            serde::Serialize::serialize(&value, &mut ser)
+        }
+        None => {
+            let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonCompact);
+            serde::Serialize::serialize(&value, &mut ser)
+        }
+    };
+    result.map_err(|err| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {err}")))?;
+    let text = String::from_utf8(out)
+        .map_err(|err| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {err}")))?;
+    Ok(JinjaValue::from_safe_string(text))
+}
+
+/// Python's default JSON separators: `", "` between items, `": "` after keys.
+struct PythonCompact;
+
+impl serde_json::ser::Formatter for PythonCompact {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first { Ok(()) } else { writer.write_all(b", ") }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first { Ok(()) } else { writer.write_all(b", ") }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        writer.write_all(b": ")
     }
 }
 

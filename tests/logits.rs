@@ -1,0 +1,91 @@
+//! The local engine's logits match Hugging Face transformers (CPU, f32) to max-abs ≤ 1e-4
+//! for a tiny model of each architecture: after the prompt and after each decode step
+//! through the KV cache. Fixtures from `scripts/make-fixtures logits`.
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use lifeboat::engine::{Arch, loader, tiny::make_tiny};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+const TOLERANCE: f32 = 1e-4;
+
+fn check(arch: Arch) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/logits")
+        .join(format!("tiny-{}.json", arch.short_name()));
+    let fixture: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture")).expect("JSON");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let seed = fixture["seed"].as_u64().expect("seed");
+    make_tiny(arch, dir.path(), seed).expect("tiny model");
+    let weights = std::fs::read(dir.path().join("model.safetensors")).expect("weights");
+    let digest: String = Sha256::digest(&weights)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        digest, fixture["weights_sha256"],
+        "make-tiny writes different weights than the fixture was made from; run scripts/make-fixtures logits"
+    );
+
+    let mut loaded = loader::load(dir.path(), &Device::Cpu).expect("loads");
+    let mut pos = 0;
+    for (step, expected) in fixture["steps"].as_array().expect("steps").iter().enumerate() {
+        let ids: Vec<u32> = expected["input"]
+            .as_array()
+            .expect("input")
+            .iter()
+            .map(|v| v.as_u64().expect("id") as u32)
+            .collect();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("tensor");
+        let logits: Vec<f32> = loaded
+            .model
+            .forward(&input, pos)
+            .and_then(|t| t.to_vec1())
+            .expect("forward");
+        pos += ids.len();
+        let want: Vec<f32> = expected["logits"]
+            .as_array()
+            .expect("logits")
+            .iter()
+            .map(|v| v.as_f64().expect("float") as f32)
+            .collect();
+        assert_eq!(logits.len(), want.len(), "vocabulary size");
+        let (worst, at) = logits
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .enumerate()
+            .fold(
+                (0f32, 0),
+                |(max, at), (i, d)| if d > max { (d, i) } else { (max, at) },
+            );
+        eprintln!("{} step {step}: max |Δ| = {worst:e}", arch.short_name());
+        assert!(
+            worst <= TOLERANCE,
+            "{}: step {step} logit {at} differs by {worst:e} (lifeboat {}, transformers {})",
+            arch.short_name(),
+            logits[at],
+            want[at]
+        );
+    }
+}
+
+#[test]
+fn qwen2_logits_match_transformers() {
+    check(Arch::Qwen2);
+}
+
+#[test]
+fn llama_logits_match_transformers() {
+    check(Arch::Llama);
+}
+
+#[test]
+fn qwen3_logits_match_transformers() {
+    check(Arch::Qwen3);
+}
