@@ -5,13 +5,25 @@
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use lifeboat::engine::{Arch, loader, tiny::make_tiny};
+use lifeboat::engine::{Arch, loader, tiny::make_tiny, tiny_gguf::make_tiny_gguf};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 const TOLERANCE: f32 = 1e-4;
 
+/// Where the model under test comes from.
+#[derive(Clone, Copy)]
+enum Format {
+    Safetensors,
+    /// The same weights as f32 GGUF, through candle's quantized model code.
+    Gguf,
+}
+
 fn check(arch: Arch) {
+    check_format(arch, Format::Safetensors);
+}
+
+fn check_format(arch: Arch, format: Format) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/logits")
         .join(format!("tiny-{}.json", arch.short_name()));
@@ -30,7 +42,15 @@ fn check(arch: Arch) {
         "make-tiny writes different weights than the fixture was made from; run scripts/make-fixtures logits"
     );
 
-    let mut loaded = loader::load(dir.path(), &Device::Cpu).expect("loads");
+    let source = match format {
+        Format::Safetensors => dir.path().to_path_buf(),
+        Format::Gguf => {
+            let file = dir.path().join("tiny.gguf");
+            make_tiny_gguf(arch, &file, seed).expect("tiny GGUF");
+            file
+        }
+    };
+    let mut loaded = loader::load(&source, &Device::Cpu).expect("loads");
     let mut pos = 0;
     for (step, expected) in fixture["steps"].as_array().expect("steps").iter().enumerate() {
         let ids: Vec<u32> = expected["input"]
@@ -64,10 +84,14 @@ fn check(arch: Arch) {
                 (0f32, 0),
                 |(max, at), (i, d)| if d > max { (d, i) } else { (max, at) },
             );
-        eprintln!("{} step {step}: max |Δ| = {worst:e}", arch.short_name());
+        let label = match format {
+            Format::Safetensors => "safetensors",
+            Format::Gguf => "gguf",
+        };
+        eprintln!("{} {label} step {step}: max |Δ| = {worst:e}", arch.short_name());
         assert!(
             worst <= TOLERANCE,
-            "{}: step {step} logit {at} differs by {worst:e} (lifeboat {}, transformers {})",
+            "{} {label}: step {step} logit {at} differs by {worst:e} (lifeboat {}, transformers {})",
             arch.short_name(),
             logits[at],
             want[at]
@@ -88,4 +112,19 @@ fn llama_logits_match_transformers() {
 #[test]
 fn qwen3_logits_match_transformers() {
     check(Arch::Qwen3);
+}
+
+#[test]
+fn qwen2_gguf_logits_match_transformers() {
+    check_format(Arch::Qwen2, Format::Gguf);
+}
+
+#[test]
+fn llama_gguf_logits_match_transformers() {
+    check_format(Arch::Llama, Format::Gguf);
+}
+
+#[test]
+fn qwen3_gguf_logits_match_transformers() {
+    check_format(Arch::Qwen3, Format::Gguf);
 }

@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use super::CliError;
 use crate::{
     backend::{Backend, BackendRequest, GenerationEvent, GenerationRequest, SamplingParams},
-    engine::{Arch, LocalBackend, LocalSettings, read_info, tiny::make_tiny},
+    engine::{Arch, LocalBackend, LocalSettings, read_info, tiny::make_tiny, tiny_gguf::make_tiny_gguf},
 };
 
 #[derive(Debug, Subcommand)]
@@ -27,9 +27,12 @@ pub struct MakeTinyArgs {
     /// qwen2, llama or qwen3.
     #[arg(long, default_value = "qwen2")]
     pub arch: String,
-    /// Output folder.
+    /// Output folder (or `.gguf` file with `--gguf`).
     #[arg(long)]
     pub out: PathBuf,
+    /// Write one GGUF file (f32, llama.cpp names) instead of a safetensors folder.
+    #[arg(long)]
+    pub gguf: bool,
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -66,7 +69,12 @@ pub async fn run(command: ModelCommand) -> Result<(), CliError> {
                     args.arch
                 ))
             })?;
-            make_tiny(arch, &args.out, args.seed).map_err(|e| CliError::Usage(e.to_string()))?;
+            let made = if args.gguf {
+                make_tiny_gguf(arch, &args.out, args.seed)
+            } else {
+                make_tiny(arch, &args.out, args.seed)
+            };
+            made.map_err(|e| CliError::Usage(e.to_string()))?;
             println!(
                 "wrote a tiny {} model to {}",
                 arch.short_name(),

@@ -2,29 +2,26 @@
 //! checked by name, shape, type and extent before any is read, then the tokenizer, chat
 //! template and special ids come from the metadata.
 //!
-//! The layer code is candle-transformers' quantized models. Their known limits are held at
-//! the door instead of surfacing mid-request: candle's quantized llama precomputes RoPE for
-//! 4096 positions and ignores RoPE scaling, so a llama GGUF serves at most 4096 tokens.
+//! The layers run in lifeboat's own decoder ([`super::quantized`]), not candle-transformers'
+//! quantized models, whose RoPE table, scaling and attention fall short (see there).
 
-use std::{
-    collections::HashMap,
-    fs::File,
-    io::{BufReader, Seek},
-    path::Path,
-};
+use std::{collections::HashMap, fs::File, io::BufReader, path::Path};
 
 use candle_core::{
     Device, Tensor,
-    quantized::gguf_file::{Content, Value},
+    quantized::{
+        QMatMul, QTensor,
+        gguf_file::{Content, Value},
+    },
 };
-use candle_transformers::models::{quantized_llama, quantized_qwen2, quantized_qwen3};
 
 use super::{
     EngineError,
     chat_template::ChatTemplate,
     gguf_tokenizer::{self, GgufVocab, PreTokenizer},
     loader::{Loaded, ModelInfo},
-    models::{Arch, CausalLm, Dims},
+    models::{Arch, Dims},
+    quantized::{BlockWeights, DecoderConfig, QuantizedDecoder},
     tokenizer::TextTokenizer,
 };
 
@@ -137,7 +134,7 @@ impl Meta<'_> {
 }
 
 /// The GGUF name of a Hugging Face tensor name (the convention of llama.cpp's converter).
-fn gguf_tensor_name(hf: &str) -> String {
+pub fn gguf_tensor_name(hf: &str) -> String {
     let renamed = [
         ("model.embed_tokens.weight", "token_embd.weight"),
         ("model.norm.weight", "output_norm.weight"),
@@ -214,10 +211,7 @@ fn read_dims(meta: &Meta<'_>, content: &Content) -> Result<(Arch, Dims), EngineE
             return Err(EngineError::load(meta.path, "missing tensor token_embd.weight"));
         }
     };
-    let mut max_context = meta.usize(&key("context_length"))?;
-    if arch == Arch::Llama {
-        max_context = max_context.min(quantized_llama::MAX_SEQ_LEN);
-    }
+    let max_context = meta.usize(&key("context_length"))?;
     Ok((
         arch,
         Dims {
@@ -395,29 +389,181 @@ pub fn read_tokenizer_only(path: &Path) -> Result<TextTokenizer, EngineError> {
     Ok(read_tokenizer(&meta)?.tokenizer)
 }
 
-enum QuantizedModel {
-    Qwen2(quantized_qwen2::ModelWeights),
-    Llama(quantized_llama::ModelWeights),
-    Qwen3(quantized_qwen3::ModelWeights),
+/// The decoder's settings from the header (RoPE base, scaling, norm epsilon).
+fn decoder_config(
+    meta: &Meta<'_>,
+    info: &ModelInfo,
+    freq_factors: Option<Vec<f32>>,
+) -> Result<DecoderConfig, EngineError> {
+    let name = info.arch.short_name();
+    let key = |suffix: &str| format!("{name}.{suffix}");
+    let float = |k: &str| meta.get(k).and_then(|v| v.to_f32().ok());
+    let rms_eps = float(&key("attention.layer_norm_rms_epsilon")).ok_or_else(|| {
+        EngineError::load(
+            meta.path,
+            format!("metadata key {name}.attention.layer_norm_rms_epsilon is missing"),
+        )
+    })?;
+    if let Some(dims) = meta.opt_usize(&key("rope.dimension_count"))
+        && dims != info.dims.head_dim
+    {
+        return Err(EngineError::load(
+            meta.path,
+            format!(
+                "{name}.rope.dimension_count {dims} differs from the head size {}; partial RoPE is not supported",
+                info.dims.head_dim
+            ),
+        ));
+    }
+    let scaling = match meta.get(&key("rope.scaling.type")) {
+        Some(_) => meta.string(&key("rope.scaling.type"))?.to_string(),
+        None => "none".to_string(),
+    };
+    let rope_linear_factor = match scaling.as_str() {
+        "none" => float(&key("rope.scale_linear")).unwrap_or(1.0),
+        "linear" => float(&key("rope.scaling.factor")).unwrap_or(1.0),
+        other => {
+            return Err(EngineError::load(
+                meta.path,
+                format!(
+                    "{name}.rope.scaling.type `{other}` is not implemented (lifeboat implements none, linear and llama3 frequency factors)"
+                ),
+            ));
+        }
+    };
+    if let Some(factors) = &freq_factors
+        && factors.len() != info.dims.head_dim / 2
+    {
+        return Err(EngineError::load(
+            meta.path,
+            format!(
+                "tensor rope_freqs.weight has {} entries, the head size {} needs {}",
+                factors.len(),
+                info.dims.head_dim,
+                info.dims.head_dim / 2
+            ),
+        ));
+    }
+    Ok(DecoderConfig {
+        arch: info.arch,
+        hidden: info.dims.hidden,
+        heads: info.dims.heads,
+        kv_heads: info.dims.kv_heads,
+        head_dim: info.dims.head_dim,
+        rms_eps,
+        rope_theta: float(&key("rope.freq_base")).unwrap_or(10_000.0),
+        rope_linear_factor,
+        rope_freq_factors: freq_factors,
+        max_context: info.dims.max_context,
+    })
 }
 
-impl CausalLm for QuantizedModel {
-    fn forward(&mut self, ids: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        let logits = match self {
-            QuantizedModel::Qwen2(m) => m.forward(ids, pos)?,
-            QuantizedModel::Llama(m) => m.forward(ids, pos)?,
-            QuantizedModel::Qwen3(m) => m.forward(ids, pos)?,
-        };
-        logits.flatten_all()
+/// Reads tensors of an open GGUF file, naming the tensor in every error.
+struct TensorReader<'a> {
+    path: &'a Path,
+    content: &'a Content,
+    reader: BufReader<File>,
+    device: &'a Device,
+}
+
+impl TensorReader<'_> {
+    fn err(&self, name: &str, e: candle_core::Error) -> EngineError {
+        EngineError::load(self.path, format!("tensor {name}: {e}"))
     }
 
-    fn clear_kv_cache(&mut self) {
-        match self {
-            QuantizedModel::Qwen2(m) => m.clear_kv_cache(),
-            QuantizedModel::Llama(m) => m.clear_kv_cache(),
-            QuantizedModel::Qwen3(m) => m.clear_kv_cache(),
-        }
+    fn qtensor(&mut self, name: &str) -> Result<QTensor, EngineError> {
+        self.content
+            .tensor(&mut self.reader, name, self.device)
+            .map_err(|e| self.err(name, e))
     }
+
+    /// Small tensors (norms, biases, embeddings) in f32.
+    fn dense(&mut self, name: &str) -> Result<Tensor, EngineError> {
+        let q = self.qtensor(name)?;
+        q.dequantize(self.device).map_err(|e| self.err(name, e))
+    }
+
+    /// Weight matrices stay quantized.
+    fn matmul(&mut self, name: &str) -> Result<QMatMul, EngineError> {
+        let q = self.qtensor(name)?;
+        QMatMul::from_qtensor(q).map_err(|e| self.err(name, e))
+    }
+}
+
+/// Read the decoder's weights (tensors already checked by [`check_tensors`]).
+fn build_decoder(
+    path: &Path,
+    header: Header,
+    info: &ModelInfo,
+    device: &Device,
+) -> Result<QuantizedDecoder, EngineError> {
+    let Header { content, reader, .. } = header;
+    let mut tensors = TensorReader {
+        path,
+        content: &content,
+        reader,
+        device,
+    };
+    let meta = Meta {
+        path,
+        map: &content.metadata,
+    };
+    let freq_factors = if content.tensor_infos.contains_key("rope_freqs.weight") {
+        let factors = tensors.dense("rope_freqs.weight")?;
+        Some(
+            factors
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| tensors.err("rope_freqs.weight", e))?,
+        )
+    } else {
+        None
+    };
+    let config = decoder_config(&meta, info, freq_factors)?;
+    let embeddings = tensors.dense("token_embd.weight")?;
+    let output_name = if content.tensor_infos.contains_key("output.weight") {
+        "output.weight"
+    } else {
+        "token_embd.weight"
+    };
+    let output = tensors.matmul(output_name)?;
+    let norm = tensors.dense("output_norm.weight")?;
+    let mut blocks = Vec::with_capacity(info.dims.layers);
+    for layer in 0..info.dims.layers {
+        let n = |part: &str| format!("blk.{layer}.{part}");
+        let qkv_bias = if info.dims.qkv_bias {
+            Some((
+                tensors.dense(&n("attn_q.bias"))?,
+                tensors.dense(&n("attn_k.bias"))?,
+                tensors.dense(&n("attn_v.bias"))?,
+            ))
+        } else {
+            None
+        };
+        let qk_norm = if info.dims.qk_norm {
+            Some((
+                tensors.dense(&n("attn_q_norm.weight"))?,
+                tensors.dense(&n("attn_k_norm.weight"))?,
+            ))
+        } else {
+            None
+        };
+        blocks.push(BlockWeights {
+            attn_norm: tensors.dense(&n("attn_norm.weight"))?,
+            q: tensors.matmul(&n("attn_q.weight"))?,
+            k: tensors.matmul(&n("attn_k.weight"))?,
+            v: tensors.matmul(&n("attn_v.weight"))?,
+            qkv_bias,
+            qk_norm,
+            o: tensors.matmul(&n("attn_output.weight"))?,
+            ffn_norm: tensors.dense(&n("ffn_norm.weight"))?,
+            gate: tensors.matmul(&n("ffn_gate.weight"))?,
+            up: tensors.matmul(&n("ffn_up.weight"))?,
+            down: tensors.matmul(&n("ffn_down.weight"))?,
+        });
+    }
+    QuantizedDecoder::new(config, embeddings, blocks, norm, output)
+        .map_err(|e| EngineError::load(path, format!("cannot build the model: {e}")))
 }
 
 /// Load a `.gguf` file onto `device`.
@@ -425,25 +571,9 @@ pub fn load(path: &Path, device: &Device) -> Result<Loaded, EngineError> {
     let header = open(path)?;
     let info = info_from_header(path, &header)?;
     check_tensors(path, &header, &info.dims)?;
-    let Header {
-        content, mut reader, ..
-    } = header;
-    reader
-        .rewind()
-        .map_err(|err| EngineError::load(path, format!("cannot read: {err}")))?;
-    let built =
-        match info.arch {
-            Arch::Qwen2 => quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, device)
-                .map(QuantizedModel::Qwen2),
-            Arch::Llama => quantized_llama::ModelWeights::from_gguf(content, &mut reader, device)
-                .map(QuantizedModel::Llama),
-            Arch::Qwen3 => quantized_qwen3::ModelWeights::from_gguf(content, &mut reader, device)
-                .map(QuantizedModel::Qwen3),
-            Arch::DeepseekV2 => return Err(EngineError::load(path, "deepseek2 is not served from GGUF")),
-        }
-        .map_err(|err| EngineError::load(path, format!("cannot build the model: {err}")))?;
+    let model = build_decoder(path, header, &info, device)?;
     Ok(Loaded {
-        model: Box::new(built),
+        model: Box::new(model),
         info,
     })
 }

@@ -9,10 +9,12 @@ pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod loader;
 pub mod models;
+pub mod quantized;
 pub mod reasoning;
 pub mod sampler;
 pub mod stop;
 pub mod tiny;
+pub mod tiny_gguf;
 pub mod tokenizer;
 mod worker;
 

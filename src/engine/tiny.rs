@@ -98,7 +98,7 @@ pub fn tiny_tokenizer() -> Result<Tokenizer, EngineError> {
 }
 
 /// Tiny dimensions for `arch`.
-fn tiny_dims(arch: Arch, vocab: usize) -> Dims {
+pub(super) fn tiny_dims(arch: Arch, vocab: usize) -> Dims {
     Dims {
         vocab,
         hidden: 64,
@@ -112,6 +112,24 @@ fn tiny_dims(arch: Arch, vocab: usize) -> Dims {
         qk_norm: arch == Arch::Qwen3,
         max_context: 512,
     }
+}
+
+/// The weights of a tiny model, by Hugging Face name, drawn from `seed` in a fixed order.
+pub(super) fn random_tensors(dims: &Dims, seed: u64) -> Result<HashMap<String, Tensor>, EngineError> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tensors = HashMap::new();
+    for (name, shape) in dims.expected_tensors() {
+        let count: usize = shape.iter().product();
+        let values: Vec<f32> = if name.ends_with("norm.weight") {
+            (0..count).map(|_| 1.0 + rng.random_range(-0.1..0.1)).collect()
+        } else {
+            // Wider than the usual 0.02 so the tiny model's logits are not all alike.
+            (0..count).map(|_| rng.random_range(-0.15..0.15)).collect()
+        };
+        let tensor = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?;
+        tensors.insert(name, tensor);
+    }
+    Ok(tensors)
 }
 
 /// Write a tiny `arch` model into `out` (created if needed), weights drawn from `seed`.
@@ -157,19 +175,7 @@ pub fn make_tiny(arch: Arch, out: &Path, seed: u64) -> Result<(), EngineError> {
         config["attention_bias"] = json!(false);
     }
 
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut tensors = HashMap::new();
-    for (name, shape) in dims.expected_tensors() {
-        let count: usize = shape.iter().product();
-        let values: Vec<f32> = if name.ends_with("norm.weight") {
-            (0..count).map(|_| 1.0 + rng.random_range(-0.1..0.1)).collect()
-        } else {
-            // Wider than the usual 0.02 so the tiny model's logits are not all alike.
-            (0..count).map(|_| rng.random_range(-0.15..0.15)).collect()
-        };
-        let tensor = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?;
-        tensors.insert(name, tensor);
-    }
+    let tensors = random_tensors(&dims, seed)?;
     let weights = out.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &weights)?;
 

@@ -1,0 +1,292 @@
+//! lifeboat's own decoder for GGUF models (qwen2, llama, qwen3): quantized matmuls from
+//! candle, with the parts candle-transformers gets wrong or limits for DeepSeek's distills
+//! done here — a RoPE table as long as the model's context (candle's quantized llama stops
+//! at 4096), llama3 frequency factors (`rope_freqs.weight`) and linear RoPE scaling
+//! (deepseek-coder), exact f32 attention (candle's quantized qwen3 uses an approximate CPU
+//! kernel, 2.6e-4 off the reference on the tiny model), and a preallocated KV cache that
+//! grows by doubling instead of concatenating every step.
+
+use candle_core::{DType, Device, Module, Tensor, quantized::QMatMul};
+use candle_nn::Embedding;
+
+use super::models::{Arch, CausalLm};
+
+/// What the decoder needs besides its weights.
+#[derive(Debug, Clone)]
+pub struct DecoderConfig {
+    pub arch: Arch,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_eps: f32,
+    pub rope_theta: f32,
+    /// Positions are divided by this (linear RoPE scaling); 1 when unscaled.
+    pub rope_linear_factor: f32,
+    /// Per-frequency divisors (llama3 scaling, GGUF `rope_freqs.weight`).
+    pub rope_freq_factors: Option<Vec<f32>>,
+    pub max_context: usize,
+}
+
+/// Weights of one transformer block.
+#[derive(Debug)]
+pub struct BlockWeights {
+    pub attn_norm: Tensor,
+    pub q: QMatMul,
+    pub k: QMatMul,
+    pub v: QMatMul,
+    /// Qwen2 has q/k/v biases.
+    pub qkv_bias: Option<(Tensor, Tensor, Tensor)>,
+    /// Qwen3 normalises each head of q and k.
+    pub qk_norm: Option<(Tensor, Tensor)>,
+    pub o: QMatMul,
+    pub ffn_norm: Tensor,
+    pub gate: QMatMul,
+    pub up: QMatMul,
+    pub down: QMatMul,
+}
+
+/// Keys and values of one block, in a buffer that doubles when full.
+#[derive(Debug, Default)]
+struct KvCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Append `[1, kv_heads, t, head_dim]` keys and values; returns all of them so far.
+    fn append(&mut self, k: &Tensor, v: &Tensor, max: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let added = k.dim(2)?;
+        let needed = self.len + added;
+        if needed > max {
+            candle_core::bail!("the sequence needs {needed} positions, the model has {max}");
+        }
+        let capacity = self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0));
+        if needed > capacity {
+            let new_capacity = needed.next_power_of_two().clamp(64, max.max(needed));
+            let (b, h, _, d) = k.dims4()?;
+            let grow = |old: &Option<Tensor>, like: &Tensor| -> candle_core::Result<Tensor> {
+                let buffer = Tensor::zeros((b, h, new_capacity, d), like.dtype(), like.device())?;
+                if let Some(old) = old
+                    && self.len > 0
+                {
+                    buffer.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(buffer)
+            };
+            self.k = Some(grow(&self.k, k)?);
+            self.v = Some(grow(&self.v, v)?);
+        }
+        let (Some(k_all), Some(v_all)) = (&self.k, &self.v) else {
+            candle_core::bail!("KV cache buffers missing");
+        };
+        k_all.slice_set(&k.contiguous()?, 2, self.len)?;
+        v_all.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = needed;
+        Ok((k_all.narrow(2, 0, needed)?, v_all.narrow(2, 0, needed)?))
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+/// A dense decoder-only transformer with its KV cache, one sequence at a time.
+#[derive(Debug)]
+pub struct QuantizedDecoder {
+    config: DecoderConfig,
+    embed: Embedding,
+    blocks: Vec<BlockWeights>,
+    caches: Vec<KvCache>,
+    norm: Tensor,
+    output: QMatMul,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+fn rope_tables(config: &DecoderConfig, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    let half = config.head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| {
+            let base = 1.0 / config.rope_theta.powf(2.0 * i as f32 / config.head_dim as f32);
+            let factor = config
+                .rope_freq_factors
+                .as_ref()
+                .and_then(|f| f.get(i).copied())
+                .unwrap_or(1.0);
+            base / factor
+        })
+        .collect();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let positions = Tensor::arange(0u32, config.max_context as u32, device)?
+        .to_dtype(DType::F32)?
+        .affine(1.0 / f64::from(config.rope_linear_factor), 0.0)?
+        .reshape((config.max_context, 1))?;
+    let angles = positions.broadcast_mul(&inv_freq)?;
+    Ok((angles.cos()?, angles.sin()?))
+}
+
+impl QuantizedDecoder {
+    pub fn new(
+        config: DecoderConfig,
+        embeddings: Tensor,
+        blocks: Vec<BlockWeights>,
+        norm: Tensor,
+        output: QMatMul,
+    ) -> candle_core::Result<QuantizedDecoder> {
+        let device = embeddings.device().clone();
+        let (cos, sin) = rope_tables(&config, &device)?;
+        let caches = blocks.iter().map(|_| KvCache::default()).collect();
+        Ok(QuantizedDecoder {
+            embed: Embedding::new(embeddings, config.hidden),
+            config,
+            blocks,
+            caches,
+            norm,
+            output,
+            cos,
+            sin,
+        })
+    }
+
+    fn rope(&self, x: &Tensor, pos: usize, len: usize) -> candle_core::Result<Tensor> {
+        let cos = self.cos.narrow(0, pos, len)?;
+        let sin = self.sin.narrow(0, pos, len)?;
+        // llama.cpp's converter permutes llama's q/k rows for interleaved pairs; Qwen keeps
+        // Hugging Face's half split.
+        if self.config.arch == Arch::Llama {
+            candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+        }
+    }
+
+    fn attention(
+        &mut self,
+        index: usize,
+        x: &Tensor,
+        pos: usize,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (b, len, _) = x.dims3()?;
+        let block = &self.blocks[index];
+        let mut q = block.q.forward(x)?;
+        let mut k = block.k.forward(x)?;
+        let mut v = block.v.forward(x)?;
+        if let Some((qb, kb, vb)) = &block.qkv_bias {
+            q = q.broadcast_add(qb)?;
+            k = k.broadcast_add(kb)?;
+            v = v.broadcast_add(vb)?;
+        }
+        let q = q.reshape((b, len, c.heads, c.head_dim))?;
+        let k = k.reshape((b, len, c.kv_heads, c.head_dim))?;
+        let v = v.reshape((b, len, c.kv_heads, c.head_dim))?.transpose(1, 2)?;
+        let (q, k) = match &block.qk_norm {
+            Some((qn, kn)) => (
+                candle_nn::ops::rms_norm(&q.contiguous()?, qn, c.rms_eps)?,
+                candle_nn::ops::rms_norm(&k.contiguous()?, kn, c.rms_eps)?,
+            ),
+            None => (q, k),
+        };
+        let q = self.rope(&q.transpose(1, 2)?, pos, len)?;
+        let k = self.rope(&k.transpose(1, 2)?, pos, len)?;
+        let (k, v) = self.caches[index].append(&k, &v, c.max_context)?;
+        let groups = c.heads / c.kv_heads;
+        let k = candle_transformers::utils::repeat_kv(k, groups)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v, groups)?.contiguous()?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, len, c.heads * c.head_dim))?;
+        self.blocks[index].o.forward(&out)
+    }
+
+    /// Causal mask for `len` new positions after `pos` cached ones: `[len, pos + len]`.
+    fn mask(len: usize, pos: usize, device: &Device) -> candle_core::Result<Tensor> {
+        let total = pos + len;
+        let values: Vec<f32> = (0..len)
+            .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        Tensor::from_vec(values, (len, total), device)
+    }
+}
+
+impl CausalLm for QuantizedDecoder {
+    fn forward(&mut self, ids: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        let (_, len) = ids.dims2()?;
+        if pos == 0 {
+            self.clear_kv_cache();
+        }
+        let eps = self.config.rms_eps;
+        let mask = if len > 1 {
+            Some(Self::mask(len, pos, ids.device())?)
+        } else {
+            None
+        };
+        let mut x = self.embed.forward(ids)?;
+        for index in 0..self.blocks.len() {
+            let h = candle_nn::ops::rms_norm(&x, &self.blocks[index].attn_norm, eps)?;
+            x = (x + self.attention(index, &h, pos, mask.as_ref())?)?;
+            let block = &self.blocks[index];
+            let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
+            let gated = (candle_nn::ops::silu(&block.gate.forward(&h)?)? * block.up.forward(&h)?)?;
+            x = (x + block.down.forward(&gated)?)?;
+        }
+        let last = x.narrow(1, len - 1, 1)?;
+        let last = candle_nn::ops::rms_norm(&last.contiguous()?, &self.norm, eps)?;
+        self.output.forward(&last)?.flatten_all()?.to_dtype(DType::F32)
+    }
+
+    fn clear_kv_cache(&mut self) {
+        for cache in &mut self.caches {
+            cache.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_cache_grows_and_keeps_what_it_had() {
+        let mut cache = KvCache::default();
+        let device = Device::Cpu;
+        let step = |n: usize, start: f32| {
+            let values: Vec<f32> = (0..n * 2).map(|i| start + i as f32).collect();
+            Tensor::from_vec(values, (1, 1, n, 2), &device).expect("tensor")
+        };
+        let (k, _) = cache.append(&step(3, 0.0), &step(3, 0.0), 1000).expect("append");
+        assert_eq!(k.dims(), &[1, 1, 3, 2]);
+        for i in 0..70 {
+            cache
+                .append(&step(1, 100.0 + i as f32), &step(1, 0.0), 1000)
+                .expect("append");
+        }
+        let (k, _) = cache
+            .append(&step(1, 500.0), &step(1, 0.0), 1000)
+            .expect("append");
+        assert_eq!(k.dims(), &[1, 1, 74, 2]);
+        let first: Vec<f32> = k
+            .narrow(2, 0, 1)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("values");
+        assert_eq!(first, [0.0, 1.0], "the prompt's keys survive growing");
+        let err = cache
+            .append(&step(1000, 0.0), &step(1000, 0.0), 1000)
+            .expect_err("over the context");
+        assert!(err.to_string().contains("the model has 1000"), "{err}");
+        cache.clear();
+        let (k, _) = cache.append(&step(2, 0.0), &step(2, 0.0), 1000).expect("append");
+        assert_eq!(k.dim(2).expect("dim"), 2);
+    }
+}
