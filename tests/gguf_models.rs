@@ -11,38 +11,13 @@ use std::path::PathBuf;
 use lifeboat::engine::gguf;
 use serde_json::{Value, json};
 
-fn models_dir() -> PathBuf {
-    std::env::var_os("LIFEBOAT_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"))
-}
-
-/// The model file, or `None` (test skipped) when it was not fetched and not required.
-fn model_file(name: &str) -> Option<PathBuf> {
-    let path = models_dir().join(name);
-    if path.exists() {
-        return Some(path);
-    }
-    let required = std::env::var("LIFEBOAT_REQUIRE_MODELS").is_ok_and(|v| v == "1");
-    assert!(
-        !required,
-        "{} is missing; run scripts/fetch-test-models",
-        path.display()
-    );
-    eprintln!(
-        "skipped: {} not fetched (scripts/fetch-test-models)",
-        path.display()
-    );
-    None
-}
-
 fn check_tokenizer_fixture(fixture: &str) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/tokenizer")
         .join(fixture);
     let text = std::fs::read_to_string(&path).expect("fixture");
     let fixture: Value = serde_json::from_str(&text).expect("fixture JSON");
-    let Some(model) = model_file(fixture["model"].as_str().expect("model")) else {
+    let Some(model) = common::model_file(fixture["model"].as_str().expect("model")) else {
         return;
     };
     let tokenizer = gguf::read_tokenizer_only(&model).expect("tokenizer from GGUF");
@@ -97,7 +72,7 @@ fn smollm2_tokenizer_matches_llama_cpp() {
 /// exactly as pinned: GGUF loading, its tokenizer and template, greedy decoding, usage.
 #[tokio::test]
 async fn smollm2_greedy_answer_is_pinned() {
-    let Some(model) = model_file("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+    let Some(model) = common::model_file("SmolLM2-135M-Instruct.Q4_1.gguf") else {
         return;
     };
     let app = common::spawn_local_app(&model, "smollm2").await;

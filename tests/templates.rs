@@ -5,6 +5,8 @@
 //! The tiny model's template always runs; the real models' templates come from the GGUF
 //! files of `scripts/fetch-test-models` (required when `LIFEBOAT_REQUIRE_MODELS=1`).
 
+mod common;
+
 use std::path::PathBuf;
 
 use lifeboat::{
@@ -67,21 +69,7 @@ fn check(fixture: &str, template: &ChatTemplate) {
 }
 
 fn gguf_template(file: &str) -> Option<ChatTemplate> {
-    let dir = std::env::var_os("LIFEBOAT_MODELS_DIR").map_or_else(|| manifest_path("models"), PathBuf::from);
-    let path = dir.join(file);
-    if !path.exists() {
-        let required = std::env::var("LIFEBOAT_REQUIRE_MODELS").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "{} is missing; run scripts/fetch-test-models",
-            path.display()
-        );
-        eprintln!(
-            "skipped: {} not fetched (scripts/fetch-test-models)",
-            path.display()
-        );
-        return None;
-    }
+    let path = common::model_file(file)?;
     let info = gguf::read_info(&path).expect("GGUF header");
     Some(info.template.expect("the GGUF has a chat template"))
 }

@@ -204,3 +204,29 @@ pub async fn spawn_local_app(model: &std::path::Path, served_name: &str) -> Test
         app.get("/ready").await.text().await.unwrap_or_default()
     );
 }
+
+/// Where `scripts/fetch-test-models` puts real model files.
+pub fn models_dir() -> std::path::PathBuf {
+    std::env::var_os("LIFEBOAT_MODELS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"))
+}
+
+/// The model file, or `None` (test skipped) when it was not fetched and not required.
+pub fn model_file(name: &str) -> Option<std::path::PathBuf> {
+    let path = models_dir().join(name);
+    if path.exists() {
+        return Some(path);
+    }
+    let required = std::env::var("LIFEBOAT_REQUIRE_MODELS").is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "{} is missing; run scripts/fetch-test-models",
+        path.display()
+    );
+    eprintln!(
+        "skipped: {} not fetched (scripts/fetch-test-models)",
+        path.display()
+    );
+    None
+}
