@@ -67,7 +67,8 @@ def main():
     )
     mock_api, mock_admin = m.group(1), m.group(2)
     server, m = start(
-        ["serve", "--listen", "127.0.0.1:0", "--remote-url", mock_api, "--remote-model", "deepseek-chat"],
+        ["serve", "--listen", "127.0.0.1:0", "--remote-url", mock_api, "--remote-model", "deepseek-chat",
+         "--model", "none"],
         r"OpenAI base URL (http://\S+)",
         "stderr",
     )

@@ -218,6 +218,7 @@ fn serve_with_flags_env_and_file_then_sigterm() {
             "deepseek-reasoner",
         ])
         .env("LIFEBOAT_LISTEN", "127.0.0.1:0")
+        .env("LIFEBOAT_MODEL", "none")
         .env("LIFEBOAT_REMOTE_URL", &api)
         .env("LIFEBOAT_REMOTE_MODEL", "deepseek-chat")
         .env("LIFEBOAT_REMOTE_API_KEY_ENV", "GATEWAY_KEY")
@@ -272,7 +273,13 @@ fn sighup_reloads_the_config_file_and_a_bad_file_changes_nothing() {
     let file = write_config("");
     write(file.path(), "\"deepseek-chat\"");
     let mut command = lifeboat();
-    command.args(["serve", "--config", &file.path().display().to_string()]);
+    command.args([
+        "serve",
+        "--config",
+        &file.path().display().to_string(),
+        "--model",
+        "none",
+    ]);
     let mut server = Running::spawn(command);
     let line = server.wait_for("OpenAI base URL");
     let base = between(&line, "OpenAI base URL ", ' ').trim().to_string();

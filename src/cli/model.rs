@@ -1,5 +1,6 @@
-//! `lifeboat model …`: tools for local models (folders or `.gguf` files) — `make-tiny` (a random-weight test
-//! model), `inspect` (what a folder holds) and `generate` (one prompt, streamed to stdout).
+//! `lifeboat model …`: tools for local models (folders or `.gguf` files) — `make-tiny` (a
+//! random-weight test model), `inspect` (what a model holds), `generate` (one prompt,
+//! streamed to stdout) and `pull` (fetch a Hugging Face repo into the cache).
 
 use std::{io::Write, path::PathBuf, sync::Arc};
 
@@ -9,7 +10,13 @@ use futures_util::StreamExt;
 use super::CliError;
 use crate::{
     backend::{Backend, BackendRequest, GenerationEvent, GenerationRequest, SamplingParams},
-    engine::{Arch, LocalBackend, LocalSettings, read_info, tiny::make_tiny, tiny_gguf::make_tiny_gguf},
+    engine::{
+        Arch, LocalBackend, LocalSettings,
+        hub::{self, ModelSpec},
+        read_info,
+        tiny::make_tiny,
+        tiny_gguf::make_tiny_gguf,
+    },
 };
 
 #[derive(Debug, Subcommand)]
@@ -20,6 +27,16 @@ pub enum ModelCommand {
     Inspect(InspectArgs),
     /// Run one chat prompt through the local engine and stream the answer.
     Generate(GenerateArgs),
+    /// Fetch a Hugging Face repo (`owner/name`, `owner/name:Q4_K_M`, `owner/name/file.gguf`)
+    /// into the HF cache ahead of time; prints the local path `serve --model` will use.
+    Pull(PullArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// The repo [default: the default local model].
+    #[arg(default_value = crate::engine::hub::DEFAULT_MODEL)]
+    pub repo: String,
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +133,21 @@ pub async fn run(command: ModelCommand) -> Result<(), CliError> {
             Ok(())
         }
         ModelCommand::Generate(args) => generate(args).await,
+        ModelCommand::Pull(args) => {
+            let spec = ModelSpec::parse(std::path::Path::new(&args.repo));
+            if let ModelSpec::Local(path) = &spec {
+                return Err(CliError::Usage(format!(
+                    "{}: not a Hugging Face repo id (expected owner/name[:QUANT] or owner/name/file.gguf)",
+                    path.display()
+                )));
+            }
+            let path = tokio::task::spawn_blocking(move || hub::resolve(&spec, true))
+                .await
+                .map_err(|e| CliError::Runtime(format!("download task failed: {e}")))?
+                .map_err(|e| CliError::Runtime(e.to_string()))?;
+            println!("{}", path.display());
+            Ok(())
+        }
     }
 }
 

@@ -1,7 +1,10 @@
 //! `lifeboat serve`: load the config, apply flags and environment, build the backends and
 //! the router, and serve until SIGTERM/SIGINT with a graceful drain.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use clap::Args;
 use tokio::net::TcpListener;
@@ -10,6 +13,7 @@ use super::CliError;
 use crate::{
     app::{self, AppState},
     config::{Config, Overrides, ProcessEnv},
+    engine::hub::DEFAULT_MODEL,
     shutdown,
 };
 
@@ -35,10 +39,13 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub remote_model: Vec<String>,
-    /// Local model folder (config.json, tokenizer.json, *.safetensors), served in-process.
-    #[arg(long, env = "LIFEBOAT_MODEL", value_name = "PATH")]
+    /// Local model served in-process: a folder (config.json, tokenizer.json,
+    /// *.safetensors), a .gguf file, or a Hugging Face repo (`owner/name`,
+    /// `owner/name:Q4_K_M`, `owner/name/file.gguf`) fetched into the HF cache; `none` for
+    /// no local model [default: unsloth/DeepSeek-R1-Distill-Qwen-1.5B-GGUF:Q4_K_M].
+    #[arg(long, env = "LIFEBOAT_MODEL", value_name = "PATH_OR_REPO")]
     pub model: Option<PathBuf>,
-    /// Name clients use for the local model [default: the folder name].
+    /// Name clients use for the local model [default: the file, folder or repo name].
     #[arg(long, env = "LIFEBOAT_SERVED_MODEL_NAME", value_name = "NAME")]
     pub served_model_name: Option<String>,
 }
@@ -60,6 +67,18 @@ impl ServeArgs {
                 served_model_name: self.served_model_name.clone(),
             })
             .map_err(|e| CliError::Usage(e.to_string()))?;
+        match config.local.model.as_deref() {
+            Some(model) if model == Path::new("none") => config.local.model = None,
+            Some(_) => {}
+            None => {
+                // The fallback lifeboat exists for: a small DeepSeek model, fetched once.
+                tracing::info!(
+                    model = DEFAULT_MODEL,
+                    "no --model given; the local model is the default"
+                );
+                config.local.model = Some(PathBuf::from(DEFAULT_MODEL));
+            }
+        }
         let single_unrouted_remote = config.remotes.len() == 1 && config.routes.is_empty();
         if let Some((name, remote)) = config
             .remotes
@@ -81,7 +100,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     let state = AppState::from_config(&config, &ProcessEnv).map_err(|e| CliError::Usage(e.to_string()))?;
     if !state.router().has_backends() {
         tracing::warn!(
-            "no backend configured: every generation request will fail; pass --remote-url URL or --model PATH"
+            "no backend configured: every generation request will fail; pass --remote-url URL or --model PATH_OR_REPO"
         );
     }
     let listener = TcpListener::bind(config.server.listen)

@@ -105,7 +105,8 @@ impl Default for RouterConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LocalConfig {
-    /// Model folder (config.json, tokenizer.json, *.safetensors). None: no local model.
+    /// Model folder, `.gguf` file or Hugging Face repo (`owner/name[:QUANT]`). None: no
+    /// local model (`lifeboat serve` then uses the default DeepSeek model unless `none`).
     pub model: Option<PathBuf>,
     /// Name clients use for it; defaults to the folder name.
     pub served_model_name: Option<String>,
@@ -130,12 +131,11 @@ impl LocalConfig {
     /// The public name of the local model, if there is one.
     pub fn served_name(&self) -> Option<String> {
         let model = self.model.as_ref()?;
-        Some(self.served_model_name.clone().unwrap_or_else(|| {
-            model.file_name().map_or_else(
-                || model.display().to_string(),
-                |n| n.to_string_lossy().to_string(),
-            )
-        }))
+        Some(
+            self.served_model_name
+                .clone()
+                .unwrap_or_else(|| crate::engine::hub::ModelSpec::parse(model).served_name()),
+        )
     }
 }
 

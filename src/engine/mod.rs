@@ -7,6 +7,7 @@
 pub mod chat_template;
 pub mod gguf;
 pub mod gguf_tokenizer;
+pub mod hub;
 pub mod loader;
 pub mod models;
 pub mod quantized;
@@ -64,6 +65,8 @@ impl EngineError {
 /// Where the engine is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Phase {
+    /// Fetching the model from the Hugging Face Hub.
+    Downloading,
     Loading,
     WarmingUp,
     Ready,
@@ -73,6 +76,7 @@ pub enum Phase {
 impl Phase {
     pub fn as_str(&self) -> &'static str {
         match self {
+            Phase::Downloading => "downloading",
             Phase::Loading => "loading",
             Phase::WarmingUp => "warming_up",
             Phase::Ready => "ready",
@@ -90,7 +94,7 @@ struct Shared {
 /// Settings of the local backend.
 #[derive(Debug, Clone)]
 pub struct LocalSettings {
-    /// Model folder or `.gguf` file.
+    /// Model folder, `.gguf` file or Hugging Face repo (see [`hub::ModelSpec`]).
     pub model: PathBuf,
     /// Requests waiting beyond the one running; more get 429.
     pub queue_capacity: usize,
@@ -106,17 +110,23 @@ pub struct LocalBackend {
 impl LocalBackend {
     /// Start the engine thread; loading continues in the background (see `status`).
     pub fn start(settings: &LocalSettings) -> Result<LocalBackend, EngineError> {
-        loader::check_source(&settings.model)?;
+        let spec = hub::ModelSpec::parse(&settings.model);
+        let first_phase = match &spec {
+            hub::ModelSpec::Local(path) => {
+                loader::check_source(path)?;
+                Phase::Loading
+            }
+            hub::ModelSpec::Hub { .. } => Phase::Downloading,
+        };
         let shared = Arc::new(Shared {
-            phase: Mutex::new(Phase::Loading),
+            phase: Mutex::new(first_phase),
             info: OnceLock::new(),
         });
         let (jobs, receiver) = mpsc::channel(settings.queue_capacity.max(1));
         let thread_shared = shared.clone();
-        let dir = settings.model.clone();
         std::thread::Builder::new()
             .name("lifeboat-engine".into())
-            .spawn(move || worker::run(dir, Device::Cpu, thread_shared, receiver))
+            .spawn(move || worker::run(spec, Device::Cpu, thread_shared, receiver))
             .map_err(|err| {
                 EngineError::load(&settings.model, format!("cannot start the engine thread: {err}"))
             })?;

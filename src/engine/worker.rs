@@ -4,7 +4,6 @@
 
 use std::{
     panic::AssertUnwindSafe,
-    path::PathBuf,
     sync::{Arc, Mutex},
 };
 
@@ -13,6 +12,7 @@ use tokio::sync::mpsc;
 
 use super::{
     EngineError, Phase, Shared,
+    hub::{self, ModelSpec},
     loader::{self, ModelInfo},
     models::CausalLm,
     reasoning::{ReasoningSplitter, Split},
@@ -42,7 +42,17 @@ fn set_phase(shared: &Mutex<Phase>, phase: Phase) {
 }
 
 /// Run the engine thread until the job queue closes.
-pub(super) fn run(dir: PathBuf, device: Device, shared: Arc<Shared>, mut jobs: mpsc::Receiver<Job>) {
+pub(super) fn run(spec: ModelSpec, device: Device, shared: Arc<Shared>, mut jobs: mpsc::Receiver<Job>) {
+    // A Hub model is fetched here (or found in the cache), so the server is up meanwhile.
+    let dir = match hub::resolve(&spec, true) {
+        Ok(dir) => dir,
+        Err(err) => {
+            tracing::error!(error = %err, "local model could not be fetched");
+            set_phase(&shared.phase, Phase::Failed(err.to_string()));
+            return;
+        }
+    };
+    set_phase(&shared.phase, Phase::Loading);
     let loaded = match loader::load(&dir, &device) {
         Ok(loaded) => loaded,
         Err(err) => {
