@@ -1,6 +1,7 @@
 """Reference logits from Hugging Face transformers (torch, CPU, float32) for lifeboat's tiny
 models of each architecture. Run by scripts/make-fixtures; writes tests/fixtures/logits/.
 
+Usage: logit_fixtures.py LIFEBOAT OUT_DIR SCRATCH [ARCH...] (default: all).
 For each architecture: `lifeboat model make-tiny --seed 7` writes the model, transformers
 loads that folder, runs a fixed prompt, then feeds a fixed token per decode step through
 its KV cache. The fixture keeps the weights' sha256 so a changed generator is caught
@@ -17,7 +18,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-ARCHS = ["qwen2", "llama", "qwen3"]
+ARCHS = ["qwen2", "llama", "qwen3", "deepseek2"]
 SEED = 7
 PROMPT = [3, 17, 42, 99, 123, 7, 250, 11, 64, 5]
 DECODE = [33, 200, 9, 150]
@@ -25,9 +26,10 @@ DECODE = [33, 200, 9, 150]
 
 def main() -> None:
     lifeboat, out_dir, scratch = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    archs = sys.argv[4:] or ARCHS
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    for arch in ARCHS:
+    for arch in archs:
         model_dir = scratch / f"tiny-{arch}"
         subprocess.run(
             [lifeboat, "model", "make-tiny", "--arch", arch, "--seed", str(SEED), "--out", str(model_dir)],

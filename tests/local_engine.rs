@@ -10,7 +10,7 @@ use common::{TestApp, read_sse, spawn_app_with, spawn_local_app};
 use futures_util::StreamExt;
 use lifeboat::{
     backend::{Backend, BackendRequest, ChatMessage, ErrorKind, GenerationRequest, SamplingParams},
-    engine::{Arch, LocalBackend, LocalSettings, read_info, tiny::make_tiny},
+    engine::{Arch, LocalBackend, LocalSettings, loader, read_info, tiny::make_tiny},
     mock_upstream::MockSettings,
 };
 use serde_json::{Value, json};
@@ -188,7 +188,7 @@ async fn seeds_make_sampling_reproducible_and_n_gives_choices() {
 
 #[tokio::test]
 async fn every_architecture_serves_and_legacy_completions_work() {
-    for arch in [Arch::Llama, Arch::Qwen3] {
+    for arch in [Arch::Llama, Arch::Qwen3, Arch::DeepseekV2] {
         let dir = tiny_model(arch);
         let app = local_app(dir.path()).await;
         let body = complete(&app, &chat(json!({}))).await;
@@ -284,6 +284,53 @@ async fn broken_model_folders_fail_with_the_file_named() {
     let err = read_info(dir.path()).expect_err("unknown arch");
     assert!(
         err.to_string().contains("config.json") && err.to_string().contains("MambaForCausalLM"),
+        "{err}"
+    );
+}
+
+#[test]
+fn broken_deepseek2_folders_name_the_tensor_or_the_setting() {
+    let dir = tiny_model(Arch::DeepseekV2);
+    let config_path = dir.path().join("config.json");
+    let original = std::fs::read_to_string(&config_path).expect("read");
+    let write = |change: &dyn Fn(&mut Value)| {
+        let mut config: Value = serde_json::from_str(&original).expect("json");
+        change(&mut config);
+        std::fs::write(&config_path, config.to_string()).expect("write");
+    };
+    let load_error = || match loader::load(dir.path(), &candle_core::Device::Cpu) {
+        Ok(_) => panic!("a broken folder loaded"),
+        Err(err) => err.to_string(),
+    };
+
+    // More experts than the weights hold: the router's shape gives it away.
+    write(&|c| c["n_routed_experts"] = json!(5));
+    let err = load_error();
+    assert!(
+        err.contains("tensor model.layers.1.mlp.gate.weight has shape [4, 64], config.json implies [5, 64]"),
+        "{err}"
+    );
+    // A third layer the weights do not have: the first absent tensor is named.
+    write(&|c| c["num_hidden_layers"] = json!(3));
+    let err = load_error();
+    assert!(
+        err.contains("missing tensor model.layers.2.self_attn.q_proj.weight"),
+        "{err}"
+    );
+    // A latent width the weights do not have: the tensor, its shape and the implied one.
+    write(&|c| c["kv_lora_rank"] = json!(16));
+    let err = load_error();
+    assert!(
+        err.contains("model.layers.0.self_attn.kv_a_proj_with_mqa.weight")
+            && err.contains("[40, 64]")
+            && err.contains("[24, 64]"),
+        "{err}"
+    );
+    // The 236B models' routing is refused by name, not served wrongly.
+    write(&|c| c["topk_method"] = json!("group_limited_greedy"));
+    let err = load_error();
+    assert!(
+        err.contains("config.json") && err.contains("group_limited_greedy"),
         "{err}"
     );
 }

@@ -114,6 +114,12 @@ fn qwen3_logits_match_transformers() {
     check(Arch::Qwen3);
 }
 
+/// MLA with YaRN RoPE, a dense first layer and a MoE layer (routed + shared experts).
+#[test]
+fn deepseek2_logits_match_transformers() {
+    check(Arch::DeepseekV2);
+}
+
 #[test]
 fn qwen2_gguf_logits_match_transformers() {
     check_format(Arch::Qwen2, Format::Gguf);

@@ -117,6 +117,24 @@ pub async fn run(command: ModelCommand) -> Result<(), CliError> {
                 "shape         {} layers, hidden {}, {} heads / {} kv heads, head dim {}, ffn {}",
                 d.layers, d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate
             );
+            if let Some(m) = &d.mla {
+                println!(
+                    "attention     MLA: kv latent {}, q {}, rope dim {}, v dim {}",
+                    m.kv_lora_rank,
+                    m.q_lora_rank
+                        .map_or_else(|| "full rank".to_string(), |r| format!("rank {r}")),
+                    m.qk_rope_head_dim,
+                    m.v_head_dim
+                );
+                println!(
+                    "experts       {} routed ({} per token) + {} shared, width {}; {} dense layer(s) first",
+                    m.routed_experts,
+                    m.experts_per_token,
+                    m.shared_experts,
+                    m.moe_intermediate,
+                    m.first_dense_layers
+                );
+            }
             println!("context       {} tokens", d.max_context);
             println!(
                 "vocabulary    {} (tokenizer: {})",

@@ -226,6 +226,7 @@ fn read_dims(meta: &Meta<'_>, content: &Content) -> Result<(Arch, Dims), EngineE
             qkv_bias: arch == Arch::Qwen2,
             qk_norm: arch == Arch::Qwen3,
             max_context,
+            mla: None,
         },
     ))
 }

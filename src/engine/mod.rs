@@ -5,6 +5,7 @@
 //! runs the model. `/ready` reports the load phase until the model is warm.
 
 pub mod chat_template;
+pub mod deepseek2;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod hub;
@@ -100,6 +101,19 @@ pub struct LocalSettings {
     pub queue_capacity: usize,
 }
 
+/// Where the engine runs: the first CUDA GPU when the build has the `cuda` feature and a
+/// GPU answers (weights then load as bf16, see the loader), the CPU otherwise.
+pub fn preferred_device() -> Device {
+    #[cfg(feature = "cuda")]
+    match Device::new_cuda(0) {
+        Ok(device) => return device,
+        Err(err) => {
+            tracing::warn!(error = %err, "built with CUDA but no usable GPU; the local engine runs on the CPU")
+        }
+    }
+    Device::Cpu
+}
+
 /// The in-process model as a [`Backend`].
 #[derive(Debug)]
 pub struct LocalBackend {
@@ -124,9 +138,11 @@ impl LocalBackend {
         });
         let (jobs, receiver) = mpsc::channel(settings.queue_capacity.max(1));
         let thread_shared = shared.clone();
+        let device = preferred_device();
+        tracing::info!(device = ?device.location(), "local engine device");
         std::thread::Builder::new()
             .name("lifeboat-engine".into())
-            .spawn(move || worker::run(spec, Device::Cpu, thread_shared, receiver))
+            .spawn(move || worker::run(spec, device, thread_shared, receiver))
             .map_err(|err| {
                 EngineError::load(&settings.model, format!("cannot start the engine thread: {err}"))
             })?;

@@ -9,6 +9,8 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, qwen2, qwen3};
 use serde_json::Value;
 
+use super::deepseek2::{self, MlaMoe};
+
 /// A causal language model with its own KV cache, one sequence at a time.
 pub trait CausalLm: Send {
     /// Logits for the last position of `ids` (`[1, seq]`), as a `[vocab]` tensor;
@@ -84,6 +86,8 @@ pub struct Dims {
     /// Per-head RMSNorm on q and k (Qwen3).
     pub qk_norm: bool,
     pub max_context: usize,
+    /// DeepSeek-V2's latent attention and experts (`head_dim` is then the query/key width).
+    pub mla: Option<MlaMoe>,
 }
 
 fn field(config: &Value, key: &str) -> Result<usize, String> {
@@ -109,8 +113,13 @@ impl Dims {
                 "config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             ));
         }
-        let head_dim = match arch {
-            Arch::Qwen3 => field(config, "head_dim").unwrap_or(hidden / heads),
+        let mla = match arch {
+            Arch::DeepseekV2 => Some(MlaMoe::from_config(config)?),
+            _ => None,
+        };
+        let head_dim = match (arch, &mla) {
+            (_, Some(mla)) => mla.q_head_dim(),
+            (Arch::Qwen3, None) => field(config, "head_dim").unwrap_or(hidden / heads),
             _ => hidden / heads,
         };
         Ok(Dims {
@@ -128,6 +137,7 @@ impl Dims {
             qkv_bias: arch == Arch::Qwen2,
             qk_norm: arch == Arch::Qwen3,
             max_context: field(config, "max_position_embeddings")?,
+            mla,
         })
     }
 
@@ -144,6 +154,12 @@ impl Dims {
         ];
         if !self.tie_embeddings {
             tensors.push(("lm_head.weight".to_string(), vec![self.vocab, h]));
+        }
+        if let Some(mla) = &self.mla {
+            for i in 0..self.layers {
+                tensors.extend(mla.layer_tensors(i, h, self.heads, self.intermediate));
+            }
+            return tensors;
         }
         for i in 0..self.layers {
             let p = |name: &str| format!("model.layers.{i}.{name}");
@@ -259,13 +275,7 @@ pub fn build(
                 device: device.clone(),
             })
         }
-        Arch::DeepseekV2 => {
-            return Err(
-                "DeepseekV2ForCausalLM (MLA + MoE) is recognised but not implemented yet in this build; \
-                 use a DeepSeek-R1-Distill (Qwen2/Llama) or R1-0528-Qwen3 model"
-                    .to_string(),
-            );
-        }
+        Arch::DeepseekV2 => deepseek2::build(config, vb)?,
     };
     Ok(model)
 }

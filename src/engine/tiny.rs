@@ -19,6 +19,7 @@ use tokenizers::{
 
 use super::{
     EngineError,
+    deepseek2::MlaMoe,
     models::{Arch, Dims},
 };
 
@@ -99,18 +100,34 @@ pub fn tiny_tokenizer() -> Result<Tokenizer, EngineError> {
 
 /// Tiny dimensions for `arch`.
 pub(super) fn tiny_dims(arch: Arch, vocab: usize) -> Dims {
+    // DeepSeek-V2-Lite's layout in miniature: no query LoRA, a dense first layer, then MoE
+    // layers of 4 routed experts (2 per token) and one shared expert.
+    let mla = (arch == Arch::DeepseekV2).then_some(MlaMoe {
+        q_lora_rank: None,
+        kv_lora_rank: 32,
+        qk_nope_head_dim: 16,
+        qk_rope_head_dim: 8,
+        v_head_dim: 16,
+        routed_experts: 4,
+        shared_experts: 1,
+        experts_per_token: 2,
+        moe_intermediate: 32,
+        first_dense_layers: 1,
+        moe_layer_freq: 1,
+    });
     Dims {
         vocab,
         hidden: 64,
         intermediate: 128,
         layers: 2,
         heads: 4,
-        kv_heads: 2,
-        head_dim: 16,
-        tie_embeddings: arch != Arch::Llama,
+        kv_heads: if mla.is_some() { 4 } else { 2 },
+        head_dim: mla.as_ref().map_or(16, MlaMoe::q_head_dim),
+        tie_embeddings: !matches!(arch, Arch::Llama | Arch::DeepseekV2),
         qkv_bias: arch == Arch::Qwen2,
         qk_norm: arch == Arch::Qwen3,
-        max_context: 512,
+        max_context: if mla.is_some() { 2048 } else { 512 },
+        mla,
     }
 }
 
@@ -134,12 +151,6 @@ pub(super) fn random_tensors(dims: &Dims, seed: u64) -> Result<HashMap<String, T
 
 /// Write a tiny `arch` model into `out` (created if needed), weights drawn from `seed`.
 pub fn make_tiny(arch: Arch, out: &Path, seed: u64) -> Result<(), EngineError> {
-    if arch == Arch::DeepseekV2 {
-        return Err(EngineError::load(
-            out,
-            "make-tiny does not support deepseek2 yet (the engine cannot run it)",
-        ));
-    }
     std::fs::create_dir_all(out).map_err(|e| EngineError::load(out, format!("cannot create: {e}")))?;
     let tokenizer = tiny_tokenizer()?;
     let vocab = tokenizer.get_vocab_size(true);
@@ -149,7 +160,7 @@ pub fn make_tiny(arch: Arch, out: &Path, seed: u64) -> Result<(), EngineError> {
 
     let mut config = json!({
         "architectures": [arch.class_name()],
-        "model_type": arch.short_name(),
+        "model_type": if arch == Arch::DeepseekV2 { "deepseek_v2" } else { arch.short_name() },
         "vocab_size": dims.vocab,
         "hidden_size": dims.hidden,
         "intermediate_size": dims.intermediate,
@@ -169,6 +180,41 @@ pub fn make_tiny(arch: Arch, out: &Path, seed: u64) -> Result<(), EngineError> {
         config["sliding_window"] = json!(dims.max_context);
         config["max_window_layers"] = json!(dims.layers);
         config["use_sliding_window"] = json!(false);
+    }
+    if let Some(mla) = &dims.mla {
+        let extra = json!({
+            "q_lora_rank": mla.q_lora_rank,
+            "kv_lora_rank": mla.kv_lora_rank,
+            "qk_nope_head_dim": mla.qk_nope_head_dim,
+            "qk_rope_head_dim": mla.qk_rope_head_dim,
+            "v_head_dim": mla.v_head_dim,
+            "n_routed_experts": mla.routed_experts,
+            "n_shared_experts": mla.shared_experts,
+            "num_experts_per_tok": mla.experts_per_token,
+            "moe_intermediate_size": mla.moe_intermediate,
+            "first_k_dense_replace": mla.first_dense_layers,
+            "moe_layer_freq": mla.moe_layer_freq,
+            "topk_method": "greedy",
+            "n_group": 1,
+            "topk_group": 1,
+            "norm_topk_prob": false,
+            "routed_scaling_factor": 1.0,
+            "scoring_func": "softmax",
+            "attention_bias": false,
+            // V2-Lite's YaRN settings, with a context stretched 4× instead of 40×.
+            "rope_scaling": {
+                "type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": dims.max_context / 4,
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 0.707,
+                "mscale_all_dim": 0.707
+            }
+        });
+        if let (Some(config), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+            config.extend(extra.clone());
+        }
     }
     if arch == Arch::Qwen3 {
         config["head_dim"] = json!(dims.head_dim);
