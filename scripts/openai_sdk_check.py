@@ -3,6 +3,11 @@
 Started by scripts/openai-sdk-check, which provides a venv with the pinned SDK. Starts
 both processes on port 0, runs each check, prints one line per check and a closing
 "N passed, M failed" line, and exits non-zero on any failure.
+
+With LIFEBOAT_SDK_GGUF (a real GGUF, e.g. the Qwen2.5-Coder-1.5B Q4_K_M) and
+LIFEBOAT_SDK_TEMPLATE_FROM (the DeepSeek-R1-Distill GGUF header), a third lifeboat serves
+that model locally with DeepSeek-R1's current chat template, and the SDK checks
+reasoning_content, streaming, stop and seeded determinism on real weights.
 """
 
 import json
@@ -55,6 +60,33 @@ def admin(url, mode, count=None):
         return json.load(response)
 
 
+def wait_ready(base_url, seconds):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(base_url.removesuffix("/v1") + "/ready", timeout=5):
+                return
+        except Exception:  # noqa: BLE001 - 503 while the model loads
+            time.sleep(0.2)
+    raise RuntimeError(f"{base_url} did not become ready in {seconds} s")
+
+
+def r1_template_opening_think(header):
+    """DeepSeek-R1's chat template as deepseek-ai publishes it now: the GGUF header carries
+    the first release, whose generation prompt is `<｜Assistant｜>`; the current one opens
+    the reasoning with `<｜Assistant｜><think>\n`, so the whole answer up to `</think>` is
+    reasoning. Written to a temporary file for `serve --chat-template`."""
+    source = subprocess.run(
+        [BIN, "model", "inspect", header, "--template"], check=True, capture_output=True, text=True
+    ).stdout
+    first = "{{'<｜Assistant｜>'}}{% endif %}"
+    assert source.endswith(first), source[-200:]
+    path = os.path.join(tempfile.mkdtemp(prefix="lifeboat-r1-"), "deepseek-r1.jinja")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(source[: -len(first)] + "{{'<｜Assistant｜><think>\n'}}{% endif %}")
+    return path
+
+
 def main():
     mock, m = start(
         ["mock-upstream", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
@@ -91,6 +123,17 @@ def main():
         except Exception:  # noqa: BLE001 - 503 while the model loads
             time.sleep(0.05)
     expected = "Lifeboat keeps the lights on when the gateway goes dark."
+    gguf_server = gguf = None
+    if os.environ.get("LIFEBOAT_SDK_GGUF"):
+        template = r1_template_opening_think(os.environ["LIFEBOAT_SDK_TEMPLATE_FROM"])
+        gguf_server, m = start(
+            ["serve", "--listen", "127.0.0.1:0", "--model", os.environ["LIFEBOAT_SDK_GGUF"],
+             "--served-model-name", "r1-gguf", "--chat-template", template],
+            r"OpenAI base URL (http://\S+)",
+            "stderr",
+        )
+        wait_ready(m.group(1), 120)
+        gguf = openai.OpenAI(base_url=m.group(1), api_key="unused", max_retries=0, timeout=300)
 
     checks = []
 
@@ -236,6 +279,57 @@ def main():
         finally:
             admin(mock_admin, "none")
 
+    if gguf is not None:
+        ask = dict(model="r1-gguf", messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=16)
+
+        @check
+        def gguf_reasoning_is_deterministic_at_temperature_0():
+            a = gguf.chat.completions.create(**ask, temperature=0)
+            b = gguf.chat.completions.create(**ask, temperature=0)
+            reasoning = a.choices[0].message.reasoning_content
+            # The prompt opened <think> and this model never writes </think>: all of its
+            # output is reasoning, as vLLM's and DeepSeek's R1 parsers treat it.
+            assert reasoning and not a.choices[0].message.content, a
+            assert a.choices[0].finish_reason in ("stop", "length"), a
+            assert 0 < a.usage.completion_tokens <= 16, a.usage
+            assert reasoning == b.choices[0].message.reasoning_content, (reasoning, b)
+            assert a.usage == b.usage, (a.usage, b.usage)
+
+        @check
+        def gguf_streaming_matches_and_reports_usage():
+            first = gguf.chat.completions.create(**ask, temperature=0)
+            whole = first.choices[0].message.reasoning_content
+            chunks = list(gguf.chat.completions.create(
+                **ask, temperature=0, stream=True, stream_options={"include_usage": True}))
+            streamed = "".join(
+                getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+            assert streamed == whole, (streamed, whole)
+            assert chunks[-1].choices == [] and chunks[-1].usage == first.usage, (chunks[-1], first.usage)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+            assert finish == [first.choices[0].finish_reason], finish
+
+        @check
+        def gguf_seeded_sampling_repeats():
+            a = gguf.chat.completions.create(**ask, temperature=0.9, seed=1234)
+            b = gguf.chat.completions.create(**ask, temperature=0.9, seed=1234)
+            assert a.choices[0].message.reasoning_content == b.choices[0].message.reasoning_content, (a, b)
+
+        @check
+        def gguf_stop_string_ends_the_answer_before_it():
+            whole = gguf.chat.completions.create(**ask, temperature=0).choices[0].message.reasoning_content
+            # A word that first occurs after the start, so something precedes it.
+            stop = next((w for w in whole.split() if whole.find(w) > 0), None)
+            assert stop, whole
+            r = gguf.chat.completions.create(**ask, temperature=0, stop=[stop])
+            got = r.choices[0].message.reasoning_content or ""
+            assert r.choices[0].finish_reason == "stop", r
+            assert stop not in got and whole.startswith(got.rstrip()), (got, stop, whole)
+
+        @check
+        def gguf_legacy_completion_is_plain_text():
+            r = gguf.completions.create(model="r1-gguf", prompt="def add(a, b):", max_tokens=8, temperature=0)
+            assert r.choices[0].text and r.usage.completion_tokens == 8, r
+
     passed = failed = 0
     try:
         for fn in checks:
@@ -248,7 +342,9 @@ def main():
                 print(f"FAIL {fn.__name__}")
                 traceback.print_exc()
     finally:
-        for proc in (server, local_server, mock):
+        for proc in (server, local_server, mock, gguf_server):
+            if proc is None:
+                continue
             proc.terminate()
             try:
                 proc.wait(timeout=10)

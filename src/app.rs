@@ -59,8 +59,18 @@ impl AppState {
         config.validate()?;
         let local: Option<(PathBuf, Arc<dyn Backend>)> = match &config.local.model {
             Some(model) => {
+                // Checked here so the error names the setting; the engine reads it later.
+                if let Some(template) = &config.local.chat_template
+                    && let Err(err) = std::fs::metadata(template)
+                {
+                    return Err(ConfigError::Invalid {
+                        key: "local.chat_template".into(),
+                        message: format!("{}: {err}", template.display()),
+                    });
+                }
                 let backend = LocalBackend::start(&LocalSettings {
                     model: model.clone(),
+                    chat_template: config.local.chat_template.clone(),
                     queue_capacity: config.local.queue_capacity,
                 })
                 .map_err(|err| ConfigError::Invalid {

@@ -26,6 +26,7 @@ fn tiny_gguf(dir: &Path, arch: Arch) -> PathBuf {
 async fn load_error(file: &Path) -> String {
     let backend = LocalBackend::start(&LocalSettings {
         model: file.to_path_buf(),
+        chat_template: None,
         queue_capacity: 1,
     });
     match backend {

@@ -335,6 +335,76 @@ fn broken_deepseek2_folders_name_the_tensor_or_the_setting() {
     );
 }
 
+/// `--chat-template`: a Jinja file, or another model's template, replaces the model's own
+/// and is rendered with this model's special tokens; a missing file names the setting.
+#[tokio::test]
+async fn a_chat_template_override_is_rendered_with_the_models_tokens() {
+    let dir = tiny_model(Arch::Qwen2);
+    let custom = "{{ bos_token }}Q: {% for m in messages %}{{ m.content }}{% endfor %}\nA:";
+    let tokenizer = lifeboat::engine::tiny::tiny_tokenizer().expect("tokenizer");
+    // trim_blocks (as Hugging Face renders) drops the newline after `{% endfor %}`.
+    let expected = format!("{}Q: Hello there, tiny modelA:", lifeboat::engine::tiny::BOS);
+    let expected_tokens = tokenizer.encode(expected, false).expect("encode").len();
+
+    // The template from a file, then the same template taken from another model folder.
+    let file = dir.path().join("custom.jinja");
+    std::fs::write(&file, custom).expect("write");
+    let donor = tiny_model(Arch::Llama);
+    let donor_config = donor.path().join("tokenizer_config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&donor_config).expect("read")).expect("json");
+    config["chat_template"] = json!(custom);
+    config["bos_token"] = json!("<unused-bos>");
+    std::fs::write(&donor_config, config.to_string()).expect("write");
+
+    for source in [file, donor.path().to_path_buf()] {
+        let (model, template) = (dir.path().to_path_buf(), source.clone());
+        let app = spawn_app_with(
+            MockSettings::default(),
+            move |c| {
+                c.remotes.clear();
+                c.local.model = Some(model);
+                c.local.served_model_name = Some(MODEL.into());
+                c.local.chat_template = Some(template);
+            },
+            HashMap::new(),
+        )
+        .await;
+        let mut ready = false;
+        for _ in 0..500 {
+            if app.get("/ready").await.status() == 200 {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            ready,
+            "{}",
+            app.get("/ready").await.text().await.unwrap_or_default()
+        );
+        let body = complete(&app, &chat(json!({}))).await;
+        assert_eq!(
+            body["usage"]["prompt_tokens"],
+            expected_tokens,
+            "{}: {body}",
+            source.display()
+        );
+    }
+
+    let mut config = lifeboat::config::Config::default();
+    config.local.model = Some(dir.path().to_path_buf());
+    config.local.chat_template = Some(dir.path().join("absent.jinja"));
+    let err = match lifeboat::app::AppState::from_config(&config, &HashMap::<String, String>::new()) {
+        Ok(_) => panic!("a missing chat template was accepted"),
+        Err(err) => err.to_string(),
+    };
+    assert!(
+        err.starts_with("local.chat_template: ") && err.contains("absent.jinja"),
+        "{err}"
+    );
+}
+
 fn request(max_tokens: u32) -> BackendRequest {
     BackendRequest {
         model: MODEL.into(),
@@ -355,6 +425,7 @@ async fn a_full_queue_is_rate_limited_and_a_dropped_client_frees_the_engine() {
     let dir = tiny_model(Arch::Qwen2);
     let backend = LocalBackend::start(&LocalSettings {
         model: dir.path().to_path_buf(),
+        chat_template: None,
         queue_capacity: 1,
     })
     .expect("starts");

@@ -59,6 +59,10 @@ pub struct MakeTinyArgs {
 pub struct InspectArgs {
     /// Model folder or `.gguf` file.
     pub path: PathBuf,
+    /// Print only the chat template's source (to edit it and pass it to
+    /// `serve --chat-template`).
+    #[arg(long)]
+    pub template: bool,
 }
 
 #[derive(Debug, Args)]
@@ -101,6 +105,13 @@ pub async fn run(command: ModelCommand) -> Result<(), CliError> {
         }
         ModelCommand::Inspect(args) => {
             let info = read_info(&args.path).map_err(|e| CliError::Usage(e.to_string()))?;
+            if args.template {
+                let template = info.template.as_ref().ok_or_else(|| {
+                    CliError::Usage(format!("{}: has no chat template", args.path.display()))
+                })?;
+                print!("{}", template.source());
+                return Ok(());
+            }
             let d = &info.dims;
             let params: usize = d
                 .expected_tensors()
@@ -172,6 +183,7 @@ pub async fn run(command: ModelCommand) -> Result<(), CliError> {
 async fn generate(args: GenerateArgs) -> Result<(), CliError> {
     let backend = LocalBackend::start(&LocalSettings {
         model: args.path.clone(),
+        chat_template: None,
         queue_capacity: 1,
     })
     .map_err(|e| CliError::Usage(e.to_string()))?;

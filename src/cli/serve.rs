@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// Name clients use for the local model [default: the file, folder or repo name].
     #[arg(long, env = "LIFEBOAT_SERVED_MODEL_NAME", value_name = "NAME")]
     pub served_model_name: Option<String>,
+    /// Chat template for the local model instead of its own: a Jinja file, or a .gguf
+    /// file or model folder to take the template from.
+    #[arg(long, env = "LIFEBOAT_CHAT_TEMPLATE", value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -65,6 +69,7 @@ impl ServeArgs {
                 remote_models: self.remote_model.clone(),
                 model: self.model.clone(),
                 served_model_name: self.served_model_name.clone(),
+                chat_template: self.chat_template.clone(),
             })
             .map_err(|e| CliError::Usage(e.to_string()))?;
         match config.local.model.as_deref() {

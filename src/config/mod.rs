@@ -110,6 +110,9 @@ pub struct LocalConfig {
     pub model: Option<PathBuf>,
     /// Name clients use for it; defaults to the folder name.
     pub served_model_name: Option<String>,
+    /// Chat template to use instead of the model's own: a Jinja file, or a `.gguf` file or
+    /// model folder whose template to take (e.g. a DeepSeek-R1 template for another model).
+    pub chat_template: Option<PathBuf>,
     /// Requests that may wait while one runs; beyond it, 429 with `Retry-After`. Default 16.
     pub queue_capacity: usize,
     /// Back up every remote route with this model (failover target). Default true.
@@ -121,6 +124,7 @@ impl Default for LocalConfig {
         LocalConfig {
             model: None,
             served_model_name: None,
+            chat_template: None,
             queue_capacity: 16,
             fallback: true,
         }
@@ -311,6 +315,7 @@ pub struct Overrides {
     pub remote_models: Vec<String>,
     pub model: Option<PathBuf>,
     pub served_model_name: Option<String>,
+    pub chat_template: Option<PathBuf>,
 }
 
 /// A configuration problem, always naming where it is.
@@ -368,6 +373,9 @@ impl Config {
         }
         if let Some(name) = &overrides.served_model_name {
             self.local.served_model_name = Some(name.clone());
+        }
+        if let Some(template) = &overrides.chat_template {
+            self.local.chat_template = Some(template.clone());
         }
         let touches_remote = overrides.remote_url.is_some()
             || overrides.remote_api_key_env.is_some()

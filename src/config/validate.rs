@@ -106,6 +106,12 @@ impl Config {
                 "is set but local.model (--model) is not",
             ));
         }
+        if self.local.chat_template.is_some() && self.local.model.is_none() {
+            return Err(ConfigError::invalid(
+                "local.chat_template",
+                "is set but local.model (--model) is not",
+            ));
+        }
         if let Some(name) = self.local.served_name()
             && !public.insert(name.clone())
         {

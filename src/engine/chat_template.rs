@@ -17,6 +17,7 @@ pub struct ChatTemplate {
     eos_token: String,
     /// The template mentions `<think>`: output may hold R1-style reasoning.
     pub uses_think: bool,
+    source: String,
 }
 
 impl ChatTemplate {
@@ -52,7 +53,18 @@ impl ChatTemplate {
             eos_token: eos_token.to_string(),
             // `<think>` when the prompt opens it, `</think>` alone when the model does.
             uses_think: source.contains("think>"),
+            source: source.to_string(),
         })
+    }
+
+    /// The template text.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The BOS and EOS token strings the template is rendered with.
+    pub fn special_tokens(&self) -> (&str, &str) {
+        (&self.bos_token, &self.eos_token)
     }
 
     /// Read `chat_template`, `bos_token` and `eos_token` from a `tokenizer_config.json`

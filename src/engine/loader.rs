@@ -66,14 +66,7 @@ pub fn check_source(source: &Path) -> Result<(), EngineError> {
         };
     }
     if !source.exists() {
-        let text = source.to_string_lossy();
-        let hint = if text.split('/').count() == 2 && !text.starts_with('.') && !text.starts_with('/') {
-            " (it looks like a Hugging Face repo id; downloading from the Hub is not implemented yet in this build: \
-             pass a local folder)"
-        } else {
-            ""
-        };
-        return Err(EngineError::load(source, format!("no such file or folder{hint}")));
+        return Err(EngineError::load(source, "no such file or folder"));
     }
     if !source.is_dir() {
         return Err(EngineError::load(source, "expected a model folder"));
@@ -213,6 +206,33 @@ fn read_folder_info(dir: &Path) -> Result<(ModelInfo, Value), EngineError> {
         },
         config,
     ))
+}
+
+/// A chat template for the model described by `info` from `source` (`--chat-template`):
+/// a `.gguf` file or model folder whose template to take, or a Jinja text file. It is
+/// rendered with this model's BOS/EOS tokens, not those of the model it came from.
+pub fn template_override(source: &Path, info: &ModelInfo) -> Result<ChatTemplate, EngineError> {
+    let text = if is_gguf(source) || source.is_dir() {
+        let donor = read_info(source)?;
+        donor
+            .template
+            .map(|t| t.source().to_string())
+            .ok_or_else(|| EngineError::load(source, "has no chat template to take"))?
+    } else {
+        std::fs::read_to_string(source)
+            .map_err(|e| EngineError::load(source, format!("cannot read the chat template: {e}")))?
+    };
+    let (bos, eos) = match &info.template {
+        Some(own) => {
+            let (bos, eos) = own.special_tokens();
+            (bos.to_string(), eos.to_string())
+        }
+        None => {
+            let name = |id: Option<u32>| id.and_then(|id| info.tokenizer.token(id)).unwrap_or_default();
+            (name(info.bos_id), name(info.eos_ids.first().copied()))
+        }
+    };
+    ChatTemplate::new(&text, &bos, &eos).map_err(|e| EngineError::load(source, e.to_string()))
 }
 
 /// Load a model folder or `.gguf` file onto `device`.

@@ -97,6 +97,8 @@ struct Shared {
 pub struct LocalSettings {
     /// Model folder, `.gguf` file or Hugging Face repo (see [`hub::ModelSpec`]).
     pub model: PathBuf,
+    /// A chat template to use instead of the model's (see [`loader::template_override`]).
+    pub chat_template: Option<PathBuf>,
     /// Requests waiting beyond the one running; more get 429.
     pub queue_capacity: usize,
 }
@@ -139,10 +141,11 @@ impl LocalBackend {
         let (jobs, receiver) = mpsc::channel(settings.queue_capacity.max(1));
         let thread_shared = shared.clone();
         let device = preferred_device();
+        let template = settings.chat_template.clone();
         tracing::info!(device = ?device.location(), "local engine device");
         std::thread::Builder::new()
             .name("lifeboat-engine".into())
-            .spawn(move || worker::run(spec, device, thread_shared, receiver))
+            .spawn(move || worker::run(spec, template, device, thread_shared, receiver))
             .map_err(|err| {
                 EngineError::load(&settings.model, format!("cannot start the engine thread: {err}"))
             })?;

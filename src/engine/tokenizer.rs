@@ -42,6 +42,11 @@ impl TextTokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The token string of `id` (for BOS/EOS names in a chat template).
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -4,6 +4,7 @@
 
 use std::{
     panic::AssertUnwindSafe,
+    path::PathBuf,
     sync::{Arc, Mutex},
 };
 
@@ -42,7 +43,13 @@ fn set_phase(shared: &Mutex<Phase>, phase: Phase) {
 }
 
 /// Run the engine thread until the job queue closes.
-pub(super) fn run(spec: ModelSpec, device: Device, shared: Arc<Shared>, mut jobs: mpsc::Receiver<Job>) {
+pub(super) fn run(
+    spec: ModelSpec,
+    template: Option<PathBuf>,
+    device: Device,
+    shared: Arc<Shared>,
+    mut jobs: mpsc::Receiver<Job>,
+) {
     // A Hub model is fetched here (or found in the cache), so the server is up meanwhile.
     let dir = match hub::resolve(&spec, true) {
         Ok(dir) => dir,
@@ -62,7 +69,18 @@ pub(super) fn run(spec: ModelSpec, device: Device, shared: Arc<Shared>, mut jobs
         }
     };
     let mut model = loaded.model;
-    let info = Arc::new(loaded.info);
+    let mut info = loaded.info;
+    if let Some(source) = template {
+        match loader::template_override(&source, &info) {
+            Ok(template) => info.template = Some(template),
+            Err(err) => {
+                tracing::error!(error = %err, "the chat template could not be used");
+                set_phase(&shared.phase, Phase::Failed(err.to_string()));
+                return;
+            }
+        }
+    }
+    let info = Arc::new(info);
     set_phase(&shared.phase, Phase::WarmingUp);
     // One forward pass so the first real request pays no first-touch costs.
     let warm = info.bos_id.unwrap_or(0);
