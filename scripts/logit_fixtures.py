@@ -18,7 +18,25 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-ARCHS = ["qwen2", "llama", "qwen3", "deepseek2"]
+ARCHS = ["qwen2", "llama", "qwen3", "deepseek2", "llama-linear", "llama-llama3"]
+# Variants: a tiny model of an architecture with config.json keys replaced (the Rust test
+# applies the same ones). deepseek-coder scales RoPE linearly, R1-Distill-Llama by llama3's
+# rule; these llama3 bounds put the tiny model's frequencies in all three of its bands.
+VARIANTS = {
+    "llama-linear": ("llama", {"rope_scaling": {"type": "linear", "factor": 4.0}}),
+    "llama-llama3": (
+        "llama",
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
+}
 SEED = 7
 PROMPT = [3, 17, 42, 99, 123, 7, 250, 11, 64, 5]
 DECODE = [33, 200, 9, 150]
@@ -29,13 +47,19 @@ def main() -> None:
     archs = sys.argv[4:] or ARCHS
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    for arch in archs:
-        model_dir = scratch / f"tiny-{arch}"
+    for name in archs:
+        arch, changes = VARIANTS.get(name, (name, {}))
+        model_dir = scratch / f"tiny-{name}"
         subprocess.run(
             [lifeboat, "model", "make-tiny", "--arch", arch, "--seed", str(SEED), "--out", str(model_dir)],
             check=True,
             capture_output=True,
         )
+        if changes:
+            config_path = model_dir / "config.json"
+            config = json.loads(config_path.read_text())
+            config.update(changes)
+            config_path.write_text(json.dumps(config))
         weights = (model_dir / "model.safetensors").read_bytes()
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         model.eval()
@@ -50,12 +74,13 @@ def main() -> None:
                 steps.append({"input": [token], "logits": out.logits[0, -1].tolist()})
         fixture = {
             "arch": arch,
+            "config_changes": changes,
             "seed": SEED,
             "weights_sha256": hashlib.sha256(weights).hexdigest(),
             "reference": f"transformers {transformers.__version__}, torch {torch.__version__}, CPU float32",
             "steps": steps,
         }
-        target = out_dir / f"tiny-{arch}.json"
+        target = out_dir / f"tiny-{name}.json"
         target.write_text(json.dumps(fixture) + "\n")
         print(f"wrote {target} ({len(steps)} steps, vocab {len(steps[0]['logits'])})")
 

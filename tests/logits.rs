@@ -24,14 +24,30 @@ fn check(arch: Arch) {
 }
 
 fn check_format(arch: Arch, format: Format) {
+    check_fixture(arch.short_name(), format);
+}
+
+/// Compare with `tests/fixtures/logits/tiny-{name}.json`: its architecture's tiny model,
+/// with the fixture's `config_changes` applied to config.json.
+fn check_fixture(name: &str, format: Format) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/logits")
-        .join(format!("tiny-{}.json", arch.short_name()));
+        .join(format!("tiny-{name}.json"));
     let fixture: Value =
         serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture")).expect("JSON");
+    let arch = Arch::from_short_name(fixture["arch"].as_str().expect("arch")).expect("known arch");
     let dir = tempfile::tempdir().expect("temp dir");
     let seed = fixture["seed"].as_u64().expect("seed");
     make_tiny(arch, dir.path(), seed).expect("tiny model");
+    if let Some(changes) = fixture["config_changes"].as_object() {
+        let config_path = dir.path().join("config.json");
+        let mut config: Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).expect("config")).expect("JSON");
+        for (key, value) in changes {
+            config[key] = value.clone();
+        }
+        std::fs::write(&config_path, config.to_string()).expect("write config");
+    }
     let weights = std::fs::read(dir.path().join("model.safetensors")).expect("weights");
     let digest: String = Sha256::digest(&weights)
         .iter()
@@ -88,11 +104,10 @@ fn check_format(arch: Arch, format: Format) {
             Format::Safetensors => "safetensors",
             Format::Gguf => "gguf",
         };
-        eprintln!("{} {label} step {step}: max |Δ| = {worst:e}", arch.short_name());
+        eprintln!("{name} {label} step {step}: max |Δ| = {worst:e}");
         assert!(
             worst <= TOLERANCE,
-            "{} {label}: step {step} logit {at} differs by {worst:e} (lifeboat {}, transformers {})",
-            arch.short_name(),
+            "{name} {label}: step {step} logit {at} differs by {worst:e} (lifeboat {}, transformers {})",
             logits[at],
             want[at]
         );
@@ -118,6 +133,18 @@ fn qwen3_logits_match_transformers() {
 #[test]
 fn deepseek2_logits_match_transformers() {
     check(Arch::DeepseekV2);
+}
+
+/// deepseek-coder's linear RoPE scaling, through candle's llama.
+#[test]
+fn llama_linear_rope_scaling_logits_match_transformers() {
+    check_fixture("llama-linear", Format::Safetensors);
+}
+
+/// DeepSeek-R1-Distill-Llama's llama3 RoPE scaling, all three frequency bands.
+#[test]
+fn llama_llama3_rope_scaling_logits_match_transformers() {
+    check_fixture("llama-llama3", Format::Safetensors);
 }
 
 #[test]

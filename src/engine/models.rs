@@ -240,6 +240,52 @@ impl CausalLm for Llama {
     }
 }
 
+/// The `type` (or `rope_type`) of `config.json`'s `rope_scaling`, if it has one.
+fn rope_scaling_type(config: &Value) -> Option<String> {
+    let scaling = config.get("rope_scaling").filter(|s| !s.is_null())?;
+    Some(
+        ["rope_type", "type"]
+            .iter()
+            .find_map(|key| scaling.get(*key).and_then(Value::as_str))
+            .unwrap_or("(no type)")
+            .to_string(),
+    )
+}
+
+/// candle's Qwen2/Qwen3 ignore `rope_scaling`; serving such a model unscaled would be
+/// silently wrong beyond its original context, so it is refused.
+fn refuse_rope_scaling(arch: Arch, config: &Value) -> Result<(), String> {
+    match rope_scaling_type(config) {
+        Some(kind) if kind != "default" => Err(format!(
+            "config.json: rope_scaling `{kind}` is not supported for {} (only unscaled RoPE)",
+            arch.class_name()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Remove a linear `rope_scaling` from a Llama config and return its factor; llama3 stays
+/// for candle, anything else is refused by name.
+fn take_linear_rope_scaling(config: &mut Value) -> Result<Option<f32>, String> {
+    match rope_scaling_type(config).as_deref() {
+        None | Some("llama3") | Some("default") => Ok(None),
+        Some("linear") => {
+            let factor = config["rope_scaling"]
+                .get("factor")
+                .and_then(Value::as_f64)
+                .filter(|f| *f >= 1.0)
+                .ok_or("config.json: rope_scaling.factor must be a number ≥ 1 for linear scaling")?;
+            if let Some(object) = config.as_object_mut() {
+                object.remove("rope_scaling");
+            }
+            Ok(Some(factor as f32))
+        }
+        Some(kind) => Err(format!(
+            "config.json: rope_scaling `{kind}` is not supported for LlamaForCausalLM (linear and llama3 are)"
+        )),
+    }
+}
+
 /// Build the model from checked tensors.
 pub fn build(
     arch: Arch,
@@ -252,20 +298,36 @@ pub fn build(
         |err: serde_json::Error| format!("config.json does not describe a {}: {err}", arch.class_name());
     let model: Box<dyn CausalLm> = match arch {
         Arch::Qwen2 => {
+            refuse_rope_scaling(arch, config)?;
             let cfg: qwen2::Config = serde_json::from_value(config.clone()).map_err(parse_error)?;
             Box::new(Qwen2(
                 qwen2::ModelForCausalLM::new(&cfg, vb).map_err(|e| e.to_string())?,
             ))
         }
         Arch::Qwen3 => {
+            refuse_rope_scaling(arch, config)?;
             let cfg: qwen3::Config = serde_json::from_value(config.clone()).map_err(parse_error)?;
             Box::new(Qwen3(
                 qwen3::ModelForCausalLM::new(&cfg, vb).map_err(|e| e.to_string())?,
             ))
         }
         Arch::Llama => {
-            let cfg: llama::LlamaConfig = serde_json::from_value(config.clone()).map_err(parse_error)?;
-            let cfg = cfg.into_config(false);
+            let mut config = config.clone();
+            let linear = take_linear_rope_scaling(&mut config)?;
+            let cfg: llama::LlamaConfig = serde_json::from_value(config).map_err(parse_error)?;
+            let mut cfg = cfg.into_config(false);
+            if let Some(factor) = linear {
+                // Linear scaling (deepseek-coder) divides every RoPE frequency by `factor`.
+                // candle's llama knows only the llama3 rule; with both wavelength bounds at
+                // zero every frequency falls in its "low" band, which is divided by `factor`.
+                cfg.rope_scaling = Some(llama::Llama3RopeConfig {
+                    factor,
+                    low_freq_factor: f32::INFINITY,
+                    high_freq_factor: f32::INFINITY,
+                    original_max_position_embeddings: cfg.max_position_embeddings,
+                    rope_type: llama::Llama3RopeType::Llama3,
+                });
+            }
             let cache = llama::Cache::new(true, dtype, &cfg, device).map_err(|e| e.to_string())?;
             Box::new(Llama {
                 model: llama::Llama::load(vb, &cfg).map_err(|e| e.to_string())?,
@@ -295,6 +357,26 @@ mod tests {
             err.contains("MambaForCausalLM") && err.contains("Qwen2ForCausalLM"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn rope_scaling_is_mapped_or_refused_by_name() {
+        let mut llama = serde_json::json!({"rope_scaling": {"type": "linear", "factor": 4.0}});
+        assert_eq!(take_linear_rope_scaling(&mut llama), Ok(Some(4.0)));
+        assert!(llama.get("rope_scaling").is_none(), "{llama}");
+        let mut llama3 = serde_json::json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}});
+        assert_eq!(take_linear_rope_scaling(&mut llama3), Ok(None));
+        assert!(llama3.get("rope_scaling").is_some());
+        let mut dynamic = serde_json::json!({"rope_scaling": {"type": "dynamic", "factor": 2.0}});
+        let err = take_linear_rope_scaling(&mut dynamic).expect_err("refused");
+        assert!(
+            err.contains("dynamic") && err.contains("linear and llama3"),
+            "{err}"
+        );
+        let qwen = serde_json::json!({"rope_scaling": {"type": "yarn", "factor": 4.0}});
+        let err = refuse_rope_scaling(Arch::Qwen2, &qwen).expect_err("refused");
+        assert!(err.contains("yarn") && err.contains("Qwen2ForCausalLM"), "{err}");
+        assert!(refuse_rope_scaling(Arch::Qwen3, &serde_json::json!({"rope_scaling": null})).is_ok());
     }
 
     #[test]
