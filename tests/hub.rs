@@ -107,7 +107,9 @@ fn lifeboat(hf_home: &Path, endpoint: &str) -> Command {
     command
         .env("HF_HOME", hf_home)
         .env("HF_ENDPOINT", endpoint)
-        .env_remove("HF_HUB_CACHE");
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_HUB_OFFLINE");
     command
 }
 
@@ -184,6 +186,39 @@ async fn pull_caches_and_works_offline_from_the_cache() {
         "{err}"
     );
     assert!(err.contains("scripts/fetch-test-models"), "{err}");
+
+    // HF_HUB_CACHE puts the cache elsewhere, as the Python tools do; HF_HUB_OFFLINE keeps
+    // lifeboat off the network even when the Hub answers.
+    let cache = tempfile::tempdir().expect("HF_HUB_CACHE");
+    let (home, cache_dir, hub_url) = (
+        hf_home.path().to_path_buf(),
+        cache.path().to_path_buf(),
+        hub.clone(),
+    );
+    let (moved, offline) = tokio::task::spawn_blocking(move || {
+        let output = lifeboat(&home, &hub_url)
+            .env("HF_HUB_CACHE", &cache_dir)
+            .args(["model", "pull", "lifeboat/tiny-GGUF:F32"])
+            .output()
+            .expect("runs");
+        let offline = lifeboat(&home, &hub_url)
+            .env("HF_HUB_CACHE", cache_dir.join("empty"))
+            .env("HF_HUB_OFFLINE", "1")
+            .args(["model", "pull", "lifeboat/tiny-GGUF:F32"])
+            .output()
+            .expect("runs");
+        (output, offline)
+    })
+    .await
+    .expect("join");
+    let moved = String::from_utf8_lossy(&moved.stdout).trim().to_string();
+    assert!(moved.starts_with(&cache.path().display().to_string()), "{moved}");
+    assert!(!offline.status.success());
+    let err = String::from_utf8_lossy(&offline.stderr);
+    assert!(
+        err.contains("lifeboat/tiny-GGUF") && err.contains("--model"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -180,8 +180,13 @@ fn read_dims(meta: &Meta<'_>, content: &Content) -> Result<(Arch, Dims), EngineE
             EngineError::load(
                 meta.path,
                 format!(
-                    "unsupported GGUF architecture `{name}`; lifeboat serves {} from GGUF",
-                    known.join(", ")
+                    "unsupported GGUF architecture `{name}`; lifeboat serves {} from GGUF{}",
+                    known.join(", "),
+                    if name == "deepseek2" {
+                        " (DeepSeek-V2 runs from its safetensors folder)"
+                    } else {
+                        ""
+                    }
                 ),
             )
         })?;

