@@ -1,0 +1,288 @@
+//! The local engine's speed, measured through its `Backend` as the server uses it: time to
+//! ready, prefill of a long prompt, single-stream decode, TTFT and aggregate decode at
+//! several concurrent streams, and peak RSS. `benches/engine.rs` prints it; the same
+//! figures for llama.cpp come from `scripts/bench-llamacpp`.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt;
+use serde::Serialize;
+
+use super::{LocalBackend, LocalSettings, loader};
+use crate::backend::{
+    Backend, BackendRequest, Endpoint, GenerationEvent, GenerationRequest, Prompt, SamplingParams,
+};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct EngineBenchOptions {
+    pub model: PathBuf,
+    /// Length of the prefill prompt, in the model's tokens.
+    pub prompt_tokens: usize,
+    /// Tokens generated for the single-stream decode figure.
+    pub decode_tokens: u32,
+    /// Concurrent stream counts for the TTFT / aggregate figures.
+    pub concurrency: Vec<usize>,
+    /// Prompt and output length of each concurrent stream.
+    pub stream_prompt_tokens: usize,
+    pub stream_tokens: u32,
+}
+
+impl Default for EngineBenchOptions {
+    fn default() -> Self {
+        EngineBenchOptions {
+            model: PathBuf::new(),
+            prompt_tokens: 512,
+            decode_tokens: 128,
+            concurrency: vec![1, 2, 4, 8],
+            stream_prompt_tokens: 64,
+            stream_tokens: 32,
+        }
+    }
+}
+
+/// The figures of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineBenchReport {
+    pub model: String,
+    pub ready_seconds: f64,
+    pub prefill_prompt_tokens: u64,
+    pub prefill_seconds: f64,
+    pub prefill_tokens_per_second: f64,
+    pub decode_tokens: u64,
+    pub decode_tokens_per_second: f64,
+    pub streams: Vec<StreamFigures>,
+    pub peak_rss_bytes: u64,
+}
+
+/// `concurrency` requests started together.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamFigures {
+    pub concurrency: usize,
+    pub ttft_median_ms: f64,
+    pub ttft_max_ms: f64,
+    /// All streams' output tokens over the wall time of the whole group.
+    pub aggregate_tokens_per_second: f64,
+}
+
+/// One request's timings.
+struct Timed {
+    first_output: Option<Duration>,
+    end: Duration,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+/// Text that the model's own tokenizer turns into about `tokens` tokens (whitespace-joined
+/// prose and code, repeated), so every engine sees the same prompt.
+pub fn prompt_of_length(
+    tokenizer: &super::tokenizer::TextTokenizer,
+    tokens: usize,
+) -> Result<String, String> {
+    const TEXT: &str = "The gateway answered slowly, so the local model took over. \
+        fn add(a: i32, b: i32) -> i32 { a + b } Numbers: 12 345 6789. \
+        Every request was counted, every token was billed, and nothing was lost. ";
+    let mut text = String::new();
+    let mut ids = Vec::new();
+    while ids.len() < tokens {
+        text.push_str(TEXT);
+        ids = tokenizer.encode(&text, false).map_err(|e| e.to_string())?;
+    }
+    ids.truncate(tokens);
+    tokenizer.decode(&ids).map_err(|e| e.to_string())
+}
+
+fn request(prompt: &str, max_tokens: u32) -> BackendRequest {
+    let mut request = GenerationRequest::chat(
+        "bench",
+        prompt,
+        SamplingParams {
+            max_tokens: Some(max_tokens),
+            temperature: Some(0.0),
+            ..SamplingParams::default()
+        },
+    );
+    // A raw text prompt: its length is exactly what was asked, with no template around it.
+    request.endpoint = Endpoint::Completions;
+    request.prompt = Prompt::Text(vec![prompt.to_string()]);
+    BackendRequest {
+        model: "bench".into(),
+        request: Arc::new(request),
+    }
+}
+
+async fn timed(backend: &LocalBackend, prompt: &str, max_tokens: u32) -> Result<Timed, String> {
+    let start = Instant::now();
+    let mut events = backend
+        .generate(request(prompt, max_tokens))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut timed = Timed {
+        first_output: None,
+        end: Duration::ZERO,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+    };
+    while let Some(event) = events.next().await {
+        match event.map_err(|e| e.to_string())? {
+            GenerationEvent::Delta(delta) => {
+                if timed.first_output.is_none() && delta.is_output() {
+                    timed.first_output = Some(start.elapsed());
+                }
+            }
+            GenerationEvent::Usage(usage) => {
+                timed.prompt_tokens = usage.prompt_tokens;
+                timed.completion_tokens = usage.completion_tokens;
+            }
+        }
+    }
+    timed.end = start.elapsed();
+    Ok(timed)
+}
+
+/// Peak resident memory of this process (`VmHWM`), in bytes; 0 where /proc is missing.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmHWM:"))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// Load the model and measure it; `progress` hears what is being measured.
+pub async fn run(options: &EngineBenchOptions, progress: impl Fn(&str)) -> Result<EngineBenchReport, String> {
+    if options.concurrency.contains(&0) {
+        return Err("--concurrency values must be at least 1".into());
+    }
+    let tokenizer = loader::read_info(&options.model)
+        .map_err(|e| e.to_string())?
+        .tokenizer;
+    let long_prompt = prompt_of_length(&tokenizer, options.prompt_tokens)?;
+    let short_prompt = prompt_of_length(&tokenizer, options.stream_prompt_tokens)?;
+
+    progress("loading");
+    let start = Instant::now();
+    let largest = options.concurrency.iter().copied().max().unwrap_or(1);
+    let backend = LocalBackend::start(&LocalSettings {
+        model: options.model.clone(),
+        chat_template: None,
+        queue_capacity: largest.max(1),
+    })
+    .map_err(|e| e.to_string())?;
+    backend.wait_ready().await?;
+    let ready_seconds = start.elapsed().as_secs_f64();
+
+    progress("prefill");
+    // One generated token: the time is the prompt's forward pass plus one sample.
+    let prefill = timed(&backend, &long_prompt, 1).await?;
+    progress("decode");
+    let decode = timed(&backend, &short_prompt, options.decode_tokens).await?;
+    let decode_span = decode
+        .end
+        .saturating_sub(decode.first_output.unwrap_or(decode.end))
+        .as_secs_f64();
+    let decode_tokens_per_second = if decode.completion_tokens > 1 && decode_span > 0.0 {
+        (decode.completion_tokens - 1) as f64 / decode_span
+    } else {
+        0.0
+    };
+
+    let mut streams = Vec::new();
+    for &concurrency in &options.concurrency {
+        progress(&format!("{concurrency} concurrent streams"));
+        let group_start = Instant::now();
+        let runs = futures_util::future::join_all(
+            (0..concurrency).map(|_| timed(&backend, &short_prompt, options.stream_tokens)),
+        )
+        .await;
+        let wall = group_start.elapsed().as_secs_f64();
+        let runs: Vec<Timed> = runs.into_iter().collect::<Result<_, _>>()?;
+        let mut ttfts: Vec<f64> = runs
+            .iter()
+            .map(|r| r.first_output.unwrap_or(r.end).as_secs_f64() * 1000.0)
+            .collect();
+        let tokens: u64 = runs.iter().map(|r| r.completion_tokens).sum();
+        let ttft_max_ms = ttfts.iter().copied().fold(0.0, f64::max);
+        streams.push(StreamFigures {
+            concurrency,
+            ttft_median_ms: median(&mut ttfts),
+            ttft_max_ms,
+            aggregate_tokens_per_second: tokens as f64 / wall,
+        });
+    }
+
+    let prefill_seconds = prefill.end.as_secs_f64();
+    Ok(EngineBenchReport {
+        model: options.model.display().to_string(),
+        ready_seconds,
+        prefill_prompt_tokens: prefill.prompt_tokens,
+        prefill_seconds,
+        prefill_tokens_per_second: prefill.prompt_tokens as f64 / prefill_seconds,
+        decode_tokens: decode.completion_tokens,
+        decode_tokens_per_second,
+        streams,
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+impl std::fmt::Display for EngineBenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "model            {}", self.model)?;
+        writeln!(f, "ready            {:.2} s", self.ready_seconds)?;
+        writeln!(
+            f,
+            "prefill          {:.1} tok/s ({} tokens in {:.2} s)",
+            self.prefill_tokens_per_second, self.prefill_prompt_tokens, self.prefill_seconds
+        )?;
+        writeln!(
+            f,
+            "decode           {:.2} tok/s ({} tokens, one stream)",
+            self.decode_tokens_per_second, self.decode_tokens
+        )?;
+        writeln!(f, "streams  TTFT median  TTFT max  aggregate tok/s")?;
+        for s in &self.streams {
+            writeln!(
+                f,
+                "{:>7}  {:>8.0} ms  {:>5.0} ms  {:>15.2}",
+                s.concurrency, s.ttft_median_ms, s.ttft_max_ms, s.aggregate_tokens_per_second
+            )?;
+        }
+        write!(f, "peak RSS         {:.2} GB", self.peak_rss_bytes as f64 / 1e9)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_have_the_asked_length_and_medians_are_middles() {
+        let tokenizer = super::super::tokenizer::TextTokenizer::from_tokenizer(
+            super::super::tiny::tiny_tokenizer().expect("tokenizer"),
+        );
+        let text = prompt_of_length(&tokenizer, 100).expect("prompt");
+        let ids = tokenizer.encode(&text, false).expect("encode");
+        // Decoding and re-encoding may merge one pair at the cut.
+        assert!((99..=100).contains(&ids.len()), "{}", ids.len());
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(peak_rss_bytes() > 0);
+    }
+}
