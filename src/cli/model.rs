@@ -96,12 +96,11 @@ pub async fn run(command: ModelCommand) -> Result<(), CliError> {
                 make_tiny(arch, &args.out, args.seed)
             };
             made.map_err(|e| CliError::Usage(e.to_string()))?;
-            println!(
-                "wrote a tiny {} model to {}",
+            emit(&format!(
+                "wrote a tiny {} model to {}\n",
                 arch.short_name(),
                 args.out.display()
-            );
-            Ok(())
+            ))
         }
         ModelCommand::Inspect(args) => {
             let info = read_info(&args.path).map_err(|e| CliError::Usage(e.to_string()))?;
@@ -109,57 +108,9 @@ pub async fn run(command: ModelCommand) -> Result<(), CliError> {
                 let template = info.template.as_ref().ok_or_else(|| {
                     CliError::Usage(format!("{}: has no chat template", args.path.display()))
                 })?;
-                print!("{}", template.source());
-                return Ok(());
+                return emit(template.source());
             }
-            let d = &info.dims;
-            let params: usize = d
-                .expected_tensors()
-                .iter()
-                .map(|(_, s)| s.iter().product::<usize>())
-                .sum();
-            println!(
-                "architecture  {} ({})",
-                info.arch.class_name(),
-                info.arch.short_name()
-            );
-            println!("parameters    {params} ({:.2} M)", params as f64 / 1e6);
-            println!(
-                "shape         {} layers, hidden {}, {} heads / {} kv heads, head dim {}, ffn {}",
-                d.layers, d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate
-            );
-            if let Some(m) = &d.mla {
-                println!(
-                    "attention     MLA: kv latent {}, q {}, rope dim {}, v dim {}",
-                    m.kv_lora_rank,
-                    m.q_lora_rank
-                        .map_or_else(|| "full rank".to_string(), |r| format!("rank {r}")),
-                    m.qk_rope_head_dim,
-                    m.v_head_dim
-                );
-                println!(
-                    "experts       {} routed ({} per token) + {} shared, width {}; {} dense layer(s) first",
-                    m.routed_experts,
-                    m.experts_per_token,
-                    m.shared_experts,
-                    m.moe_intermediate,
-                    m.first_dense_layers
-                );
-            }
-            println!("context       {} tokens", d.max_context);
-            println!(
-                "vocabulary    {} (tokenizer: {})",
-                d.vocab,
-                info.tokenizer.vocab_size()
-            );
-            println!("eos ids       {:?}", info.eos_ids);
-            let template = match &info.template {
-                None => "none".to_string(),
-                Some(t) if t.uses_think => "present, R1-style reasoning (<think>)".to_string(),
-                Some(_) => "present".to_string(),
-            };
-            println!("chat template {template}");
-            Ok(())
+            emit(&describe(&info))
         }
         ModelCommand::Generate(args) => generate(args).await,
         ModelCommand::Pull(args) => {
@@ -174,8 +125,7 @@ pub async fn run(command: ModelCommand) -> Result<(), CliError> {
                 .await
                 .map_err(|e| CliError::Runtime(format!("download task failed: {e}")))?
                 .map_err(|e| CliError::Runtime(e.to_string()))?;
-            println!("{}", path.display());
-            Ok(())
+            emit(&format!("{}\n", path.display()))
         }
     }
 }
@@ -238,4 +188,76 @@ async fn generate(args: GenerateArgs) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// What `model inspect` prints about a model.
+fn describe(info: &crate::engine::loader::ModelInfo) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let d = &info.dims;
+    let params: usize = d
+        .expected_tensors()
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    let _ = writeln!(
+        out,
+        "architecture  {} ({})",
+        info.arch.class_name(),
+        info.arch.short_name()
+    );
+    let _ = writeln!(out, "parameters    {params} ({:.2} M)", params as f64 / 1e6);
+    let _ = writeln!(
+        out,
+        "shape         {} layers, hidden {}, {} heads / {} kv heads, head dim {}, ffn {}",
+        d.layers, d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate
+    );
+    if let Some(m) = &d.mla {
+        let _ = writeln!(
+            out,
+            "attention     MLA: kv latent {}, q {}, rope dim {}, v dim {}",
+            m.kv_lora_rank,
+            m.q_lora_rank
+                .map_or_else(|| "full rank".to_string(), |r| format!("rank {r}")),
+            m.qk_rope_head_dim,
+            m.v_head_dim
+        );
+        let _ = writeln!(
+            out,
+            "experts       {} routed ({} per token) + {} shared, width {}; {} dense layer(s) first",
+            m.routed_experts, m.experts_per_token, m.shared_experts, m.moe_intermediate, m.first_dense_layers
+        );
+    }
+    let _ = writeln!(out, "context       {} tokens", d.max_context);
+    let _ = writeln!(
+        out,
+        "vocabulary    {} (tokenizer: {})",
+        d.vocab,
+        info.tokenizer.vocab_size()
+    );
+    let _ = writeln!(out, "eos ids       {:?}", info.eos_ids);
+    let weights: Vec<String> = info
+        .weight_types
+        .iter()
+        .map(|(kind, count)| format!("{kind} ×{count}"))
+        .collect();
+    let _ = writeln!(out, "weights       {}", weights.join(", "));
+    let _ = writeln!(out, "tokenizer     {}", info.tokenizer_source);
+    let template = match &info.template {
+        None => "none".to_string(),
+        Some(t) => format!("present; {}", t.variant()),
+    };
+    let _ = writeln!(out, "chat template {template}");
+    out
+}
+
+/// Write `text` to stdout; a reader that went away (`| head`) is not an error.
+fn emit(text: &str) -> Result<(), CliError> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(CliError::Runtime(format!("cannot write to stdout: {err}")))
+        }
+        _ => Ok(()),
+    }
 }

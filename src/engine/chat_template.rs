@@ -96,6 +96,21 @@ impl ChatTemplate {
         ChatTemplate::new(&source, &token("bos_token"), &token("eos_token")).map(Some)
     }
 
+    /// Which kind of template this is, for `model inspect`: whether R1 reasoning is opened
+    /// by the prompt (the output then holds only `</think>`) or written by the model.
+    pub fn variant(&self) -> &'static str {
+        let probe = self
+            .render(&[ChatMessage::text("user", "2+2?")], None)
+            .unwrap_or_default();
+        if probe.trim_end().ends_with("<think>") {
+            "R1, the prompt opens <think> (reasoning until </think>)"
+        } else if self.uses_think {
+            "R1, the model writes <think>…</think> itself"
+        } else {
+            "no reasoning markup"
+        }
+    }
+
     /// The prompt for `messages`, ending with the assistant's turn opened.
     pub fn render(&self, messages: &[ChatMessage], tools: Option<&Value>) -> Result<String, EngineError> {
         let messages: Vec<Value> = messages.iter().map(message_json).collect();

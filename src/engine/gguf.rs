@@ -5,12 +5,15 @@
 //! The layers run in lifeboat's own decoder ([`super::quantized`]), not candle-transformers'
 //! quantized models, whose RoPE table, scaling and attention fall short (see there).
 
-use std::{collections::HashMap, fs::File, io::BufReader, path::Path};
+use std::{collections::HashMap, fs::File, io::BufReader, path::Path, sync::Arc};
+
+use memmap2::Mmap;
 
 use candle_core::{
     Device, Tensor,
     quantized::{
         QMatMul, QTensor,
+        ggml_file::qtensor_from_ggml,
         gguf_file::{Content, Value},
     },
 };
@@ -21,7 +24,7 @@ use super::{
     gguf_tokenizer::{self, GgufVocab, PreTokenizer},
     loader::{Loaded, ModelInfo},
     models::{Arch, Dims},
-    quantized::{BlockWeights, DecoderConfig, QuantizedDecoder},
+    quantized::{BlockWeights, DecoderConfig, QuantizedDecoder, TokenEmbedding},
     tokenizer::TextTokenizer,
 };
 
@@ -375,6 +378,10 @@ fn info_from_header(path: &Path, header: &Header) -> Result<ModelInfo, EngineErr
     };
     let (arch, dims) = read_dims(&meta, &header.content)?;
     let text = read_tokenizer(&meta)?;
+    let mut weight_types = std::collections::BTreeMap::new();
+    for info in header.content.tensor_infos.values() {
+        *weight_types.entry(format!("{:?}", info.ggml_dtype)).or_insert(0) += 1;
+    }
     Ok(ModelInfo {
         arch,
         dims,
@@ -382,6 +389,13 @@ fn info_from_header(path: &Path, header: &Header) -> Result<ModelInfo, EngineErr
         template: text.template,
         eos_ids: text.eos_ids,
         bos_id: text.bos_id,
+        weight_types,
+        tokenizer_source: format!(
+            "GGUF metadata (tokenizer.ggml.pre {})",
+            meta.get("tokenizer.ggml.pre")
+                .and_then(|_| meta.string("tokenizer.ggml.pre").ok())
+                .unwrap_or("(none: default)")
+        ),
     })
 }
 
@@ -464,11 +478,13 @@ fn decoder_config(
     })
 }
 
-/// Reads tensors of an open GGUF file, naming the tensor in every error.
+/// Reads tensors of a memory-mapped GGUF file, naming the tensor in every error. Each
+/// tensor is copied once, from the page cache into its own storage (reading through a
+/// buffer first would copy it twice and fault in twice the memory).
 struct TensorReader<'a> {
     path: &'a Path,
     content: &'a Content,
-    reader: BufReader<File>,
+    map: &'a Mmap,
     device: &'a Device,
 }
 
@@ -478,9 +494,24 @@ impl TensorReader<'_> {
     }
 
     fn qtensor(&mut self, name: &str) -> Result<QTensor, EngineError> {
-        self.content
-            .tensor(&mut self.reader, name, self.device)
-            .map_err(|e| self.err(name, e))
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| EngineError::load(self.path, format!("missing tensor {name}")))?;
+        let dtype = info.ggml_dtype;
+        let bytes = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        let start = usize::try_from(self.content.tensor_data_offset + info.offset).unwrap_or(usize::MAX);
+        let raw = start
+            .checked_add(bytes)
+            .and_then(|end| self.map.get(start..end))
+            .ok_or_else(|| {
+                EngineError::load(
+                    self.path,
+                    format!("tensor {name}: its data ends past the end of the file (truncated?)"),
+                )
+            })?;
+        qtensor_from_ggml(dtype, raw, info.shape.dims().to_vec(), self.device).map_err(|e| self.err(name, e))
     }
 
     /// Small tensors (norms, biases, embeddings) in f32.
@@ -504,10 +535,16 @@ fn build_decoder(
     device: &Device,
 ) -> Result<QuantizedDecoder, EngineError> {
     let Header { content, reader, .. } = header;
+    // The one unsafe block of the crate. Safety: the map is only read, and only while this
+    // function runs; like llama.cpp and candle, lifeboat assumes nobody truncates a model
+    // file while it loads (the bounds of every tensor are checked against the map).
+    #[allow(unsafe_code)]
+    let map = unsafe { Mmap::map(reader.get_ref()) }
+        .map_err(|e| EngineError::load(path, format!("cannot memory-map: {e}")))?;
     let mut tensors = TensorReader {
         path,
         content: &content,
-        reader,
+        map: &map,
         device,
     };
     let meta = Meta {
@@ -526,13 +563,15 @@ fn build_decoder(
         None
     };
     let config = decoder_config(&meta, info, freq_factors)?;
-    let embeddings = tensors.dense("token_embd.weight")?;
-    let output_name = if content.tensor_infos.contains_key("output.weight") {
-        "output.weight"
+    let table = Arc::new(tensors.qtensor("token_embd.weight")?);
+    let embeddings =
+        TokenEmbedding::new(table.clone(), device).map_err(|e| tensors.err("token_embd.weight", e))?;
+    // Tied embeddings: the output layer multiplies by the same quantized table.
+    let output = if content.tensor_infos.contains_key("output.weight") {
+        tensors.matmul("output.weight")?
     } else {
-        "token_embd.weight"
+        QMatMul::from_arc(table).map_err(|e| tensors.err("token_embd.weight", e))?
     };
-    let output = tensors.matmul(output_name)?;
     let norm = tensors.dense("output_norm.weight")?;
     let mut blocks = Vec::with_capacity(info.dims.layers);
     for layer in 0..info.dims.layers {

@@ -4,7 +4,7 @@
 //! to [`super::gguf`].
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
 };
 
@@ -28,6 +28,10 @@ pub struct ModelInfo {
     pub template: Option<ChatTemplate>,
     pub eos_ids: Vec<u32>,
     pub bos_id: Option<u32>,
+    /// How the weights are stored: tensor counts per dtype or quant type.
+    pub weight_types: BTreeMap<String, usize>,
+    /// Where the tokenizer comes from and which pre-tokenizer it uses.
+    pub tokenizer_source: String,
 }
 
 /// A loaded model and its facts.
@@ -97,6 +101,36 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
         return Err(EngineError::load(dir, "no *.safetensors weights in this folder"));
     }
     Ok(files)
+}
+
+/// Tensor counts per dtype, from the safetensors headers alone (the weights are not read).
+fn safetensors_dtypes(files: &[PathBuf]) -> BTreeMap<String, usize> {
+    use std::io::Read;
+    let mut counts = BTreeMap::new();
+    for file in files {
+        let header = std::fs::File::open(file).ok().and_then(|mut f| {
+            let mut len = [0u8; 8];
+            f.read_exact(&mut len).ok()?;
+            // A header over 100 MB is not a safetensors file; the loader says so.
+            let len = usize::try_from(u64::from_le_bytes(len))
+                .ok()
+                .filter(|l| *l < 100 << 20)?;
+            let mut text = vec![0u8; len];
+            f.read_exact(&mut text).ok()?;
+            serde_json::from_slice::<Value>(&text).ok()
+        });
+        if let Some(Value::Object(tensors)) = header {
+            for (name, tensor) in tensors {
+                if let (false, Some(dtype)) = (
+                    name == "__metadata__",
+                    tensor.get("dtype").and_then(Value::as_str),
+                ) {
+                    *counts.entry(dtype.to_lowercase()).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+    counts
 }
 
 /// Tensors by name, and the file each came from (for error messages).
@@ -178,7 +212,18 @@ fn read_folder_info(dir: &Path) -> Result<(ModelInfo, Value), EngineError> {
         .unwrap_or_default();
     let arch = Arch::from_architectures(&architectures).map_err(|m| EngineError::load(&config_path, m))?;
     let dims = Dims::from_config(arch, &config).map_err(|m| EngineError::load(&config_path, m))?;
-    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let tokenizer_path = dir.join("tokenizer.json");
+    let tokenizer = TextTokenizer::from_file(&tokenizer_path)?;
+    let tokenizer_source = std::fs::read_to_string(&tokenizer_path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        .and_then(|json| {
+            json.get("pre_tokenizer")
+                .and_then(|p| p.get("type"))
+                .and_then(Value::as_str)
+                .map(|kind| format!("tokenizer.json (pre-tokenizer {kind})"))
+        })
+        .unwrap_or_else(|| "tokenizer.json".to_string());
     let tokenizer_config_path = dir.join("tokenizer_config.json");
     let tokenizer_config = if tokenizer_config_path.exists() {
         Some(read_json(&tokenizer_config_path)?)
@@ -203,6 +248,10 @@ fn read_folder_info(dir: &Path) -> Result<(ModelInfo, Value), EngineError> {
             template,
             eos_ids,
             bos_id,
+            weight_types: weight_files(dir)
+                .map(|f| safetensors_dtypes(&f))
+                .unwrap_or_default(),
+            tokenizer_source,
         },
         config,
     ))

@@ -6,7 +6,12 @@
 //! kernel, 2.6e-4 off the reference on the tiny model), and a preallocated KV cache that
 //! grows by doubling instead of concatenating every step.
 
-use candle_core::{DType, Device, Module, Tensor, quantized::QMatMul};
+use std::sync::Arc;
+
+use candle_core::{
+    DType, Device, Module, Tensor,
+    quantized::{QMatMul, QTensor, ggml_file::qtensor_from_ggml},
+};
 use candle_nn::Embedding;
 
 use super::models::{Arch, CausalLm};
@@ -44,6 +49,54 @@ pub struct BlockWeights {
     pub gate: QMatMul,
     pub up: QMatMul,
     pub down: QMatMul,
+}
+
+/// The token embedding table. On the CPU it stays in its GGUF quant type and only the
+/// looked-up rows are dequantized (a 1.5B model's table is 0.93 GB in f32, ~0.2 GB as
+/// stored, and usually the same tensor as the output layer); on a GPU it is dense.
+#[derive(Debug)]
+pub enum TokenEmbedding {
+    Dense(Embedding),
+    Quantized { table: Arc<QTensor>, hidden: usize },
+}
+
+impl TokenEmbedding {
+    /// The table `[vocab, hidden]`, kept quantized on the CPU.
+    pub fn new(table: Arc<QTensor>, device: &Device) -> candle_core::Result<TokenEmbedding> {
+        let (_, hidden) = table.shape().dims2()?;
+        if device.is_cpu() && hidden % table.dtype().block_size() == 0 {
+            Ok(TokenEmbedding::Quantized { table, hidden })
+        } else {
+            Ok(TokenEmbedding::Dense(Embedding::new(
+                table.dequantize(device)?,
+                hidden,
+            )))
+        }
+    }
+
+    /// `[b, t]` token ids → `[b, t, hidden]` f32.
+    pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (table, hidden) = match self {
+            TokenEmbedding::Dense(embedding) => return embedding.forward(ids),
+            TokenEmbedding::Quantized { table, hidden } => (table, *hidden),
+        };
+        let dtype = table.dtype();
+        let row_bytes = hidden / dtype.block_size() * dtype.type_size();
+        let vocab = table.shape().dims()[0];
+        let data = table.data()?;
+        let mut rows = Vec::with_capacity(ids.elem_count());
+        for id in ids.flatten_all()?.to_vec1::<u32>()? {
+            let id = id as usize;
+            if id >= vocab {
+                candle_core::bail!("token id {id} is outside the vocabulary of {vocab}");
+            }
+            let raw = &data[id * row_bytes..(id + 1) * row_bytes];
+            rows.push(qtensor_from_ggml(dtype, raw, vec![hidden], &Device::Cpu)?.dequantize(&Device::Cpu)?);
+        }
+        let mut shape = ids.dims().to_vec();
+        shape.push(hidden);
+        Tensor::stack(&rows, 0)?.reshape(shape)
+    }
 }
 
 /// Keys and values of one block, in a buffer that doubles when full.
@@ -96,7 +149,7 @@ impl KvCache {
 #[derive(Debug)]
 pub struct QuantizedDecoder {
     config: DecoderConfig,
-    embed: Embedding,
+    embed: TokenEmbedding,
     blocks: Vec<BlockWeights>,
     caches: Vec<KvCache>,
     norm: Tensor,
@@ -130,16 +183,16 @@ fn rope_tables(config: &DecoderConfig, device: &Device) -> candle_core::Result<(
 impl QuantizedDecoder {
     pub fn new(
         config: DecoderConfig,
-        embeddings: Tensor,
+        embed: TokenEmbedding,
         blocks: Vec<BlockWeights>,
         norm: Tensor,
         output: QMatMul,
     ) -> candle_core::Result<QuantizedDecoder> {
-        let device = embeddings.device().clone();
+        let device = norm.device().clone();
         let (cos, sin) = rope_tables(&config, &device)?;
         let caches = blocks.iter().map(|_| KvCache::default()).collect();
         Ok(QuantizedDecoder {
-            embed: Embedding::new(embeddings, config.hidden),
+            embed,
             config,
             blocks,
             caches,

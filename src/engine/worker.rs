@@ -60,6 +60,7 @@ pub(super) fn run(
         }
     };
     set_phase(&shared.phase, Phase::Loading);
+    let load_start = std::time::Instant::now();
     let loaded = match loader::load(&dir, &device) {
         Ok(loaded) => loaded,
         Err(err) => {
@@ -81,6 +82,7 @@ pub(super) fn run(
         }
     }
     let info = Arc::new(info);
+    let loaded_in = load_start.elapsed();
     set_phase(&shared.phase, Phase::WarmingUp);
     // One forward pass so the first real request pays no first-touch costs.
     let warm = info.bos_id.unwrap_or(0);
@@ -94,7 +96,13 @@ pub(super) fn run(
     model.clear_kv_cache();
     let _ = shared.info.set(info.clone());
     set_phase(&shared.phase, Phase::Ready);
-    tracing::info!(model = %dir.display(), arch = info.arch.short_name(), "local model ready");
+    tracing::info!(
+        model = %dir.display(),
+        arch = info.arch.short_name(),
+        load_ms = loaded_in.as_millis() as u64,
+        warm_up_ms = (load_start.elapsed() - loaded_in).as_millis() as u64,
+        "local model ready"
+    );
 
     while let Some(job) = jobs.blocking_recv() {
         let events = job.events.clone();
