@@ -6,7 +6,7 @@ mod common;
 
 use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
-use common::{TestApp, read_sse, spawn_app_with, spawn_local_app};
+use common::{TestApp, read_sse, spawn_app_with, spawn_local_app, spawn_local_app_with};
 use futures_util::StreamExt;
 use lifeboat::{
     backend::{Backend, BackendRequest, ChatMessage, ErrorKind, GenerationRequest, SamplingParams},
@@ -358,31 +358,11 @@ async fn a_chat_template_override_is_rendered_with_the_models_tokens() {
     std::fs::write(&donor_config, config.to_string()).expect("write");
 
     for source in [file, donor.path().to_path_buf()] {
-        let (model, template) = (dir.path().to_path_buf(), source.clone());
-        let app = spawn_app_with(
-            MockSettings::default(),
-            move |c| {
-                c.remotes.clear();
-                c.local.model = Some(model);
-                c.local.served_model_name = Some(MODEL.into());
-                c.local.chat_template = Some(template);
-            },
-            HashMap::new(),
-        )
+        let template = source.clone();
+        let app = spawn_local_app_with(dir.path(), MODEL, move |c| {
+            c.local.chat_template = Some(template);
+        })
         .await;
-        let mut ready = false;
-        for _ in 0..500 {
-            if app.get("/ready").await.status() == 200 {
-                ready = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(
-            ready,
-            "{}",
-            app.get("/ready").await.text().await.unwrap_or_default()
-        );
         let body = complete(&app, &chat(json!({}))).await;
         assert_eq!(
             body["usage"]["prompt_tokens"],

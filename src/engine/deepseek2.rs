@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::deepseek2;
 use serde_json::Value;
 
-use super::models::CausalLm;
+use super::models::{CausalLm, field};
 
 /// The MLA and MoE dimensions of a DeepSeek-V2 model, from `config.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,14 +32,6 @@ pub struct MlaMoe {
     pub first_dense_layers: usize,
     /// Every this many layers (after the dense ones) is a MoE layer.
     pub moe_layer_freq: usize,
-}
-
-fn field(config: &Value, key: &str) -> Result<usize, String> {
-    config
-        .get(key)
-        .and_then(Value::as_u64)
-        .map(|v| v as usize)
-        .ok_or_else(|| format!("config.json: `{key}` is missing or not a positive integer"))
 }
 
 fn optional(config: &Value, key: &str, default: usize) -> Result<usize, String> {

@@ -90,7 +90,8 @@ pub struct Dims {
     pub mla: Option<MlaMoe>,
 }
 
-fn field(config: &Value, key: &str) -> Result<usize, String> {
+/// A positive integer of `config.json`, or an error naming the key.
+pub(super) fn field(config: &Value, key: &str) -> Result<usize, String> {
     config
         .get(key)
         .and_then(Value::as_u64)

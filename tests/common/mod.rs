@@ -180,6 +180,15 @@ pub async fn read_sse(response: reqwest::Response) -> SseBody {
 
 /// lifeboat serving only the local `model` as `served_name`, once `/ready` says 200.
 pub async fn spawn_local_app(model: &std::path::Path, served_name: &str) -> TestApp {
+    spawn_local_app_with(model, served_name, |_| {}).await
+}
+
+/// [`spawn_local_app`] with more of the config changed by `more`.
+pub async fn spawn_local_app_with(
+    model: &std::path::Path,
+    served_name: &str,
+    more: impl FnOnce(&mut lifeboat::config::Config) + Send + 'static,
+) -> TestApp {
     let model = model.to_path_buf();
     let served_name = served_name.to_string();
     let app = spawn_app_with(
@@ -188,6 +197,7 @@ pub async fn spawn_local_app(model: &std::path::Path, served_name: &str) -> Test
             config.remotes.clear();
             config.local.model = Some(model);
             config.local.served_model_name = Some(served_name);
+            more(config);
         },
         HashMap::new(),
     )
