@@ -319,3 +319,68 @@ fn sighup_reloads_the_config_file_and_a_bad_file_changes_nothing() {
     assert_eq!(server.terminate(), 0);
     assert_eq!(mock.terminate(), 0);
 }
+
+/// `mock-upstream --ttft-median …` answers with a gateway's latency; a profile that cannot
+/// be drawn from is refused with the flag named.
+#[test]
+fn mock_upstream_latency_profile_delays_answers_and_refuses_bad_profiles() {
+    // p95 = median and one rate: every request waits 200 ms, then 4 gaps of 1/50 s.
+    let (_mock, api, _admin) = spawn_mock(
+        &[
+            "--ttft-median",
+            "200ms",
+            "--ttft-p95",
+            "200ms",
+            "--tokens-per-second",
+            "50",
+            "--tokens",
+            "5",
+        ],
+        &[],
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    lifeboat::upstream::install_crypto_provider();
+    let elapsed = runtime.block_on(async {
+        let chat =
+            serde_json::json!({"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}]});
+        let start = std::time::Instant::now();
+        let response = reqwest::Client::new()
+            .post(format!("{api}/chat/completions"))
+            .json(&chat)
+            .send()
+            .await
+            .expect("chat");
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["usage"]["completion_tokens"], 5, "{body}");
+        start.elapsed()
+    });
+    assert!(elapsed >= Duration::from_millis(280), "{elapsed:?}");
+
+    for (args, needle) in [
+        (&["--ttft-median", "500ms", "--ttft-p95", "100ms"][..], "p95"),
+        (
+            &["--ttft-median", "300ms", "--tokens-per-second", "fast"][..],
+            "--tokens-per-second",
+        ),
+        (&["--ttft-p95", "300ms"][..], "--ttft-median"),
+    ] {
+        let output = lifeboat()
+            .args([
+                "mock-upstream",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args(args)
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
