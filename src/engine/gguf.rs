@@ -12,7 +12,7 @@ use memmap2::Mmap;
 use candle_core::{
     Device, Tensor,
     quantized::{
-        QMatMul, QTensor,
+        GgmlDType, QMatMul, QTensor,
         ggml_file::qtensor_from_ggml,
         gguf_file::{Content, Value},
     },
@@ -522,8 +522,28 @@ impl TensorReader<'_> {
 
     /// Weight matrices stay quantized.
     fn matmul(&mut self, name: &str) -> Result<QMatMul, EngineError> {
-        let q = self.qtensor(name)?;
+        let q = self.weight(name)?;
         QMatMul::from_qtensor(q).map_err(|e| self.err(name, e))
+    }
+
+    /// A weight matrix in a type with a fast CPU kernel. candle multiplies Q4_1, Q5_0,
+    /// Q5_1 and Q8_1 with scalar code (about 5× slower than llama.cpp here); on the CPU
+    /// they are requantized to Q8_0 at load, which has SIMD kernels. Q8_0 keeps 8 bits
+    /// per weight where these keep 4–5, so the rounding it adds is far below theirs; the
+    /// cost is memory (8.5 instead of 5–6 bits per weight for those tensors) and load time.
+    fn weight(&mut self, name: &str) -> Result<QTensor, EngineError> {
+        let q = self.qtensor(name)?;
+        let slow = matches!(
+            q.dtype(),
+            GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1
+        );
+        let row = q.shape().dims().last().copied().unwrap_or(0);
+        if !(slow && self.device.is_cpu() && row % GgmlDType::Q8_0.block_size() == 0) {
+            return Ok(q);
+        }
+        q.dequantize(self.device)
+            .and_then(|dense| QTensor::quantize(&dense, GgmlDType::Q8_0))
+            .map_err(|e| self.err(name, e))
     }
 }
 
@@ -563,7 +583,7 @@ fn build_decoder(
         None
     };
     let config = decoder_config(&meta, info, freq_factors)?;
-    let table = Arc::new(tensors.qtensor("token_embd.weight")?);
+    let table = Arc::new(tensors.weight("token_embd.weight")?);
     let embeddings =
         TokenEmbedding::new(table.clone(), device).map_err(|e| tensors.err("token_embd.weight", e))?;
     // Tied embeddings: the output layer multiplies by the same quantized table.
