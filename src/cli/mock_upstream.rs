@@ -7,9 +7,7 @@ use clap::Args;
 use tokio::net::TcpListener;
 
 use super::CliError;
-use crate::mock_upstream::{
-    FaultMode, LatencyProfile, MockSettings, MockUpstream, admin_app, parse_rate_range,
-};
+use crate::mock_upstream::{FaultMode, MockSettings, MockUpstream, admin_app};
 
 #[derive(Debug, Args)]
 pub struct MockUpstreamArgs {
@@ -31,19 +29,6 @@ pub struct MockUpstreamArgs {
     /// Tokens per answer.
     #[arg(long, default_value_t = 16)]
     pub tokens: u32,
-    /// A hosted gateway's latency instead of the fixed delays: the median time to first
-    /// token, e.g. 340ms (log-normal per request; see --ttft-p95, --tokens-per-second).
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    pub ttft_median: Option<Duration>,
-    /// 95th percentile of the time to first token [default: the median].
-    #[arg(long, value_parser = humantime::parse_duration, requires = "ttft_median", value_name = "DURATION")]
-    pub ttft_p95: Option<Duration>,
-    /// Tokens per second of a stream, LOW-HIGH (uniform per request) or one rate.
-    #[arg(long, default_value = "30-60", value_name = "RATE")]
-    pub tokens_per_second: String,
-    /// Seed of the latency draws, for repeatable runs.
-    #[arg(long, default_value_t = 0)]
-    pub latency_seed: u64,
     /// Starting fault mode.
     #[arg(long, default_value = "none")]
     pub fault: FaultMode,
@@ -68,21 +53,7 @@ pub async fn run(args: MockUpstreamArgs) -> Result<(), CliError> {
         })?),
         None => None,
     };
-    let latency = match args.ttft_median {
-        Some(median) => {
-            let rates = parse_rate_range(&args.tokens_per_second)
-                .map_err(|e| CliError::Usage(format!("--tokens-per-second: {e}")))?;
-            let profile =
-                LatencyProfile::new(median, args.ttft_p95.unwrap_or(median), rates, args.latency_seed)
-                    .map_err(|e| {
-                        CliError::Usage(format!("--ttft-median/--ttft-p95/--tokens-per-second: {e}"))
-                    })?;
-            Some(profile)
-        }
-        None => None,
-    };
     let settings = MockSettings {
-        latency,
         models: args.models.clone(),
         first_token_delay: args.first_token_delay,
         inter_token_delay: args.inter_token_delay,

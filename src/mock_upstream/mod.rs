@@ -3,7 +3,7 @@
 //!
 //! It answers `/v1/chat/completions`, `/v1/completions` and `/v1/models` (streaming and not,
 //! with usage) with deterministic text, with configurable first-token delay, inter-token
-//! delay and length, or per-request delays drawn from a hosted gateway's latency profile. A fault mode, switched at runtime through [`MockUpstream::set_fault`]
+//! delay and length. A fault mode, switched at runtime through [`MockUpstream::set_fault`]
 //! or `POST /_mock/fault`, makes it misbehave the way real gateways do; it counts the
 //! requests it saw in each mode so tests can assert how many upstream calls were made.
 
@@ -35,10 +35,8 @@ use tokio::{
     sync::{oneshot, watch},
 };
 
-mod latency;
 mod responses;
 
-pub use latency::{LatencyProfile, parse_rate_range};
 use responses::error_response;
 pub use responses::{mock_text, mock_token};
 
@@ -136,9 +134,6 @@ pub struct MockSettings {
     pub first_token_delay: Duration,
     /// Delay between tokens. Default 0.
     pub inter_token_delay: Duration,
-    /// When set, each request draws its first-token and inter-token delays from this
-    /// profile instead of the two fixed delays above. Default none.
-    pub latency: Option<LatencyProfile>,
     /// Completion length when `max_tokens` does not cut it. Default 16.
     pub tokens: u32,
     /// `Retry-After` of `http429`. Default 1 s.
@@ -162,7 +157,6 @@ impl Default for MockSettings {
             models: vec!["deepseek-chat".to_string()],
             first_token_delay: Duration::ZERO,
             inter_token_delay: Duration::ZERO,
-            latency: None,
             tokens: 16,
             retry_after: Duration::from_secs(1),
             cut_after: 3,
@@ -191,8 +185,6 @@ struct Inner {
     remaining: Option<u64>,
     counts: BTreeMap<FaultMode, u64>,
     recent: VecDeque<RecordedRequest>,
-    /// Draws of the latency profile, seeded from it; made on the first request.
-    latency_rng: Option<rand::rngs::StdRng>,
 }
 
 #[derive(Debug)]
@@ -233,12 +225,7 @@ impl Shared {
             body: body.clone(),
             mode,
         });
-        let mut settings = inner.settings.clone();
-        if let Some(profile) = &settings.latency {
-            let rng = inner.latency_rng.get_or_insert_with(|| profile.rng());
-            (settings.first_token_delay, settings.inter_token_delay) = profile.draw(rng);
-        }
-        (mode, settings)
+        (mode, inner.settings.clone())
     }
 }
 
@@ -269,7 +256,6 @@ impl MockUpstream {
                 remaining: None,
                 counts: BTreeMap::new(),
                 recent: VecDeque::new(),
-                latency_rng: None,
             }),
             kill_connections,
         });
