@@ -14,6 +14,8 @@
 //! - [`upstream`]: the remote gateway over reqwest, SSE parsing, error classification.
 //! - [`engine`]: the local model on candle: loader, tokenizer, chat template, sampler,
 //!   the engine thread, and the tiny test model.
+//! - [`bench`]: `lifeboat bench`: latency, throughput, errors and $/MTok of any
+//!   OpenAI-compatible target, written as JSON, Markdown and SVG charts.
 //! - [`metrics`]: metric names with units, Prometheus rendering.
 //! - [`mock_upstream`]: the scriptable fake gateway for tests, benches and the CLI.
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
@@ -21,6 +23,7 @@
 pub mod api;
 pub mod app;
 pub mod backend;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod engine;

@@ -7,7 +7,7 @@ use clap::Args;
 use tokio::net::TcpListener;
 
 use super::CliError;
-use crate::mock_upstream::{FaultMode, MockSettings, MockUpstream, admin_app};
+use crate::mock_upstream::{FaultMode, LatencyProfile, MockSettings, MockUpstream, admin_app};
 
 #[derive(Debug, Args)]
 pub struct MockUpstreamArgs {
@@ -41,6 +41,20 @@ pub struct MockUpstreamArgs {
     /// First-token delay in slow mode.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
     pub slow_first_token: Duration,
+    /// Draw each request's first-token delay from a log-normal distribution with this
+    /// median (e.g. 340ms) instead of --first-token-delay; needs --ttft-p95.
+    #[arg(long, value_parser = humantime::parse_duration, requires = "ttft_p95")]
+    pub ttft_median: Option<Duration>,
+    /// 95th percentile of the random first-token delay (e.g. 900ms).
+    #[arg(long, value_parser = humantime::parse_duration, requires = "ttft_median")]
+    pub ttft_p95: Option<Duration>,
+    /// Per-stream token rate range in tokens/s, drawn uniformly per request with the
+    /// random profile, e.g. 30-60.
+    #[arg(long, value_parser = parse_rate_range, default_value = "30-60")]
+    pub token_rate: (f64, f64),
+    /// Seed of the random latency profile.
+    #[arg(long, default_value_t = 42)]
+    pub latency_seed: u64,
     /// Require this bearer key (name of an environment variable holding it).
     #[arg(long, value_name = "NAME")]
     pub api_key_env: Option<String>,
@@ -53,7 +67,24 @@ pub async fn run(args: MockUpstreamArgs) -> Result<(), CliError> {
         })?),
         None => None,
     };
+    let latency_profile = match (args.ttft_median, args.ttft_p95) {
+        (Some(ttft_median), Some(ttft_p95)) => {
+            let profile = LatencyProfile {
+                ttft_median,
+                ttft_p95,
+                tokens_per_sec_min: args.token_rate.0,
+                tokens_per_sec_max: args.token_rate.1,
+                seed: args.latency_seed,
+            };
+            profile
+                .validate()
+                .map_err(|e| CliError::Usage(format!("latency profile: {e}")))?;
+            Some(profile)
+        }
+        _ => None,
+    };
     let settings = MockSettings {
+        latency_profile,
         models: args.models.clone(),
         first_token_delay: args.first_token_delay,
         inter_token_delay: args.inter_token_delay,
@@ -84,4 +115,15 @@ pub async fn run(args: MockUpstreamArgs) -> Result<(), CliError> {
         .with_graceful_shutdown(crate::shutdown::signal())
         .await
         .map_err(|e| CliError::Runtime(format!("admin server error: {e}")))
+}
+
+/// `MIN-MAX` tokens/s, e.g. `30-60`, or one number for a fixed rate.
+fn parse_rate_range(text: &str) -> Result<(f64, f64), String> {
+    let (min, max) = text.split_once('-').unwrap_or((text, text));
+    let parse = |s: &str| {
+        s.trim()
+            .parse::<f64>()
+            .map_err(|_| format!("expected MIN-MAX tokens/s such as 30-60, got {text:?}"))
+    };
+    Ok((parse(min)?, parse(max)?))
 }

@@ -1,6 +1,7 @@
-//! Command-line interface: `lifeboat serve`, `lifeboat mock-upstream` and `lifeboat model`,
-//! one file each.
+//! Command-line interface: `lifeboat serve`, `lifeboat bench`, `lifeboat mock-upstream` and
+//! `lifeboat model`, one file each.
 
+pub mod bench;
 pub mod mock_upstream;
 pub mod model;
 pub mod serve;
@@ -20,6 +21,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve the OpenAI-compatible API.
     Serve(serve::ServeArgs),
+    /// Measure OpenAI-compatible targets on the same prompts: latency, throughput,
+    /// errors and $/MTok; writes JSON, Markdown and SVG charts.
+    Bench(bench::BenchArgs),
     /// Run the scriptable fake gateway used by tests and benchmarks.
     MockUpstream(mock_upstream::MockUpstreamArgs),
     /// Local model tools: make-tiny, inspect, generate.
@@ -50,6 +54,7 @@ impl CliError {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
         Command::MockUpstream(args) => mock_upstream::run(args).await,
         Command::Model(command) => model::run(command).await,
     }

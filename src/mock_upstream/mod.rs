@@ -35,8 +35,10 @@ use tokio::{
     sync::{oneshot, watch},
 };
 
+mod latency;
 mod responses;
 
+pub use latency::LatencyProfile;
 use responses::error_response;
 pub use responses::{mock_text, mock_token};
 
@@ -149,6 +151,9 @@ pub struct MockSettings {
     /// Larger `max_tokens` is refused with a 400 naming the param, as DeepSeek does
     /// above 8192. Default 8192.
     pub max_tokens_limit: u64,
+    /// If set, each request draws its own first-token delay and token rate from this
+    /// seeded profile instead of the fixed delays above. Default `None`.
+    pub latency_profile: Option<LatencyProfile>,
 }
 
 impl Default for MockSettings {
@@ -164,6 +169,7 @@ impl Default for MockSettings {
             keepalive_interval: Duration::from_millis(100),
             api_key: None,
             max_tokens_limit: 8192,
+            latency_profile: None,
         }
     }
 }
@@ -185,6 +191,8 @@ struct Inner {
     remaining: Option<u64>,
     counts: BTreeMap<FaultMode, u64>,
     recent: VecDeque<RecordedRequest>,
+    /// Draws of the latency profile, seeded so a run can be repeated.
+    latency_rng: latency::ProfileRng,
 }
 
 #[derive(Debug)]
@@ -225,7 +233,13 @@ impl Shared {
             body: body.clone(),
             mode,
         });
-        (mode, inner.settings.clone())
+        let mut settings = inner.settings.clone();
+        if let Some(profile) = settings.latency_profile {
+            let (first_token, inter_token) = inner.latency_rng.draw(&profile);
+            settings.first_token_delay = first_token;
+            settings.inter_token_delay = inter_token;
+        }
+        (mode, settings)
     }
 }
 
@@ -249,6 +263,7 @@ impl MockUpstream {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let (kill_connections, _) = watch::channel(0);
+        let latency_rng = latency::ProfileRng::new(settings.latency_profile.as_ref());
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 settings,
@@ -256,6 +271,7 @@ impl MockUpstream {
                 remaining: None,
                 counts: BTreeMap::new(),
                 recent: VecDeque::new(),
+                latency_rng,
             }),
             kill_connections,
         });
