@@ -1,11 +1,11 @@
 //! Criterion micro-benchmarks of the hot pieces that are not the model: SSE frame parsing
 //! (gateway → lifeboat) and writing (lifeboat → client), request validation, route
-//! resolution and next-token sampling.
+//! resolution, route planning (`Router::dispatch` over instant in-memory backends: name
+//! lookup, breaker admission, the attempt and the commit point) and next-token sampling.
 //!
-//! Run with `cargo bench --bench hot_paths`. The router's full candidate ordering
-//! (`Router::dispatch`'s plan) is private; route resolution here is its public first step.
+//! Run with `cargo bench --bench hot_paths`.
 
-use std::hint::black_box;
+use std::{hint::black_box, sync::Arc};
 
 use candle_core::{Device, Tensor};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -14,11 +14,14 @@ use lifeboat::{
         types::{ChatChunkChoice, ChatDelta, Chunk},
         validate,
     },
-    backend::{Endpoint, SamplingParams},
+    backend::{
+        Backend, BackendError, BackendKind, BackendRequest, ChoiceDelta, Endpoint, EventStream,
+        GenerationEvent, GenerationRequest, SamplingParams,
+    },
     config::{Config, RemoteConfig},
     engine::sampler::Sampler,
     mock_upstream::mock_text,
-    router::RouteTable,
+    router::{RouteTable, Router, RouterSettings},
     upstream::sse::{SseFrame, SseParser},
 };
 
@@ -150,6 +153,70 @@ fn route_resolution(c: &mut Criterion) {
     });
 }
 
+/// A backend that answers at once with one finished delta: what is left to measure is the
+/// router's own work for a request.
+#[derive(Debug)]
+struct InstantBackend(String);
+
+#[async_trait::async_trait]
+impl Backend for InstantBackend {
+    fn id(&self) -> &str {
+        &self.0
+    }
+    fn kind(&self) -> BackendKind {
+        BackendKind::Remote
+    }
+    async fn generate(&self, _request: BackendRequest) -> Result<EventStream, BackendError> {
+        let delta = ChoiceDelta {
+            content: Some("ok".into()),
+            finish_reason: Some("stop".into()),
+            ..ChoiceDelta::default()
+        };
+        Ok(Box::pin(futures_util::stream::iter([Ok(
+            GenerationEvent::Delta(delta),
+        )])))
+    }
+}
+
+/// Route planning as a request meets it: name → route, breaker admission, the attempt and
+/// the commit point, through `Router::dispatch` over in-memory backends.
+fn route_planning(c: &mut Criterion) {
+    let mut config = Config::default();
+    for gateway in ["deepseek", "openrouter", "together"] {
+        config.remotes.insert(
+            gateway.into(),
+            RemoteConfig {
+                base_url: format!("https://{gateway}.example/v1"),
+                models: (0..8).map(|i| format!("{gateway}-model-{i}")).collect(),
+                ..RemoteConfig::default()
+            },
+        );
+    }
+    let backends: Vec<Arc<dyn Backend>> = ["deepseek", "openrouter", "together"]
+        .into_iter()
+        .map(|id| Arc::new(InstantBackend(id.into())) as Arc<dyn Backend>)
+        .collect();
+    let router = Router::new(
+        RouteTable::from_config(&config),
+        backends,
+        RouterSettings::default(),
+    );
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => panic!("runtime: {err}"),
+    };
+    let request = GenerationRequest::chat("together-model-7", "Hello", SamplingParams::default());
+    c.bench_function("route_dispatch", |b| {
+        b.iter(|| {
+            black_box(
+                runtime
+                    .block_on(router.dispatch(black_box(request.clone())))
+                    .is_ok(),
+            )
+        });
+    });
+}
+
 fn sampling(c: &mut Criterion) {
     // A DeepSeek/Qwen-sized vocabulary with a smooth spread of logits.
     let vocab = 151_936usize;
@@ -202,6 +269,7 @@ criterion_group!(
     sse_write,
     request_validation,
     route_resolution,
+    route_planning,
     sampling
 );
 criterion_main!(benches);
