@@ -129,9 +129,10 @@ fn request_validation(c: &mut Criterion) {
     group.finish();
 }
 
-fn route_resolution(c: &mut Criterion) {
+/// Three gateways of 8 models each: the route table both route benchmarks use.
+fn three_gateways() -> Config {
     let mut config = Config::default();
-    for gateway in ["deepseek", "openrouter", "together"] {
+    for gateway in GATEWAYS {
         config.remotes.insert(
             gateway.into(),
             RemoteConfig {
@@ -141,6 +142,13 @@ fn route_resolution(c: &mut Criterion) {
             },
         );
     }
+    config
+}
+
+const GATEWAYS: [&str; 3] = ["deepseek", "openrouter", "together"];
+
+fn route_resolution(c: &mut Criterion) {
+    let config = three_gateways();
     let table = RouteTable::from_config(&config);
     c.bench_function("route_resolve", |b| {
         b.iter(|| {
@@ -181,18 +189,8 @@ impl Backend for InstantBackend {
 /// Route planning as a request meets it: name → route, breaker admission, the attempt and
 /// the commit point, through `Router::dispatch` over in-memory backends.
 fn route_planning(c: &mut Criterion) {
-    let mut config = Config::default();
-    for gateway in ["deepseek", "openrouter", "together"] {
-        config.remotes.insert(
-            gateway.into(),
-            RemoteConfig {
-                base_url: format!("https://{gateway}.example/v1"),
-                models: (0..8).map(|i| format!("{gateway}-model-{i}")).collect(),
-                ..RemoteConfig::default()
-            },
-        );
-    }
-    let backends: Vec<Arc<dyn Backend>> = ["deepseek", "openrouter", "together"]
+    let config = three_gateways();
+    let backends: Vec<Arc<dyn Backend>> = GATEWAYS
         .into_iter()
         .map(|id| Arc::new(InstantBackend(id.into())) as Arc<dyn Backend>)
         .collect();

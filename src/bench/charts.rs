@@ -90,14 +90,7 @@ pub fn latency_chart(report: &BenchReport, path: &Path) -> Result<(), String> {
             )
             .map_err(err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)
+    finish(&mut chart, &root, SeriesLabelPosition::UpperLeft)
 }
 
 /// Output tokens/s against concurrency, one line per target.
@@ -151,14 +144,7 @@ pub fn throughput_chart(report: &BenchReport, path: &Path) -> Result<(), String>
             .draw_series(points.iter().map(|p| Circle::new(*p, 4, colour.filled())))
             .map_err(err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)
+    finish(&mut chart, &root, SeriesLabelPosition::UpperLeft)
 }
 
 /// Local $/MTok output against utilisation (log scale), each remote's price per output
@@ -258,9 +244,18 @@ pub fn cost_chart(report: &BenchReport, path: &Path) -> Result<(), String> {
             )])
             .map_err(err)?;
     }
+    finish(&mut chart, &root, SeriesLabelPosition::UpperRight)
+}
+
+/// Draw the legend at `position` and write the file: the last step of every chart.
+fn finish<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+    root: &DrawingArea<SVGBackend<'a>, plotters::coord::Shift>,
+    position: SeriesLabelPosition,
+) -> Result<(), String> {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(position)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()

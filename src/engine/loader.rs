@@ -212,18 +212,12 @@ fn read_folder_info(dir: &Path) -> Result<(ModelInfo, Value), EngineError> {
         .unwrap_or_default();
     let arch = Arch::from_architectures(&architectures).map_err(|m| EngineError::load(&config_path, m))?;
     let dims = Dims::from_config(arch, &config).map_err(|m| EngineError::load(&config_path, m))?;
-    let tokenizer_path = dir.join("tokenizer.json");
-    let tokenizer = TextTokenizer::from_file(&tokenizer_path)?;
-    let tokenizer_source = std::fs::read_to_string(&tokenizer_path)
-        .ok()
-        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-        .and_then(|json| {
-            json.get("pre_tokenizer")
-                .and_then(|p| p.get("type"))
-                .and_then(Value::as_str)
-                .map(|kind| format!("tokenizer.json (pre-tokenizer {kind})"))
-        })
-        .unwrap_or_else(|| "tokenizer.json".to_string());
+    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+    // From the loaded tokenizer: reading tokenizer.json (megabytes) again would slow loads.
+    let tokenizer_source = tokenizer.pre_tokenizer_kind().map_or_else(
+        || "tokenizer.json".to_string(),
+        |kind| format!("tokenizer.json (pre-tokenizer {kind})"),
+    );
     let tokenizer_config_path = dir.join("tokenizer_config.json");
     let tokenizer_config = if tokenizer_config_path.exists() {
         Some(read_json(&tokenizer_config_path)?)

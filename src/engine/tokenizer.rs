@@ -42,6 +42,14 @@ impl TextTokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The pre-tokenizer's `type` as `tokenizer.json` names it (`ByteLevel`, `Sequence`…).
+    pub fn pre_tokenizer_kind(&self) -> Option<String> {
+        let pre = serde_json::to_value(self.inner.get_pre_tokenizer()?).ok()?;
+        pre.get("type")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string)
+    }
+
     /// The token string of `id` (for BOS/EOS names in a chat template).
     pub fn token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
