@@ -1,7 +1,7 @@
 //! Every malformed request gets a precise OpenAI error, never a panic or a dropped
 //! connection; client authentication.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

@@ -2,7 +2,7 @@
 //! mock's known delays and token counts, every fault mode is counted under the right
 //! kind, an interrupted run still reports, and bad arguments exit with a clear message.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::HashMap,

@@ -1,6 +1,6 @@
 //! Every endpoint over a real socket, in front of the mock upstream.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

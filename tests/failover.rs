@@ -3,7 +3,7 @@
 //! keeps upstream calls from multiplying, and traffic returns to the gateway after the
 //! cooldown once it recovers.
 
-mod common;
+use crate::common;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 

@@ -1,7 +1,7 @@
 //! The local engine on GGUF files generated here (`make-tiny --gguf`): served through the
 //! API like a folder model, and every broken file refused with the file and the cause named.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

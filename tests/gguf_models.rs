@@ -4,7 +4,7 @@
 //! The files are not committed. Without them these tests say so and pass, unless
 //! `LIFEBOAT_REQUIRE_MODELS=1` (set by `scripts/test`, so CI cannot skip them silently).
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

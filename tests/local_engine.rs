@@ -2,7 +2,7 @@
 //! deterministic when greedy or seeded, stop strings, reasoning split, exact usage,
 //! readiness, admission control and precise load errors.
 
-mod common;
+use crate::common;
 
 use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 

@@ -2,7 +2,7 @@
 //! finish under the old rules, a gateway key is rotated from its file, and a bad reload
 //! changes nothing.
 
-mod common;
+use crate::common;
 
 use std::{collections::HashMap, time::Duration};
 

@@ -2,7 +2,7 @@
 //! retried invisibly, `Retry-After` is honoured up to its cap, the retry budget holds, and
 //! an answer after lifeboat's own retries tells SDKs not to retry again.
 
-mod common;
+use crate::common;
 
 use std::{collections::HashMap, time::Duration};
 

@@ -1,7 +1,7 @@
 //! SSE framing as clients see it: chunks, the usage chunk, keep-alive comments, in-band
 //! errors after the first byte, exactly one `[DONE]`, and graceful shutdown of streams.
 
-mod common;
+use crate::common;
 
 use std::{collections::HashMap, time::Duration};
 

@@ -5,7 +5,7 @@
 //! The tiny model's template always runs; the real models' templates come from the GGUF
 //! files of `scripts/fetch-test-models` (required when `LIFEBOAT_REQUIRE_MODELS=1`).
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

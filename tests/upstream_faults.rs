@@ -1,7 +1,7 @@
 //! Every fault mode of the mock upstream is classified into the right `BackendError`
 //! kind by the remote backend, and into the right HTTP answer by the API.
 
-mod common;
+use crate::common;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 

@@ -1,0 +1,21 @@
+//! The integration tests, one module per area, linked into one test binary.
+//!
+//! Run one area with `cargo test --test integration failover::`.
+
+mod common;
+
+mod bad_input;
+mod bench;
+mod chat_api;
+mod cli;
+mod failover;
+mod gguf_local;
+mod gguf_models;
+mod hub;
+mod local_engine;
+mod logits;
+mod reload;
+mod retries;
+mod streaming;
+mod templates;
+mod upstream_faults;
