@@ -72,6 +72,8 @@ impl AppState {
                     model: model.clone(),
                     chat_template: config.local.chat_template.clone(),
                     queue_capacity: config.local.queue_capacity,
+                    max_batch: config.local.max_batch,
+                    kv_cache_bytes: config.local.kv_cache_mib.saturating_mul(1024 * 1024),
                 })
                 .map_err(|err| ConfigError::Invalid {
                     key: "local.model".into(),

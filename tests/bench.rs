@@ -502,3 +502,68 @@ async fn the_binary_writes_every_file() {
     let json = std::fs::read_to_string(out.join("bench.json")).expect("json");
     assert!(!json.contains("sk-test") && json.contains("BENCH_TEST_KEY"));
 }
+
+#[test]
+fn bench_engine_measures_a_tiny_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    lifeboat::engine::tiny::make_tiny(lifeboat::engine::Arch::Qwen2, dir.path(), 1).expect("tiny model");
+    let model = dir.path().display().to_string();
+    let (code, stdout, stderr) = bench_binary(
+        &[
+            "engine",
+            "--model",
+            &model,
+            "--prompt-tokens",
+            "40",
+            "--decode-tokens",
+            "8",
+            "--concurrency",
+            "1,2",
+            "--stream-prompt-tokens",
+            "8",
+            "--stream-tokens",
+            "4",
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    let prompt = report["prefill_prompt_tokens"].as_u64().expect("prompt tokens");
+    // 40 tokens of text, plus the BOS the completions endpoint adds.
+    assert!((39..=41).contains(&prompt), "{report}");
+    let decoded = report["decode_tokens"].as_u64().expect("decode tokens");
+    assert!((1..=8).contains(&decoded), "{report}");
+    assert!(report["ready_seconds"].as_f64().expect("ready") > 0.0);
+    assert!(report["peak_rss_bytes"].as_u64().expect("rss") > 0);
+    let streams = report["streams"].as_array().expect("streams");
+    let levels: Vec<u64> = streams.iter().filter_map(|s| s["concurrency"].as_u64()).collect();
+    assert_eq!(levels, [1, 2]);
+    assert!(
+        streams
+            .iter()
+            .all(|s| s["aggregate_tokens_per_second"].as_f64() > Some(0.0)),
+        "{report}"
+    );
+
+    // Bad arguments: exit 2 and the flag named.
+    for (args, expected) in [
+        (
+            vec!["engine", "--model", "/nonexistent/model.gguf"],
+            "no such file",
+        ),
+        (
+            vec!["engine", "--model", &model, "--concurrency", "0"],
+            "--concurrency",
+        ),
+        (
+            vec!["engine", "--model", &model, "--decode-tokens", "1"],
+            "--decode-tokens",
+        ),
+        (vec!["engine"], "--model"),
+    ] {
+        let (code, _, stderr) = bench_binary(&args, &[]);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}

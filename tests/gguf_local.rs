@@ -25,9 +25,8 @@ fn tiny_gguf(dir: &Path, arch: Arch) -> PathBuf {
 /// The load error of `file`, as `/ready` and the logs report it.
 async fn load_error(file: &Path) -> String {
     let backend = LocalBackend::start(&LocalSettings {
-        model: file.to_path_buf(),
-        chat_template: None,
         queue_capacity: 1,
+        ..LocalSettings::new(file)
     });
     match backend {
         Err(err) => err.to_string(),

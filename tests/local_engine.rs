@@ -404,13 +404,14 @@ fn request(max_tokens: u32) -> BackendRequest {
 async fn a_full_queue_is_rate_limited_and_a_dropped_client_frees_the_engine() {
     let dir = tiny_model(Arch::Qwen2);
     let backend = LocalBackend::start(&LocalSettings {
-        model: dir.path().to_path_buf(),
-        chat_template: None,
         queue_capacity: 1,
+        max_batch: 1,
+        ..LocalSettings::new(dir.path())
     })
     .expect("starts");
     backend.wait_ready().await.expect("ready");
-    // A is never read: the engine blocks once its 64-event buffer is full.
+    // A is never read: its sequence pauses once its 64-event buffer is full, keeping the
+    // only slot.
     let stalled = backend.generate(request(400)).await.expect("A accepted");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let queued = backend.generate(request(4)).await.expect("B waits in the queue");

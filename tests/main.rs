@@ -5,6 +5,7 @@
 mod common;
 
 mod bad_input;
+mod batching;
 mod bench;
 mod chat_api;
 mod cli;

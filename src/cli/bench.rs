@@ -1,13 +1,12 @@
 //! `lifeboat bench`: parse the targets and options, run the bench (a progress bar on
 //! stderr; Ctrl-C writes a partial report) and write JSON, Markdown and SVG charts.
 //!
-//! The command takes its targets directly (`lifeboat bench --target … --target …`). It is
-//! a flattened argument group so that a subcommand such as `lifeboat bench engine` can be
-//! added later beside it with `args_conflicts_with_subcommands`.
+//! The command takes its targets directly (`lifeboat bench --target … --target …`); the
+//! `engine` subcommand beside them (`bench_engine.rs`) measures the local engine alone.
 
 use std::{path::PathBuf, time::Duration};
 
-use clap::Args;
+use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::CliError;
@@ -18,6 +17,23 @@ use crate::bench::{
     prompts::{BuiltinPrompts, load_jsonl},
     target::TargetSpec,
 };
+
+/// `lifeboat bench`: targets, or the `engine` subcommand.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct BenchCommand {
+    #[command(subcommand)]
+    pub subcommand: Option<BenchSubcommand>,
+    #[command(flatten)]
+    pub targets: BenchArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchSubcommand {
+    /// The local engine's speed on a model file: time to ready, prefill, decode, TTFT and
+    /// aggregate decode at 1/2/4/8 streams, peak RSS.
+    Engine(super::bench_engine::EngineBenchArgs),
+}
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {

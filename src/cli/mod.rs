@@ -2,6 +2,7 @@
 //! `lifeboat model`, one file each.
 
 pub mod bench;
+pub mod bench_engine;
 pub mod mock_upstream;
 pub mod model;
 pub mod serve;
@@ -22,8 +23,9 @@ pub enum Command {
     /// Serve the OpenAI-compatible API.
     Serve(serve::ServeArgs),
     /// Measure OpenAI-compatible targets on the same prompts: latency, throughput,
-    /// errors and $/MTok; writes JSON, Markdown and SVG charts.
-    Bench(bench::BenchArgs),
+    /// errors and $/MTok; writes JSON, Markdown and SVG charts. `bench engine` measures
+    /// the local engine itself.
+    Bench(bench::BenchCommand),
     /// Run the scriptable fake gateway used by tests and benchmarks.
     MockUpstream(mock_upstream::MockUpstreamArgs),
     /// Local model tools: make-tiny, inspect, generate.
@@ -54,7 +56,11 @@ impl CliError {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
-        Command::Bench(args) => bench::run(args).await,
+        Command::Bench(bench::BenchCommand {
+            subcommand: Some(bench::BenchSubcommand::Engine(args)),
+            ..
+        }) => bench_engine::run(args).await,
+        Command::Bench(command) => bench::run(command.targets).await,
         Command::MockUpstream(args) => mock_upstream::run(args).await,
         Command::Model(command) => model::run(command).await,
     }

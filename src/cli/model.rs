@@ -132,9 +132,8 @@ pub async fn run(command: ModelCommand) -> Result<(), CliError> {
 
 async fn generate(args: GenerateArgs) -> Result<(), CliError> {
     let backend = LocalBackend::start(&LocalSettings {
-        model: args.path.clone(),
-        chat_template: None,
         queue_capacity: 1,
+        ..LocalSettings::new(args.path.clone())
     })
     .map_err(|e| CliError::Usage(e.to_string()))?;
     backend.wait_ready().await.map_err(CliError::Usage)?;

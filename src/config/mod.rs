@@ -113,8 +113,14 @@ pub struct LocalConfig {
     /// Chat template to use instead of the model's own: a Jinja file, or a `.gguf` file or
     /// model folder whose template to take (e.g. a DeepSeek-R1 template for another model).
     pub chat_template: Option<PathBuf>,
-    /// Requests that may wait while one runs; beyond it, 429 with `Retry-After`. Default 16.
+    /// Requests that may wait while others run; beyond it, 429 with `Retry-After`. Default 16.
     pub queue_capacity: usize,
+    /// Sequences decoded together in one step (continuous batching). Default 8.
+    pub max_batch: usize,
+    /// Memory, in MiB, that the KV caches of running sequences may take: requests beyond it
+    /// wait in the queue, and a sequence that grows past it is paused and resumed later.
+    /// Default 1024.
+    pub kv_cache_mib: u64,
     /// Back up every remote route with this model (failover target). Default true.
     pub fallback: bool,
 }
@@ -126,6 +132,8 @@ impl Default for LocalConfig {
             served_model_name: None,
             chat_template: None,
             queue_capacity: 16,
+            max_batch: 8,
+            kv_cache_mib: 1024,
             fallback: true,
         }
     }

@@ -100,6 +100,15 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        if self.local.max_batch == 0 {
+            return Err(ConfigError::invalid("local.max_batch", "must be greater than 0"));
+        }
+        if self.local.kv_cache_mib == 0 {
+            return Err(ConfigError::invalid(
+                "local.kv_cache_mib",
+                "must be greater than 0",
+            ));
+        }
         if self.local.served_model_name.is_some() && self.local.model.is_none() {
             return Err(ConfigError::invalid(
                 "local.served_model_name",

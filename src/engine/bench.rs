@@ -181,9 +181,9 @@ pub async fn run(options: &EngineBenchOptions, progress: impl Fn(&str)) -> Resul
     let start = Instant::now();
     let largest = options.concurrency.iter().copied().max().unwrap_or(1);
     let backend = LocalBackend::start(&LocalSettings {
-        model: options.model.clone(),
-        chat_template: None,
         queue_capacity: largest.max(1),
+        max_batch: largest.max(1),
+        ..LocalSettings::new(options.model.clone())
     })
     .map_err(|e| e.to_string())?;
     backend.wait_ready().await?;

@@ -23,7 +23,7 @@ mod worker;
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex, OnceLock, atomic::Ordering},
     time::Duration,
 };
 
@@ -91,6 +91,11 @@ impl Phase {
 struct Shared {
     phase: Mutex<Phase>,
     info: OnceLock<Arc<ModelInfo>>,
+    /// Requests accepted but not yet started by the engine (the queue and the one it may
+    /// hold while the batch is full).
+    queued: std::sync::atomic::AtomicUsize,
+    /// The most sequences one step has carried.
+    peak_batch: std::sync::atomic::AtomicUsize,
 }
 
 /// Settings of the local backend.
@@ -100,8 +105,27 @@ pub struct LocalSettings {
     pub model: PathBuf,
     /// A chat template to use instead of the model's (see [`loader::template_override`]).
     pub chat_template: Option<PathBuf>,
-    /// Requests waiting beyond the one running; more get 429.
+    /// Requests waiting beyond the running ones; more get 429.
     pub queue_capacity: usize,
+    /// Sequences decoded together in one step (continuous batching), at most.
+    pub max_batch: usize,
+    /// Memory the KV caches of running sequences may take, in bytes; beyond it new
+    /// requests wait in the queue and the latest sequence is preempted.
+    pub kv_cache_bytes: u64,
+}
+
+impl LocalSettings {
+    /// Settings for `model` with the defaults of `[local]`.
+    pub fn new(model: impl Into<PathBuf>) -> LocalSettings {
+        let defaults = crate::config::LocalConfig::default();
+        LocalSettings {
+            model: model.into(),
+            chat_template: None,
+            queue_capacity: defaults.queue_capacity,
+            max_batch: defaults.max_batch,
+            kv_cache_bytes: defaults.kv_cache_mib * 1024 * 1024,
+        }
+    }
 }
 
 /// Where the engine runs: the first CUDA GPU when the build has the `cuda` feature and a
@@ -122,6 +146,7 @@ pub fn preferred_device() -> Device {
 pub struct LocalBackend {
     shared: Arc<Shared>,
     jobs: mpsc::Sender<worker::Job>,
+    queue_capacity: usize,
 }
 
 impl LocalBackend {
@@ -138,19 +163,29 @@ impl LocalBackend {
         let shared = Arc::new(Shared {
             phase: Mutex::new(first_phase),
             info: OnceLock::new(),
+            queued: std::sync::atomic::AtomicUsize::new(0),
+            peak_batch: std::sync::atomic::AtomicUsize::new(0),
         });
         let (jobs, receiver) = mpsc::channel(settings.queue_capacity.max(1));
         let thread_shared = shared.clone();
         let device = preferred_device();
         let template = settings.chat_template.clone();
+        let limits = worker::BatchLimits {
+            max_sequences: settings.max_batch.max(1),
+            kv_budget_bytes: settings.kv_cache_bytes,
+        };
         tracing::info!(device = ?device.location(), "local engine device");
         std::thread::Builder::new()
             .name("lifeboat-engine".into())
-            .spawn(move || worker::run(spec, template, device, thread_shared, receiver))
+            .spawn(move || worker::run(spec, template, device, limits, thread_shared, receiver))
             .map_err(|err| {
                 EngineError::load(&settings.model, format!("cannot start the engine thread: {err}"))
             })?;
-        Ok(LocalBackend { shared, jobs })
+        Ok(LocalBackend {
+            shared,
+            jobs,
+            queue_capacity: settings.queue_capacity.max(1),
+        })
     }
 
     pub fn phase(&self) -> Phase {
@@ -159,6 +194,11 @@ impl LocalBackend {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The most sequences the engine has decoded in one step so far.
+    pub fn peak_batch(&self) -> usize {
+        self.shared.peak_batch.load(Ordering::Relaxed)
     }
 
     /// Wait until the model is ready or failed (tests and `model generate`).
@@ -339,7 +379,7 @@ impl Backend for LocalBackend {
         }
         let max_tokens = params.max_tokens.map_or(room, |m| m as usize);
         let seed = params.seed.unwrap_or_else(rand::random);
-        let (events, receiver) = mpsc::channel(64);
+        let (events, receiver) = mpsc::channel(worker::EVENT_BUFFER);
         let job = worker::Job {
             prompt,
             params,
@@ -348,14 +388,24 @@ impl Backend for LocalBackend {
             think_opened,
             events,
         };
-        self.jobs.try_send(job).map_err(|err| match err {
-            mpsc::error::TrySendError::Full(_) => {
-                let mut err = local_error(ErrorKind::RateLimited, "the local model's queue is full");
-                err.retry_after = Some(Duration::from_secs(1));
-                err
-            }
-            mpsc::error::TrySendError::Closed(_) => self.unavailable(),
-        })?;
+        let queue_full = || {
+            let mut err = local_error(ErrorKind::RateLimited, "the local model's queue is full");
+            err.retry_after = Some(Duration::from_secs(1));
+            err
+        };
+        // Counted here and uncounted by the engine when the request starts, so exactly
+        // `queue_capacity` requests wait, whether in the channel or held by the engine.
+        if self.shared.queued.fetch_add(1, Ordering::SeqCst) >= self.queue_capacity {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(queue_full());
+        }
+        if let Err(err) = self.jobs.try_send(job) {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(match err {
+                mpsc::error::TrySendError::Full(_) => queue_full(),
+                mpsc::error::TrySendError::Closed(_) => self.unavailable(),
+            });
+        }
         Ok(Box::pin(futures_util::stream::unfold(
             receiver,
             |mut receiver| async move {

@@ -11,12 +11,48 @@ use serde_json::Value;
 
 use super::deepseek2::{self, MlaMoe};
 
-/// A causal language model with its own KV cache, one sequence at a time.
+/// A causal language model with its own KV cache: one sequence at a time, or — when
+/// [`CausalLm::max_sequences`] says so — several in one step, each in its own cache slot.
 pub trait CausalLm: Send {
     /// Logits for the last position of `ids` (`[1, seq]`), as a `[vocab]` tensor;
     /// `pos` is the number of tokens already in the cache.
     fn forward(&mut self, ids: &Tensor, pos: usize) -> candle_core::Result<Tensor>;
     fn clear_kv_cache(&mut self);
+
+    /// Sequences one step may carry (1: the model has a single cache).
+    fn max_sequences(&self) -> usize {
+        1
+    }
+
+    /// Memory one cached position takes, for the KV budget (0: not known).
+    fn kv_bytes_per_token(&self) -> usize {
+        0
+    }
+
+    /// One step for several sequences; returns each step's last-position logits
+    /// (`[vocab]`). `pos` 0 starts the slot's sequence afresh.
+    fn forward_slots(&mut self, steps: &[SlotStep<'_>], device: &Device) -> candle_core::Result<Vec<Tensor>> {
+        let [step] = steps else {
+            candle_core::bail!("this model decodes one sequence at a time, got {}", steps.len());
+        };
+        let ids = Tensor::new(step.tokens, device)?.unsqueeze(0)?;
+        Ok(vec![self.forward(&ids, step.pos)?])
+    }
+
+    /// The slot's sequence is over: its cache may be dropped.
+    fn release_slot(&mut self, _slot: usize) {
+        self.clear_kv_cache();
+    }
+}
+
+/// New tokens for one sequence in a batched step.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotStep<'a> {
+    /// The sequence's cache slot (below the number of sequences in flight).
+    pub slot: usize,
+    pub tokens: &'a [u32],
+    /// Positions already in the slot's cache.
+    pub pos: usize,
 }
 
 /// Architectures from `config.json` `architectures`.

@@ -5,6 +5,10 @@
 //! (deepseek-coder), exact f32 attention (candle's quantized qwen3 uses an approximate CPU
 //! kernel, 2.6e-4 off the reference on the tiny model), and a preallocated KV cache that
 //! grows by doubling instead of concatenating every step.
+//!
+//! It decodes several sequences in one step (continuous batching): each sequence has its
+//! own KV cache slot, the weight matmuls run once over every sequence's new tokens, and
+//! only attention is per sequence.
 
 use std::sync::Arc;
 
@@ -14,7 +18,7 @@ use candle_core::{
 };
 use candle_nn::Embedding;
 
-use super::models::{Arch, CausalLm};
+use super::models::{Arch, CausalLm, SlotStep};
 
 /// What the decoder needs besides its weights.
 #[derive(Debug, Clone)]
@@ -143,15 +147,21 @@ impl KvCache {
     fn clear(&mut self) {
         self.len = 0;
     }
+
+    /// Forget the keys and give the buffers' memory back.
+    fn release(&mut self) {
+        *self = KvCache::default();
+    }
 }
 
-/// A dense decoder-only transformer with its KV cache, one sequence at a time.
+/// A dense decoder-only transformer with one KV cache per sequence slot.
 #[derive(Debug)]
 pub struct QuantizedDecoder {
     config: DecoderConfig,
     embed: TokenEmbedding,
     blocks: Vec<BlockWeights>,
-    caches: Vec<KvCache>,
+    /// `caches[slot][block]`, grown as slots are used.
+    caches: Vec<Vec<KvCache>>,
     norm: Tensor,
     output: QMatMul,
     cos: Tensor,
@@ -190,7 +200,7 @@ impl QuantizedDecoder {
     ) -> candle_core::Result<QuantizedDecoder> {
         let device = norm.device().clone();
         let (cos, sin) = rope_tables(&config, &device)?;
-        let caches = blocks.iter().map(|_| KvCache::default()).collect();
+        let caches = Vec::new();
         Ok(QuantizedDecoder {
             embed,
             config,
@@ -215,15 +225,16 @@ impl QuantizedDecoder {
         }
     }
 
+    /// Self-attention of one block for every step's new tokens (`x` is `[1, total, hidden]`,
+    /// the steps' tokens one after another).
     fn attention(
         &mut self,
         index: usize,
         x: &Tensor,
-        pos: usize,
-        mask: Option<&Tensor>,
+        steps: &[SlotStep<'_>],
+        masks: &[Option<Tensor>],
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
-        let (b, len, _) = x.dims3()?;
         let block = &self.blocks[index];
         let mut q = block.q.forward(x)?;
         let mut k = block.k.forward(x)?;
@@ -233,32 +244,55 @@ impl QuantizedDecoder {
             k = k.broadcast_add(kb)?;
             v = v.broadcast_add(vb)?;
         }
-        let q = q.reshape((b, len, c.heads, c.head_dim))?;
-        let k = k.reshape((b, len, c.kv_heads, c.head_dim))?;
-        let v = v.reshape((b, len, c.kv_heads, c.head_dim))?.transpose(1, 2)?;
-        let (q, k) = match &block.qk_norm {
-            Some((qn, kn)) => (
-                candle_nn::ops::rms_norm(&q.contiguous()?, qn, c.rms_eps)?,
-                candle_nn::ops::rms_norm(&k.contiguous()?, kn, c.rms_eps)?,
-            ),
-            None => (q, k),
-        };
-        let q = self.rope(&q.transpose(1, 2)?, pos, len)?;
-        let k = self.rope(&k.transpose(1, 2)?, pos, len)?;
-        let (k, v) = self.caches[index].append(&k, &v, c.max_context)?;
         let groups = c.heads / c.kv_heads;
-        let k = candle_transformers::utils::repeat_kv(k, groups)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v, groups)?.contiguous()?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
+        let mut outs = Vec::with_capacity(steps.len());
+        let mut offset = 0;
+        for (step, mask) in steps.iter().zip(masks) {
+            let len = step.tokens.len();
+            let q = q.narrow(1, offset, len)?.reshape((1, len, c.heads, c.head_dim))?;
+            let k = k
+                .narrow(1, offset, len)?
+                .reshape((1, len, c.kv_heads, c.head_dim))?;
+            let v = v
+                .narrow(1, offset, len)?
+                .reshape((1, len, c.kv_heads, c.head_dim))?
+                .transpose(1, 2)?;
+            offset += len;
+            let (q, k) = match &block.qk_norm {
+                Some((qn, kn)) => (
+                    candle_nn::ops::rms_norm(&q.contiguous()?, qn, c.rms_eps)?,
+                    candle_nn::ops::rms_norm(&k.contiguous()?, kn, c.rms_eps)?,
+                ),
+                None => (q, k),
+            };
+            let q = self.rope(&q.transpose(1, 2)?, step.pos, len)?;
+            let k = self.rope(&k.transpose(1, 2)?, step.pos, len)?;
+            let (k_all, v_all) = self.caches[step.slot][index].append(&k, &v, c.max_context)?;
+            let total = k_all.dim(2)?;
+            // Grouped-query attention without copying K/V per query head: the query heads
+            // that share a KV head are rows of one matmul against that head's cache.
+            let q = q.reshape((1, c.kv_heads, groups * len, c.head_dim))?;
+            let mut scores = (q.matmul(&k_all.t()?)? * scale)?;
+            if let Some(mask) = mask {
+                scores = scores
+                    .reshape((1, c.heads, len, total))?
+                    .broadcast_add(mask)?
+                    .reshape((1, c.kv_heads, groups * len, total))?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let out = probs
+                .matmul(&v_all)?
+                .reshape((1, c.heads, len, c.head_dim))?
+                .transpose(1, 2)?
+                .reshape((1, len, c.heads * c.head_dim))?;
+            outs.push(out);
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, len, c.heads * c.head_dim))?;
+        let out = if outs.len() == 1 {
+            outs.swap_remove(0)
+        } else {
+            Tensor::cat(&outs, 1)?
+        };
         self.blocks[index].o.forward(&out)
     }
 
@@ -272,36 +306,111 @@ impl QuantizedDecoder {
     }
 }
 
+impl QuantizedDecoder {
+    /// Make `step.slot`'s cache ready for its tokens at `step.pos`.
+    fn prepare_slot(&mut self, step: &SlotStep<'_>) -> candle_core::Result<()> {
+        let blocks = self.blocks.len();
+        while self.caches.len() <= step.slot {
+            self.caches
+                .push((0..blocks).map(|_| KvCache::default()).collect());
+        }
+        let caches = &mut self.caches[step.slot];
+        if step.pos == 0 {
+            caches.iter_mut().for_each(KvCache::clear);
+        }
+        let cached = caches.first().map_or(0, |c| c.len);
+        if cached != step.pos {
+            candle_core::bail!(
+                "slot {} holds {cached} positions but the step starts at {}",
+                step.slot,
+                step.pos
+            );
+        }
+        if step.tokens.is_empty() {
+            candle_core::bail!("a step for slot {} has no tokens", step.slot);
+        }
+        Ok(())
+    }
+}
+
 impl CausalLm for QuantizedDecoder {
     fn forward(&mut self, ids: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        let (_, len) = ids.dims2()?;
-        if pos == 0 {
-            self.clear_kv_cache();
+        let tokens = ids.flatten_all()?.to_vec1::<u32>()?;
+        let device = ids.device().clone();
+        let steps = [SlotStep {
+            slot: 0,
+            tokens: &tokens,
+            pos,
+        }];
+        let mut logits = self.forward_slots(&steps, &device)?;
+        logits
+            .pop()
+            .ok_or_else(|| candle_core::Error::Msg("no logits for the step".into()))
+    }
+
+    fn clear_kv_cache(&mut self) {
+        for slot in &mut self.caches {
+            slot.iter_mut().for_each(KvCache::clear);
         }
+    }
+
+    fn max_sequences(&self) -> usize {
+        usize::MAX
+    }
+
+    fn kv_bytes_per_token(&self) -> usize {
+        let c = &self.config;
+        // Keys and values in f32 for every block.
+        self.blocks.len() * 2 * c.kv_heads * c.head_dim * 4
+    }
+
+    fn release_slot(&mut self, slot: usize) {
+        if let Some(caches) = self.caches.get_mut(slot) {
+            caches.iter_mut().for_each(KvCache::release);
+        }
+    }
+
+    fn forward_slots(&mut self, steps: &[SlotStep<'_>], device: &Device) -> candle_core::Result<Vec<Tensor>> {
+        for step in steps {
+            self.prepare_slot(step)?;
+        }
+        let ids: Vec<u32> = steps.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let total = ids.len();
+        let ids = Tensor::from_vec(ids, (1, total), device)?;
+        let masks = steps
+            .iter()
+            .map(|s| {
+                let len = s.tokens.len();
+                (len > 1).then(|| Self::mask(len, s.pos, device)).transpose()
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let eps = self.config.rms_eps;
-        let mask = if len > 1 {
-            Some(Self::mask(len, pos, ids.device())?)
-        } else {
-            None
-        };
-        let mut x = self.embed.forward(ids)?;
+        let mut x = self.embed.forward(&ids)?;
         for index in 0..self.blocks.len() {
             let h = candle_nn::ops::rms_norm(&x, &self.blocks[index].attn_norm, eps)?;
-            x = (x + self.attention(index, &h, pos, mask.as_ref())?)?;
+            x = (x + self.attention(index, &h, steps, &masks)?)?;
             let block = &self.blocks[index];
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
             let gated = (candle_nn::ops::silu(&block.gate.forward(&h)?)? * block.up.forward(&h)?)?;
             x = (x + block.down.forward(&gated)?)?;
         }
-        let last = x.narrow(1, len - 1, 1)?;
-        let last = candle_nn::ops::rms_norm(&last.contiguous()?, &self.norm, eps)?;
-        self.output.forward(&last)?.flatten_all()?.to_dtype(DType::F32)
-    }
-
-    fn clear_kv_cache(&mut self) {
-        for cache in &mut self.caches {
-            cache.clear();
-        }
+        // Only each step's last position needs logits.
+        let mut end = 0;
+        let lasts = steps
+            .iter()
+            .map(|s| {
+                end += s.tokens.len();
+                x.narrow(1, end - 1, 1)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let last = if lasts.len() == 1 {
+            lasts[0].contiguous()?
+        } else {
+            Tensor::cat(&lasts, 1)?
+        };
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
+        let logits = self.output.forward(&last)?.squeeze(0)?.to_dtype(DType::F32)?;
+        (0..steps.len()).map(|i| logits.get(i)).collect()
     }
 }
 
