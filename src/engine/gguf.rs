@@ -24,6 +24,7 @@ use super::{
     gguf_tokenizer::{self, GgufVocab, PreTokenizer},
     loader::{Loaded, ModelInfo},
     models::{Arch, Dims},
+    qlinear::QLinear,
     quantized::{BlockWeights, DecoderConfig, QuantizedDecoder, TokenEmbedding},
     tokenizer::TextTokenizer,
 };
@@ -521,9 +522,11 @@ impl TensorReader<'_> {
     }
 
     /// Weight matrices stay quantized.
-    fn matmul(&mut self, name: &str) -> Result<QMatMul, EngineError> {
+    fn matmul(&mut self, name: &str) -> Result<QLinear, EngineError> {
         let q = self.weight(name)?;
-        QMatMul::from_qtensor(q).map_err(|e| self.err(name, e))
+        QMatMul::from_qtensor(q)
+            .map(QLinear::new)
+            .map_err(|e| self.err(name, e))
     }
 
     /// A weight matrix in a type with a fast CPU kernel. candle multiplies Q4_1, Q5_0,
@@ -590,7 +593,9 @@ fn build_decoder(
     let output = if content.tensor_infos.contains_key("output.weight") {
         tensors.matmul("output.weight")?
     } else {
-        QMatMul::from_arc(table).map_err(|e| tensors.err("token_embd.weight", e))?
+        QMatMul::from_arc(table)
+            .map(QLinear::new)
+            .map_err(|e| tensors.err("token_embd.weight", e))?
     };
     let norm = tensors.dense("output_norm.weight")?;
     let mut blocks = Vec::with_capacity(info.dims.layers);

@@ -12,6 +12,7 @@ pub mod gguf_tokenizer;
 pub mod hub;
 pub mod loader;
 pub mod models;
+pub mod qlinear;
 pub mod quantized;
 pub mod reasoning;
 pub mod sampler;

@@ -14,11 +14,14 @@ use std::sync::Arc;
 
 use candle_core::{
     DType, Device, Module, Tensor,
-    quantized::{QMatMul, QTensor, ggml_file::qtensor_from_ggml},
+    quantized::{QTensor, ggml_file::qtensor_from_ggml},
 };
 use candle_nn::Embedding;
 
-use super::models::{Arch, CausalLm, SlotStep};
+use super::{
+    models::{Arch, CausalLm, SlotStep},
+    qlinear::QLinear,
+};
 
 /// What the decoder needs besides its weights.
 #[derive(Debug, Clone)]
@@ -41,18 +44,18 @@ pub struct DecoderConfig {
 #[derive(Debug)]
 pub struct BlockWeights {
     pub attn_norm: Tensor,
-    pub q: QMatMul,
-    pub k: QMatMul,
-    pub v: QMatMul,
+    pub q: QLinear,
+    pub k: QLinear,
+    pub v: QLinear,
     /// Qwen2 has q/k/v biases.
     pub qkv_bias: Option<(Tensor, Tensor, Tensor)>,
     /// Qwen3 normalises each head of q and k.
     pub qk_norm: Option<(Tensor, Tensor)>,
-    pub o: QMatMul,
+    pub o: QLinear,
     pub ffn_norm: Tensor,
-    pub gate: QMatMul,
-    pub up: QMatMul,
-    pub down: QMatMul,
+    pub gate: QLinear,
+    pub up: QLinear,
+    pub down: QLinear,
 }
 
 /// The token embedding table. On the CPU it stays in its GGUF quant type and only the
@@ -163,7 +166,7 @@ pub struct QuantizedDecoder {
     /// `caches[slot][block]`, grown as slots are used.
     caches: Vec<Vec<KvCache>>,
     norm: Tensor,
-    output: QMatMul,
+    output: QLinear,
     cos: Tensor,
     sin: Tensor,
 }
@@ -196,7 +199,7 @@ impl QuantizedDecoder {
         embed: TokenEmbedding,
         blocks: Vec<BlockWeights>,
         norm: Tensor,
-        output: QMatMul,
+        output: QLinear,
     ) -> candle_core::Result<QuantizedDecoder> {
         let device = norm.device().clone();
         let (cos, sin) = rope_tables(&config, &device)?;

@@ -158,9 +158,11 @@ pub(super) fn run(
     let info = Arc::new(info);
     let loaded_in = load_start.elapsed();
     set_phase(&shared.phase, Phase::WarmingUp);
-    // One forward pass so the first real request pays no first-touch costs.
+    // A two-token forward pass so the first real request pays no first-touch costs: on the
+    // CPU it also builds candle's repacked prompt kernels' tiles (one-token decode reads the
+    // stored blocks, see `qlinear`).
     let warm = info.bos_id.unwrap_or(0);
-    if let Err(err) = Tensor::new(&[warm], &device)
+    if let Err(err) = Tensor::new(&[warm, warm], &device)
         .and_then(|t| t.unsqueeze(0))
         .and_then(|t| model.forward(&t, 0))
     {
