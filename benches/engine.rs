@@ -8,6 +8,10 @@
 use clap::Parser;
 use lifeboat::cli::{self, Cli};
 
+// The same allocator as the `lifeboat` binary, so load times match what `serve` sees.
+#[global_allocator]
+static ALLOCATOR: lifeboat::huge_pages::HugePageAlloc = lifeboat::huge_pages::HugePageAlloc;
+
 fn main() {
     // `cargo bench` passes `--bench`; everything else is `lifeboat bench engine`'s.
     let args = std::env::args().skip(1).filter(|arg| arg != "--bench");

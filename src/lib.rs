@@ -19,6 +19,7 @@
 //! - [`metrics`]: metric names with units, Prometheus rendering.
 //! - [`mock_upstream`]: the scriptable fake gateway for tests, benches and the CLI.
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
+//! - [`huge_pages`]: the binary's allocator (large blocks on transparent huge pages).
 
 pub mod api;
 pub mod app;
@@ -27,6 +28,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod huge_pages;
 pub mod metrics;
 pub mod mock_upstream;
 pub mod router;
