@@ -15,6 +15,7 @@ pub mod models;
 pub mod qlinear;
 pub mod quantized;
 pub mod reasoning;
+pub mod requant;
 pub mod sampler;
 pub mod stop;
 pub mod tiny;

@@ -19,14 +19,35 @@ use candle_core::{
 #[derive(Debug)]
 pub struct QLinear {
     matmul: QMatMul,
+    /// The weight's rows were padded with zeros beyond this many inputs (see [`QLinear::padded`]).
+    inputs: Option<usize>,
 }
 
 impl QLinear {
     pub fn new(matmul: QMatMul) -> QLinear {
-        QLinear { matmul }
+        QLinear { matmul, inputs: None }
+    }
+
+    /// A weight whose rows were zero-padded from `inputs` to a multiple of 256 columns, the
+    /// width candle's repacked x86 prompt kernels need (Qwen2.5-0.5B's 896-wide layers
+    /// otherwise run per-row dot products, 5× slower); inputs are padded to match.
+    pub fn padded(matmul: QMatMul, inputs: usize) -> QLinear {
+        QLinear {
+            matmul,
+            inputs: Some(inputs),
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let padded;
+        let x = match (self.inputs, &self.matmul) {
+            (Some(inputs), QMatMul::QTensor(weight)) => {
+                let (_, width) = weight.shape().dims2()?;
+                padded = x.pad_with_zeros(candle_core::D::Minus1, 0, width.saturating_sub(inputs))?;
+                &padded
+            }
+            _ => x,
+        };
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
         if rows == 1
             && x.device().is_cpu()
@@ -83,18 +104,20 @@ fn multiply<T: GgmlType>(
     Ok(true)
 }
 
-/// The stored bytes of a quantized tensor as its blocks, without a copy.
+/// The stored bytes of a quantized tensor as its blocks, without a copy. Only for candle's
+/// block types named below.
 #[allow(unsafe_code)]
-fn as_blocks<T: GgmlType>(bytes: &[u8]) -> Option<&[T]> {
+pub(crate) fn as_blocks<T: GgmlType>(bytes: &[u8]) -> Option<&[T]> {
     let size = std::mem::size_of::<T>();
     if size == 0 || bytes.len() % size != 0 || bytes.as_ptr().align_offset(std::mem::align_of::<T>()) != 0 {
         return None;
     }
-    // SAFETY: the four block types used here (Q4_K, Q5_K, Q6_K, Q8_0) are `#[repr(C)]`
-    // structs of `f16` and byte arrays, for which every bit pattern is valid; the length is
-    // a whole number of blocks and the pointer is aligned for `T` (checked above), and the
-    // slice borrows `bytes`, so it cannot outlive them. The bytes are candle's own storage
-    // of exactly these blocks (`QTensor::data` views its `Vec<T>`).
+    // SAFETY: the block types this is used with (Q4_K, Q5_K, Q6_K, Q8_0 here; Q4_1, Q5_0,
+    // Q5_1, Q8_1 in `requant`) are `#[repr(C)]` structs of `f16` and byte arrays, for which
+    // every bit pattern is valid; the length is a whole number of blocks and the pointer is
+    // aligned for `T` (checked above), and the slice borrows `bytes`, so it cannot outlive
+    // them. The bytes are candle's storage of exactly these blocks (`QTensor::data` views
+    // its `Vec<T>`) or a GGUF tensor of that type (GGUF aligns tensor data to 32 bytes).
     Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) })
 }
 
@@ -103,6 +126,46 @@ mod tests {
     use candle_core::{Device, quantized::QTensor};
 
     use super::*;
+
+    #[test]
+    fn padded_weights_give_the_unpadded_product() {
+        let device = Device::Cpu;
+        let (n, k) = (32, 96);
+        let values: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
+            .collect();
+        let weight = Tensor::from_vec(values, (n, k), &device).expect("weight");
+        let padded = weight.pad_with_zeros(1, 0, 256 - k).expect("pad");
+        let plain = QLinear::new(
+            QMatMul::from_qtensor(QTensor::quantize(&weight, GgmlDType::Q8_0).expect("q")).expect("mm"),
+        );
+        let wide = QLinear::padded(
+            QMatMul::from_qtensor(QTensor::quantize(&padded, GgmlDType::Q8_0).expect("q")).expect("mm"),
+            k,
+        );
+        for rows in [1, 5] {
+            let x = Tensor::from_vec(
+                (0..rows * k)
+                    .map(|i| ((i * 31) % 17) as f32 / 17.0 - 0.3)
+                    .collect::<Vec<_>>(),
+                (1, rows, k),
+                &device,
+            )
+            .expect("x");
+            let a = plain.forward(&x).expect("plain");
+            let b = wide.forward(&x).expect("padded");
+            assert_eq!(a.dims(), b.dims());
+            let diff = (a - b)
+                .and_then(|d| d.abs())
+                .and_then(|d| d.flatten_all())
+                .and_then(|d| d.max(0))
+                .and_then(|d| d.to_scalar::<f32>())
+                .expect("diff");
+            // Several rows go through the repacked kernels, which quantize activations per
+            // 256 values (Q8_K) instead of per 32 (Q8_0): equal up to that rounding.
+            assert!(diff < 5e-3, "{rows} rows: {diff}");
+        }
+    }
 
     #[test]
     fn one_row_through_stored_blocks_equals_candles_matmul() {
