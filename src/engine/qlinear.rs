@@ -121,20 +121,44 @@ pub(crate) fn as_blocks<T: GgmlType>(bytes: &[u8]) -> Option<&[T]> {
     Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) })
 }
 
+/// Test helpers shared by the engine's quantization tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use candle_core::{Device, Tensor};
+
+    /// A deterministic `[rows, cols]` matrix with values in [-0.5, 0.5).
+    pub(crate) fn matrix(rows: usize, cols: usize) -> Tensor {
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
+            .collect();
+        Tensor::from_vec(values, (rows, cols), &Device::Cpu).expect("matrix")
+    }
+
+    /// The largest absolute difference between two tensors of one shape.
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("difference")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, quantized::QTensor};
 
-    use super::*;
+    use super::{
+        test_support::{matrix, max_abs_diff},
+        *,
+    };
 
     #[test]
     fn padded_weights_give_the_unpadded_product() {
         let device = Device::Cpu;
         let (n, k) = (32, 96);
-        let values: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
-            .collect();
-        let weight = Tensor::from_vec(values, (n, k), &device).expect("weight");
+        let weight = matrix(n, k);
         let padded = weight.pad_with_zeros(1, 0, 256 - k).expect("pad");
         let plain = QLinear::new(
             QMatMul::from_qtensor(QTensor::quantize(&weight, GgmlDType::Q8_0).expect("q")).expect("mm"),
@@ -155,12 +179,7 @@ mod tests {
             let a = plain.forward(&x).expect("plain");
             let b = wide.forward(&x).expect("padded");
             assert_eq!(a.dims(), b.dims());
-            let diff = (a - b)
-                .and_then(|d| d.abs())
-                .and_then(|d| d.flatten_all())
-                .and_then(|d| d.max(0))
-                .and_then(|d| d.to_scalar::<f32>())
-                .expect("diff");
+            let diff = max_abs_diff(&a, &b);
             // Several rows go through the repacked kernels, which quantize activations per
             // 256 values (Q8_K) instead of per 32 (Q8_0): equal up to that rounding.
             assert!(diff < 5e-3, "{rows} rows: {diff}");
@@ -171,10 +190,7 @@ mod tests {
     fn one_row_through_stored_blocks_equals_candles_matmul() {
         let device = Device::Cpu;
         let (n, k) = (48, 512);
-        let values: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
-            .collect();
-        let weight = Tensor::from_vec(values, (n, k), &device).expect("weight");
+        let weight = matrix(n, k);
         let x = Tensor::from_vec(
             (0..k)
                 .map(|i| ((i * 31) % 17) as f32 / 17.0 - 0.3)
@@ -192,12 +208,7 @@ mod tests {
                 .expect("a CPU dot product exists");
             let candle = linear.matmul.forward(&x).expect("candle");
             assert_eq!(ours.dims(), candle.dims());
-            let diff = (ours - candle)
-                .and_then(|d| d.abs())
-                .and_then(|d| d.flatten_all())
-                .and_then(|d| d.max(0))
-                .and_then(|d| d.to_scalar::<f32>())
-                .expect("diff");
+            let diff = max_abs_diff(&ours, &candle);
             // Same Q8_K activations and block dot products, summed in another order.
             assert!(diff < 1e-3, "{dtype:?}: {diff}");
         }

@@ -56,18 +56,18 @@ fn convert<T: GgmlType>(raw: &[u8], rows: usize, width: usize, padded_width: usi
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Tensor};
+    use candle_core::Device;
 
-    use super::*;
+    use super::{
+        super::qlinear::test_support::{matrix, max_abs_diff},
+        *,
+    };
 
     #[test]
     fn rows_convert_and_pad_like_dequantize_then_quantize() {
         let device = Device::Cpu;
         let (rows, width) = (6, 96);
-        let values: Vec<f32> = (0..rows * width)
-            .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
-            .collect();
-        let dense = Tensor::from_vec(values, (rows, width), &device).expect("dense");
+        let dense = matrix(rows, width);
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0] {
             let stored = QTensor::quantize(&dense, dtype).expect("quantize");
             let raw = stored.data().expect("bytes").into_owned();
@@ -81,13 +81,7 @@ mod tests {
                 .and_then(|q| q.dequantize(&device))
                 .expect("reference");
             let got = converted.dequantize(&device).expect("dequantize");
-            let diff = (got - expected)
-                .and_then(|d| d.abs())
-                .and_then(|d| d.flatten_all())
-                .and_then(|d| d.max(0))
-                .and_then(|d| d.to_scalar::<f32>())
-                .expect("diff");
-            assert_eq!(diff, 0.0, "{dtype:?}");
+            assert_eq!(max_abs_diff(&got, &expected), 0.0, "{dtype:?}");
         }
         assert!(to_q8_0(GgmlDType::Q4K, &[], 1, 256, 256).is_none());
         assert!(
