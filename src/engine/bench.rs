@@ -65,8 +65,11 @@ pub struct StreamFigures {
     pub concurrency: usize,
     pub ttft_median_ms: f64,
     pub ttft_max_ms: f64,
-    /// All streams' output tokens over the wall time of the whole group.
+    /// All streams' output tokens over the wall time of the whole group (prefill included).
     pub aggregate_tokens_per_second: f64,
+    /// The streams' decode speeds added up (each: tokens after its first over the time
+    /// since its first): what batching gives once the prompts are in.
+    pub decode_tokens_per_second: f64,
 }
 
 /// One request's timings.
@@ -75,6 +78,21 @@ struct Timed {
     end: Duration,
     prompt_tokens: u64,
     completion_tokens: u64,
+}
+
+impl Timed {
+    /// Tokens after the first over the time since the first (0 with fewer than two).
+    fn decode_rate(&self) -> f64 {
+        let span = self
+            .end
+            .saturating_sub(self.first_output.unwrap_or(self.end))
+            .as_secs_f64();
+        if self.completion_tokens > 1 && span > 0.0 {
+            (self.completion_tokens - 1) as f64 / span
+        } else {
+            0.0
+        }
+    }
 }
 
 /// Text that the model's own tokenizer turns into about `tokens` tokens (whitespace-joined
@@ -194,15 +212,7 @@ pub async fn run(options: &EngineBenchOptions, progress: impl Fn(&str)) -> Resul
     let prefill = timed(&backend, &long_prompt, 1).await?;
     progress("decode");
     let decode = timed(&backend, &short_prompt, options.decode_tokens).await?;
-    let decode_span = decode
-        .end
-        .saturating_sub(decode.first_output.unwrap_or(decode.end))
-        .as_secs_f64();
-    let decode_tokens_per_second = if decode.completion_tokens > 1 && decode_span > 0.0 {
-        (decode.completion_tokens - 1) as f64 / decode_span
-    } else {
-        0.0
-    };
+    let decode_tokens_per_second = decode.decode_rate();
 
     let mut streams = Vec::new();
     for &concurrency in &options.concurrency {
@@ -219,12 +229,14 @@ pub async fn run(options: &EngineBenchOptions, progress: impl Fn(&str)) -> Resul
             .map(|r| r.first_output.unwrap_or(r.end).as_secs_f64() * 1000.0)
             .collect();
         let tokens: u64 = runs.iter().map(|r| r.completion_tokens).sum();
+        let decode_tokens_per_second = runs.iter().map(Timed::decode_rate).sum();
         let ttft_max_ms = ttfts.iter().copied().fold(0.0, f64::max);
         streams.push(StreamFigures {
             concurrency,
             ttft_median_ms: median(&mut ttfts),
             ttft_max_ms,
             aggregate_tokens_per_second: tokens as f64 / wall,
+            decode_tokens_per_second,
         });
     }
 
@@ -256,12 +268,19 @@ impl std::fmt::Display for EngineBenchReport {
             "decode           {:.2} tok/s ({} tokens, one stream)",
             self.decode_tokens_per_second, self.decode_tokens
         )?;
-        writeln!(f, "streams  TTFT median  TTFT max  aggregate tok/s")?;
+        writeln!(
+            f,
+            "streams  TTFT median  TTFT max  aggregate tok/s  decode tok/s (sum)"
+        )?;
         for s in &self.streams {
             writeln!(
                 f,
-                "{:>7}  {:>8.0} ms  {:>5.0} ms  {:>15.2}",
-                s.concurrency, s.ttft_median_ms, s.ttft_max_ms, s.aggregate_tokens_per_second
+                "{:>7}  {:>8.0} ms  {:>5.0} ms  {:>15.2}  {:>18.2}",
+                s.concurrency,
+                s.ttft_median_ms,
+                s.ttft_max_ms,
+                s.aggregate_tokens_per_second,
+                s.decode_tokens_per_second
             )?;
         }
         write!(f, "peak RSS         {:.2} GB", self.peak_rss_bytes as f64 / 1e9)

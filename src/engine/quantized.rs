@@ -397,19 +397,29 @@ impl CausalLm for QuantizedDecoder {
             let gated = (candle_nn::ops::silu(&block.gate.forward(&h)?)? * block.up.forward(&h)?)?;
             x = (x + block.down.forward(&gated)?)?;
         }
-        // Only each step's last position needs logits, one row at a time: the output layer
-        // (the 1.5B's is 131 MB) then never needs candle's repacked tiles, which would take
-        // 1.33× its size again and run no faster for the few rows a step has.
+        // Only each step's last position needs logits, from the stored blocks: the output
+        // layer (the 1.5B's is 131 MB) then never needs candle's repacked tiles, which would
+        // take 1.33× its size again and run no faster for the few rows a step has.
         let mut end = 0;
-        steps
+        let lasts = steps
             .iter()
             .map(|s| {
                 end += s.tokens.len();
-                let last = x.narrow(1, end - 1, 1)?.contiguous()?;
-                let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
-                self.output.forward(&last)?.flatten_all()?.to_dtype(DType::F32)
+                x.narrow(1, end - 1, 1)
             })
-            .collect()
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let last = if lasts.len() == 1 {
+            lasts[0].contiguous()?
+        } else {
+            Tensor::cat(&lasts, 1)?
+        };
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
+        let logits = self
+            .output
+            .forward_stored(&last, steps.len())?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?;
+        (0..steps.len()).map(|i| logits.get(i)).collect()
     }
 }
 
