@@ -39,17 +39,6 @@ impl QLinear {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_with(x, 1)
-    }
-
-    /// As [`QLinear::forward`], but up to `rows_from_stored` rows go through the stored
-    /// blocks (read once for all rows) instead of candle's repacked tiles. For the output
-    /// layer, whose few rows per step never pay for the tiles' memory (1.33× the layer).
-    pub fn forward_stored(&self, x: &Tensor, rows_from_stored: usize) -> candle_core::Result<Tensor> {
-        self.forward_with(x, rows_from_stored)
-    }
-
-    fn forward_with(&self, x: &Tensor, rows_from_stored: usize) -> candle_core::Result<Tensor> {
         let padded;
         let x = match (self.inputs, &self.matmul) {
             (Some(inputs), QMatMul::QTensor(weight)) => {
@@ -60,32 +49,30 @@ impl QLinear {
             _ => x,
         };
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
-        if rows <= rows_from_stored
+        if rows == 1
             && x.device().is_cpu()
             && x.dtype() == DType::F32
-            && let Some(out) = self.stored_blocks(x, rows)?
+            && let Some(out) = self.single_row(x)?
         {
             return Ok(out);
         }
         self.matmul.forward(x)
     }
 
-    /// `x` (`rows` rows) times the stored blocks, or `None` for a type without a CPU dot
-    /// product.
-    fn stored_blocks(&self, x: &Tensor, rows: usize) -> candle_core::Result<Option<Tensor>> {
+    /// `x` (one row) times the stored blocks, or `None` for a type without a CPU dot product.
+    fn single_row(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let QMatMul::QTensor(weight) = &self.matmul else {
             return Ok(None);
         };
         let (n, k) = weight.shape().dims2()?;
         let bytes = weight.data()?;
         let lhs = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; rows * n];
-        let mkn = (rows, k, n);
+        let mut out = vec![0f32; n];
         let done = match weight.dtype() {
-            GgmlDType::Q4K => multiply::<BlockQ4K>(&bytes, mkn, &lhs, &mut out)?,
-            GgmlDType::Q5K => multiply::<BlockQ5K>(&bytes, mkn, &lhs, &mut out)?,
-            GgmlDType::Q6K => multiply::<BlockQ6K>(&bytes, mkn, &lhs, &mut out)?,
-            GgmlDType::Q8_0 => multiply::<BlockQ8_0>(&bytes, mkn, &lhs, &mut out)?,
+            GgmlDType::Q4K => multiply::<BlockQ4K>(&bytes, k, n, &lhs, &mut out)?,
+            GgmlDType::Q5K => multiply::<BlockQ5K>(&bytes, k, n, &lhs, &mut out)?,
+            GgmlDType::Q6K => multiply::<BlockQ6K>(&bytes, k, n, &lhs, &mut out)?,
+            GgmlDType::Q8_0 => multiply::<BlockQ8_0>(&bytes, k, n, &lhs, &mut out)?,
             _ => false,
         };
         if !done {
@@ -99,10 +86,11 @@ impl QLinear {
     }
 }
 
-/// `out = lhs · blocksᵀ` for `m` rows; `false` when the bytes cannot be viewed as blocks.
+/// `out = lhs · blocksᵀ` for one row; `false` when the bytes cannot be viewed as blocks.
 fn multiply<T: GgmlType>(
     bytes: &[u8],
-    (m, k, n): (usize, usize, usize),
+    k: usize,
+    n: usize,
     lhs: &[f32],
     out: &mut [f32],
 ) -> candle_core::Result<bool> {
@@ -112,7 +100,7 @@ fn multiply<T: GgmlType>(
     if k % T::BLCK_SIZE != 0 || blocks.len() != n * (k / T::BLCK_SIZE) {
         return Ok(false);
     }
-    k_quants::matmul((m, k, n), lhs, blocks, out)?;
+    k_quants::matmul((1, k, n), lhs, blocks, out)?;
     Ok(true)
 }
 
@@ -215,7 +203,7 @@ mod tests {
             let q = QTensor::quantize(&weight, dtype).expect("quantize");
             let linear = QLinear::new(QMatMul::from_qtensor(q).expect("qmatmul"));
             let ours = linear
-                .stored_blocks(&x, 1)
+                .single_row(&x)
                 .expect("runs")
                 .expect("a CPU dot product exists");
             let candle = linear.matmul.forward(&x).expect("candle");

@@ -397,9 +397,7 @@ impl CausalLm for QuantizedDecoder {
             let gated = (candle_nn::ops::silu(&block.gate.forward(&h)?)? * block.up.forward(&h)?)?;
             x = (x + block.down.forward(&gated)?)?;
         }
-        // Only each step's last position needs logits, from the stored blocks: the output
-        // layer (the 1.5B's is 131 MB) then never needs candle's repacked tiles, which would
-        // take 1.33× its size again and run no faster for the few rows a step has.
+        // Only each step's last position needs logits.
         let mut end = 0;
         let lasts = steps
             .iter()
@@ -414,11 +412,7 @@ impl CausalLm for QuantizedDecoder {
             Tensor::cat(&lasts, 1)?
         };
         let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
-        let logits = self
-            .output
-            .forward_stored(&last, steps.len())?
-            .squeeze(0)?
-            .to_dtype(DType::F32)?;
+        let logits = self.output.forward(&last)?.squeeze(0)?.to_dtype(DType::F32)?;
         (0..steps.len()).map(|i| logits.get(i)).collect()
     }
 }
