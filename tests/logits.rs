@@ -1,11 +1,12 @@
 //! The local engine's logits match Hugging Face transformers (CPU, f32) to max-abs ≤ 1e-4
 //! for a tiny model of each architecture: after the prompt and after each decode step
-//! through the KV cache. Fixtures from `scripts/make-fixtures logits`.
+//! through the KV cache — for GGUF also as one sequence of a batched step beside another.
+//! Fixtures from `scripts/make-fixtures logits`.
 
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use lifeboat::engine::{Arch, loader, tiny::make_tiny, tiny_gguf::make_tiny_gguf};
+use lifeboat::engine::{Arch, loader, models::SlotStep, tiny::make_tiny, tiny_gguf::make_tiny_gguf};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -17,6 +18,9 @@ enum Format {
     Safetensors,
     /// The same weights as f32 GGUF, through candle's quantized model code.
     Gguf,
+    /// The GGUF model with the fixture's sequence in cache slot 1 of every step, while
+    /// another sequence runs in slot 0 (continuous batching).
+    GgufInBatch,
 }
 
 fn check(arch: Arch) {
@@ -60,7 +64,7 @@ fn check_fixture(name: &str, format: Format) {
 
     let source = match format {
         Format::Safetensors => dir.path().to_path_buf(),
-        Format::Gguf => {
+        Format::Gguf | Format::GgufInBatch => {
             let file = dir.path().join("tiny.gguf");
             make_tiny_gguf(arch, &file, seed).expect("tiny GGUF");
             file
@@ -68,6 +72,8 @@ fn check_fixture(name: &str, format: Format) {
     };
     let mut loaded = loader::load(&source, &Device::Cpu).expect("loads");
     let mut pos = 0;
+    // The other sequence of a batched step: a prompt of its own, then one token per step.
+    let mut neighbour_pos = 0;
     for (step, expected) in fixture["steps"].as_array().expect("steps").iter().enumerate() {
         let ids: Vec<u32> = expected["input"]
             .as_array()
@@ -75,14 +81,44 @@ fn check_fixture(name: &str, format: Format) {
             .iter()
             .map(|v| v.as_u64().expect("id") as u32)
             .collect();
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
-            .and_then(|t| t.unsqueeze(0))
-            .expect("tensor");
-        let logits: Vec<f32> = loaded
-            .model
-            .forward(&input, pos)
-            .and_then(|t| t.to_vec1())
-            .expect("forward");
+        let logits: Vec<f32> = match format {
+            Format::GgufInBatch => {
+                let neighbour: Vec<u32> = if neighbour_pos == 0 {
+                    ids.iter().rev().chain(&ids).copied().collect()
+                } else {
+                    vec![ids[0]]
+                };
+                let steps = [
+                    SlotStep {
+                        slot: 0,
+                        tokens: &neighbour,
+                        pos: neighbour_pos,
+                    },
+                    SlotStep {
+                        slot: 1,
+                        tokens: &ids,
+                        pos,
+                    },
+                ];
+                neighbour_pos += neighbour.len();
+                let mut both = loaded
+                    .model
+                    .forward_slots(&steps, &Device::Cpu)
+                    .expect("batched forward");
+                assert_eq!(both.len(), 2);
+                both.pop().and_then(|t| t.to_vec1().ok()).expect("slot 1 logits")
+            }
+            _ => {
+                let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+                    .and_then(|t| t.unsqueeze(0))
+                    .expect("tensor");
+                loaded
+                    .model
+                    .forward(&input, pos)
+                    .and_then(|t| t.to_vec1())
+                    .expect("forward")
+            }
+        };
         pos += ids.len();
         let want: Vec<f32> = expected["logits"]
             .as_array()
@@ -103,6 +139,7 @@ fn check_fixture(name: &str, format: Format) {
         let label = match format {
             Format::Safetensors => "safetensors",
             Format::Gguf => "gguf",
+            Format::GgufInBatch => "gguf in a batch",
         };
         eprintln!("{name} {label} step {step}: max |Δ| = {worst:e}");
         assert!(
@@ -160,4 +197,11 @@ fn llama_gguf_logits_match_transformers() {
 #[test]
 fn qwen3_gguf_logits_match_transformers() {
     check_format(Arch::Qwen3, Format::Gguf);
+}
+
+#[test]
+fn gguf_logits_match_transformers_inside_a_batch() {
+    for arch in [Arch::Qwen2, Arch::Llama, Arch::Qwen3] {
+        check_format(arch, Format::GgufInBatch);
+    }
 }

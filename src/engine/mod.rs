@@ -17,6 +17,7 @@ pub mod quantized;
 pub mod reasoning;
 pub mod requant;
 pub mod sampler;
+mod scheduler;
 pub mod stop;
 pub mod tiny;
 pub mod tiny_gguf;
@@ -25,7 +26,10 @@ mod worker;
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, OnceLock, atomic::Ordering},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -95,9 +99,9 @@ struct Shared {
     info: OnceLock<Arc<ModelInfo>>,
     /// Requests accepted but not yet started by the engine (the queue and the one it may
     /// hold while the batch is full).
-    queued: std::sync::atomic::AtomicUsize,
+    queued: AtomicUsize,
     /// The most sequences one step has carried.
-    peak_batch: std::sync::atomic::AtomicUsize,
+    peak_batch: AtomicUsize,
 }
 
 /// Settings of the local backend.
@@ -165,14 +169,14 @@ impl LocalBackend {
         let shared = Arc::new(Shared {
             phase: Mutex::new(first_phase),
             info: OnceLock::new(),
-            queued: std::sync::atomic::AtomicUsize::new(0),
-            peak_batch: std::sync::atomic::AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+            peak_batch: AtomicUsize::new(0),
         });
         let (jobs, receiver) = mpsc::channel(settings.queue_capacity.max(1));
         let thread_shared = shared.clone();
         let device = preferred_device();
         let template = settings.chat_template.clone();
-        let limits = worker::BatchLimits {
+        let limits = scheduler::BatchLimits {
             max_sequences: settings.max_batch.max(1),
             kv_budget_bytes: settings.kv_cache_bytes,
         };
@@ -381,7 +385,7 @@ impl Backend for LocalBackend {
         }
         let max_tokens = params.max_tokens.map_or(room, |m| m as usize);
         let seed = params.seed.unwrap_or_else(rand::random);
-        let (events, receiver) = mpsc::channel(worker::EVENT_BUFFER);
+        let (events, receiver) = mpsc::channel(scheduler::EVENT_BUFFER);
         let job = worker::Job {
             prompt,
             params,
