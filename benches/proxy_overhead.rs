@@ -2,11 +2,14 @@
 //! upstream and through lifeboat, alternating, at several concurrency levels, for JSON
 //! and streaming answers. Prints added latency (p50/p99) and the RPS ratio.
 //!
-//! `cargo bench --bench proxy_overhead [-- --seconds 1 --rounds 3 --concurrency 1,16,64]`
+//! `cargo bench --bench proxy_overhead [-- --seconds 1 --rounds 3 --concurrency 1,16,64
+//! --mode both --first-token-delay 20ms --inter-token-delay 1ms]`
 //!
-//! Client, lifeboat and mock share this machine: the direct arm pays for client + mock,
-//! the proxied arm for client + lifeboat + mock, so the difference is lifeboat's cost
-//! including the CPU it takes away from the others.
+//! Client, lifeboat and mock share this machine (each on its own runtime, as separate
+//! processes would be): the direct arm pays for client + mock, the proxied arm for client +
+//! lifeboat + mock, so the difference is lifeboat's cost including the CPU it takes away
+//! from the others. The CPU columns are the whole process's CPU time per request in each
+//! arm, and the cores it kept busy.
 
 use std::{
     collections::HashMap,
@@ -27,6 +30,8 @@ struct Options {
     seconds: f64,
     rounds: u32,
     concurrency: Vec<usize>,
+    /// Which answers to measure: JSON, streamed, or both.
+    modes: Vec<bool>,
     /// The mock's latency profile: first token, then between tokens.
     first_token_delay: Duration,
     inter_token_delay: Duration,
@@ -37,6 +42,7 @@ fn options() -> Result<Options, String> {
         seconds: 1.0,
         rounds: 3,
         concurrency: vec![1, 16, 64],
+        modes: vec![false, true],
         first_token_delay: Duration::ZERO,
         inter_token_delay: Duration::ZERO,
     };
@@ -65,6 +71,14 @@ fn options() -> Result<Options, String> {
                     return Err("--concurrency: levels must be at least 1".into());
                 }
             }
+            "--mode" => {
+                options.modes = match value("--mode")?.as_str() {
+                    "json" => vec![false],
+                    "sse" => vec![true],
+                    "both" => vec![false, true],
+                    other => return Err(format!("--mode: expected json, sse or both, not {other:?}")),
+                }
+            }
             "--first-token-delay" => {
                 options.first_token_delay = humantime::parse_duration(&value("--first-token-delay")?)
                     .map_err(|e| format!("--first-token-delay: {e}"))?
@@ -81,37 +95,70 @@ fn options() -> Result<Options, String> {
     Ok(options)
 }
 
-/// Start the mock and lifeboat on their own runtime so the load generator's threads do
-/// not share a scheduler with them.
-fn start_servers(settings: MockSettings) -> (SocketAddr, SocketAddr) {
-    let (tx, rx) = std::sync::mpsc::channel();
+/// A multi-threaded runtime on its own OS thread, running `serve` until the process ends.
+/// Each party (load generator, lifeboat, mock gateway) gets its own, as it would as separate
+/// processes: a timer of one is not delayed because a worker of the same pool is busy with
+/// another's work. They still share this machine's cores.
+fn spawn_runtime<F, Fut>(name: &'static str, serve: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
+        tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
+            .thread_name(name)
             .enable_all()
             .build()
-            .expect("server runtime");
-        runtime.block_on(async move {
-            let mock = MockUpstream::start(settings).await.expect("mock");
-            let config = mock.gateway_config();
-            let state = AppState::from_config(&config, &HashMap::<String, String>::new()).expect("config");
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let addr = listener.local_addr().expect("addr");
-            tx.send((mock.addr(), addr)).expect("report addresses");
-            app::run(listener, app::app(state), std::future::pending(), Duration::ZERO)
-                .await
-                .expect("server");
-            drop(mock);
-        });
+            .expect("server runtime")
+            .block_on(serve());
     });
-    rx.recv().expect("servers started")
+}
+
+/// Start the mock gateway and lifeboat in front of it; returns their addresses.
+fn start_servers(settings: MockSettings) -> (SocketAddr, SocketAddr) {
+    let (mock_tx, mock_rx) = std::sync::mpsc::channel();
+    spawn_runtime("mock", move || async move {
+        let mock = MockUpstream::start(settings).await.expect("mock");
+        mock_tx
+            .send((mock.addr(), mock.gateway_config()))
+            .expect("report mock");
+        std::future::pending::<()>().await;
+    });
+    let (mock_addr, config) = mock_rx.recv().expect("mock started");
+    let (tx, rx) = std::sync::mpsc::channel();
+    spawn_runtime("lifeboat", move || async move {
+        let state = AppState::from_config(&config, &HashMap::<String, String>::new()).expect("config");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        tx.send(listener.local_addr().expect("addr"))
+            .expect("report lifeboat");
+        app::run(listener, app::app(state), std::future::pending(), Duration::ZERO)
+            .await
+            .expect("server");
+    });
+    (mock_addr, rx.recv().expect("lifeboat started"))
 }
 
 struct ArmResult {
-    latencies: Histogram<u64>,
+    latencies: Histogram<u32>,
     requests: u64,
     elapsed: Duration,
     errors: u64,
+    /// CPU time the whole process (client, lifeboat, mock) used during the arm.
+    cpu: Duration,
+}
+
+/// User + system CPU time of this process so far.
+fn process_cpu_time() -> Duration {
+    // SAFETY: getrusage writes into the zeroed struct we own.
+    #[allow(unsafe_code)]
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime))
 }
 
 async fn drive(
@@ -123,6 +170,7 @@ async fn drive(
 ) -> ArmResult {
     let body = Arc::new(serde_json::to_vec(body).expect("body"));
     let started = Instant::now();
+    let cpu_before = process_cpu_time();
     let deadline = started + duration;
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
@@ -130,7 +178,7 @@ async fn drive(
         let url = url.to_string();
         let body = body.clone();
         tasks.push(tokio::spawn(async move {
-            let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+            let mut latencies = latency_histogram();
             let mut errors = 0;
             while Instant::now() < deadline {
                 let t0 = Instant::now();
@@ -153,7 +201,7 @@ async fn drive(
             (latencies, errors)
         }));
     }
-    let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+    let mut latencies = latency_histogram();
     let mut errors = 0;
     for task in tasks {
         let (h, e) = task.await.expect("worker");
@@ -165,6 +213,38 @@ async fn drive(
         latencies,
         elapsed: started.elapsed(),
         errors,
+        cpu: process_cpu_time().saturating_sub(cpu_before),
+    }
+}
+
+/// Latencies in microseconds up to 60 s with four significant digits: the added latency is
+/// the difference of two figures of tens to hundreds of milliseconds, and three digits
+/// would round a 500 ms answer to 0.25 ms.
+fn latency_histogram() -> Histogram<u32> {
+    Histogram::new_with_bounds(1, 60_000_000, 4).expect("histogram")
+}
+
+/// CPU spent per arm over all rounds: per request, and as cores kept busy.
+#[derive(Default)]
+struct ArmCpu {
+    cpu: Duration,
+    wall: Duration,
+    requests: u64,
+}
+
+impl ArmCpu {
+    fn add(&mut self, arm: &ArmResult) {
+        self.cpu += arm.cpu;
+        self.wall += arm.elapsed;
+        self.requests += arm.requests;
+    }
+
+    fn per_request_us(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.requests.max(1) as f64
+    }
+
+    fn cores_busy(&self) -> f64 {
+        self.cpu.as_secs_f64() / self.wall.as_secs_f64().max(1e-9)
     }
 }
 
@@ -205,10 +285,10 @@ async fn main() {
         humantime::format_duration(options.inter_token_delay),
     );
     println!(
-        "| mode | conc | direct p50 ms | direct p99 ms | via p50 ms | via p99 ms | added p50 ms | added p99 ms | direct rps | via rps | rps ratio | errors |"
+        "| mode | conc | direct p50 ms | direct p99 ms | via p50 ms | via p99 ms | added p50 ms | added p99 ms | direct rps | via rps | rps ratio | direct cpu µs/req | via cpu µs/req | cores busy direct/via | errors |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for stream in [false, true] {
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for &stream in &options.modes {
         let body = json!({
             "model": "deepseek-chat",
             "messages": [{"role": "user", "content": "Benchmark the proxy overhead please"}],
@@ -233,9 +313,10 @@ async fn main() {
                 Duration::from_millis(200),
             )
             .await;
-            let mut direct = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+            let mut direct = latency_histogram();
             let mut proxied = direct.clone();
             let (mut direct_rps, mut proxied_rps) = (0.0, 0.0);
+            let (mut direct_cpu, mut proxied_cpu) = (ArmCpu::default(), ArmCpu::default());
             let mut errors = 0;
             for _ in 0..options.rounds {
                 let d = drive(&client, &direct_url, &body, concurrency, duration).await;
@@ -245,13 +326,15 @@ async fn main() {
                 direct_rps += d.requests as f64 / d.elapsed.as_secs_f64();
                 proxied_rps += p.requests as f64 / p.elapsed.as_secs_f64();
                 errors += d.errors + p.errors;
+                direct_cpu.add(&d);
+                proxied_cpu.add(&p);
             }
             direct_rps /= f64::from(options.rounds);
             proxied_rps /= f64::from(options.rounds);
             let (d50, d99) = (direct.value_at_quantile(0.5), direct.value_at_quantile(0.99));
             let (p50, p99) = (proxied.value_at_quantile(0.5), proxied.value_at_quantile(0.99));
             println!(
-                "| {} | {concurrency} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {direct_rps:.0} | {proxied_rps:.0} | {:.2} | {errors} |",
+                "| {} | {concurrency} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {direct_rps:.0} | {proxied_rps:.0} | {:.2} | {:.0} | {:.0} | {:.2}/{:.2} | {errors} |",
                 if stream { "sse" } else { "json" },
                 ms(d50),
                 ms(d99),
@@ -260,6 +343,10 @@ async fn main() {
                 ms(p50) - ms(d50),
                 ms(p99) - ms(d99),
                 proxied_rps / direct_rps,
+                direct_cpu.per_request_us(),
+                proxied_cpu.per_request_us(),
+                direct_cpu.cores_busy(),
+                proxied_cpu.cores_busy(),
             );
         }
     }

@@ -11,6 +11,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use futures_util::StreamExt;
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::{FaultMode, MockSettings, Shared};
@@ -201,19 +202,12 @@ async fn generate(shared: Arc<Shared>, headers: HeaderMap, body: Bytes, chat: bo
         settings.first_token_delay
     };
     if !stream {
-        // Sleep exactly as the streamed answer does (one timer per token, each rounded up
-        // to the timer's 1 ms tick), so JSON and SSE answers take the same time. A zero
-        // sleep would still wait for the next tick, so it is skipped.
-        for i in 0..completion_tokens {
-            let delay = if i == 0 {
-                first_delay
-            } else {
-                settings.inter_token_delay
-            };
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
+        // The whole answer is ready when its last token would have been streamed.
+        let mut pace = TokenPace::new(first_delay, settings.inter_token_delay);
+        for _ in 0..completion_tokens {
+            pace.advance();
         }
+        pace.wait().await;
         return Json(answer.full()).into_response();
     }
     let body = match mode {
@@ -279,36 +273,95 @@ impl Answer {
         })
     }
 
-    fn chunk(&self, choice: Value) -> Bytes {
-        let object = if self.chat {
-            "chat.completion.chunk"
+    /// One `data: {chunk}` frame. Serialized from borrowed structs rather than built as a
+    /// `Value`: the mock stands in for a remote gateway, so the CPU it takes from the
+    /// machine it shares with lifeboat in benchmarks should be small.
+    fn chunk(&self, role: Option<&str>, text: &str, finish_reason: Option<&str>) -> Bytes {
+        let frame = if self.chat {
+            let choice = DeltaChoice {
+                index: 0,
+                delta: Delta {
+                    role,
+                    content: (finish_reason.is_none()).then_some(text),
+                },
+                logprobs: None,
+                finish_reason,
+            };
+            serde_json::to_vec(&ChunkFrame::new(self, "chat.completion.chunk", choice))
         } else {
-            "text_completion"
+            let choice = TextChoice {
+                index: 0,
+                text,
+                logprobs: None,
+                finish_reason,
+            };
+            serde_json::to_vec(&ChunkFrame::new(self, "text_completion", choice))
         };
-        let chunk = json!({"id": "mock-1", "object": object, "created": 1_700_000_000, "model": self.model, "choices": [choice]});
-        Bytes::from(format!("data: {chunk}\n\n"))
+        let json = frame.unwrap_or_default();
+        let mut bytes = Vec::with_capacity(json.len() + 8);
+        bytes.extend_from_slice(b"data: ");
+        bytes.extend_from_slice(&json);
+        bytes.extend_from_slice(b"\n\n");
+        Bytes::from(bytes)
+    }
+
+    fn role_chunk(&self) -> Bytes {
+        self.chunk(Some("assistant"), "", None)
     }
 
     fn token_chunk(&self, i: u32) -> Bytes {
-        let text = mock_token(i);
-        if self.chat {
-            self.chunk(
-                json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}),
-            )
-        } else {
-            self.chunk(json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null}))
-        }
+        self.chunk(None, mock_token(i), None)
     }
 
     fn finish_chunk(&self) -> Bytes {
-        if self.chat {
-            self.chunk(
-                json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": self.finish_reason}),
-            )
-        } else {
-            self.chunk(json!({"index": 0, "text": "", "logprobs": null, "finish_reason": self.finish_reason}))
+        self.chunk(None, "", Some(self.finish_reason))
+    }
+}
+
+#[derive(Serialize)]
+struct ChunkFrame<'a, C> {
+    id: &'static str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: [C; 1],
+}
+
+impl<'a, C> ChunkFrame<'a, C> {
+    fn new(answer: &'a Answer, object: &'static str, choice: C) -> Self {
+        ChunkFrame {
+            id: "mock-1",
+            object,
+            created: 1_700_000_000,
+            model: &answer.model,
+            choices: [choice],
         }
     }
+}
+
+#[derive(Serialize)]
+struct DeltaChoice<'a> {
+    index: u32,
+    delta: Delta<'a>,
+    logprobs: Option<()>,
+    finish_reason: Option<&'a str>,
+}
+
+/// A chat delta: `role` only in the first chunk, no `content` in the finish chunk.
+#[derive(Serialize)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct TextChoice<'a> {
+    index: u32,
+    text: &'a str,
+    logprobs: Option<()>,
+    finish_reason: Option<&'a str>,
 }
 
 /// The SSE body: role chunk, one chunk per token, finish chunk, usage chunk if asked,
@@ -346,29 +399,31 @@ fn token_stream(
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send {
     // Step 0: role chunk; 1..=n: tokens; n+1: finish; n+2: usage; n+3: [DONE].
     let n = answer.completion_tokens;
-    futures_util::stream::unfold((answer, 0u32), move |(answer, step)| async move {
+    let pace = TokenPace::new(first_delay, inter_delay);
+    futures_util::stream::unfold((answer, 0u32, pace), move |(answer, step, mut pace)| async move {
         if let Some(k) = cut
             && step == k + 1
         {
             // Let hyper flush the chunks already written, so the client really receives
             // `k` chunks before the connection drops.
             tokio::time::sleep(Duration::from_millis(20)).await;
-            return Some((Err(std::io::Error::other("mock: connection cut mid-stream")), (answer, u32::MAX)));
+            return Some((
+                Err(std::io::Error::other("mock: connection cut mid-stream")),
+                (answer, u32::MAX, pace),
+            ));
         }
         let bytes = match step {
             u32::MAX => return None,
             0 => {
                 if answer.chat {
-                    answer.chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
+                    answer.role_chunk()
                 } else {
                     Bytes::new()
                 }
             }
             s if s <= n => {
-                let delay = if s == 1 { first_delay } else { inter_delay };
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
+                pace.advance();
+                pace.wait().await;
                 answer.token_chunk(s - 1)
             }
             s if s == n + 1 => answer.finish_chunk(),
@@ -384,7 +439,73 @@ fn token_stream(
             s if s == n + 3 => Bytes::from_static(b"data: [DONE]\n\n"),
             _ => return None,
         };
-        Some((Ok(bytes), (answer, step + 1)))
+        Some((Ok(bytes), (answer, step + 1, pace)))
     })
     .filter(|item| std::future::ready(!matches!(item, Ok(b) if b.is_empty())))
+}
+
+/// When each token is due, counted from the start of the answer like a gateway that
+/// generates at its own rate: a reader that is late does not push later tokens back.
+/// (Sleeping for each gap in turn would add the reader's delay and up to a 1 ms timer tick
+/// per token, which made the mock slower than its settings under load.)
+#[derive(Debug)]
+struct TokenPace {
+    start: tokio::time::Instant,
+    due: Duration,
+    first_delay: Duration,
+    inter_delay: Duration,
+    tokens: u32,
+}
+
+impl TokenPace {
+    fn new(first_delay: Duration, inter_delay: Duration) -> Self {
+        TokenPace {
+            start: tokio::time::Instant::now(),
+            due: Duration::ZERO,
+            first_delay,
+            inter_delay,
+            tokens: 0,
+        }
+    }
+
+    /// Move to the next token's due time.
+    fn advance(&mut self) {
+        self.due += if self.tokens == 0 {
+            self.first_delay
+        } else {
+            self.inter_delay
+        };
+        self.tokens += 1;
+    }
+
+    /// Wait until the current token is due; a token already due is not delayed (a timer
+    /// would still wait for its next tick).
+    async fn wait(&self) {
+        let deadline = self.start + self.due;
+        if deadline > tokio::time::Instant::now() {
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_are_due_from_the_start_so_a_late_reader_does_not_push_them_back() {
+        let start = tokio::time::Instant::now();
+        let mut pace = TokenPace::new(Duration::from_millis(20), Duration::from_millis(5));
+        pace.advance();
+        pace.wait().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(20));
+        // The reader takes 12 ms over the first token: tokens 2 and 3 (due at 25 and 30 ms)
+        // are already due, token 4 comes at 35 ms.
+        tokio::time::sleep(Duration::from_millis(12)).await;
+        for due_ms in [32, 32, 35] {
+            pace.advance();
+            pace.wait().await;
+            assert_eq!(start.elapsed(), Duration::from_millis(due_ms));
+        }
+    }
 }
