@@ -71,7 +71,7 @@ impl MlaMoe {
             first_dense_layers: optional(config, "first_k_dense_replace", 0)?,
             moe_layer_freq: optional(config, "moe_layer_freq", 1)?,
         };
-        if mla.qk_rope_head_dim % 2 != 0 {
+        if !mla.qk_rope_head_dim.is_multiple_of(2) {
             return Err(format!(
                 "config.json: qk_rope_head_dim {} must be even (RoPE rotates pairs)",
                 mla.qk_rope_head_dim
@@ -100,7 +100,9 @@ impl MlaMoe {
 
     /// Whether layer `index` is a MoE layer (the rule of the reference code).
     pub fn is_moe_layer(&self, index: usize) -> bool {
-        self.routed_experts > 0 && index >= self.first_dense_layers && index % self.moe_layer_freq == 0
+        self.routed_experts > 0
+            && index >= self.first_dense_layers
+            && index.is_multiple_of(self.moe_layer_freq)
     }
 
     /// The tensors of layer `index` (prefix `model.layers.{index}.`), with their shapes.

@@ -264,7 +264,7 @@ fn check_tensors(path: &Path, header: &Header, dims: &Dims) -> Result<(), Engine
     for (name, info) in &content.tensor_infos {
         let elems = info.shape.elem_count() as u64;
         let block = info.ggml_dtype.block_size() as u64;
-        if elems % block != 0 {
+        if !elems.is_multiple_of(block) {
             return Err(EngineError::load(
                 path,
                 format!(
@@ -628,7 +628,7 @@ fn needs_requantizing(dtype: GgmlDType, row: usize) -> bool {
     matches!(
         dtype,
         GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1
-    ) && row % GgmlDType::Q8_0.block_size() == 0
+    ) && row.is_multiple_of(GgmlDType::Q8_0.block_size())
 }
 
 /// The row width candle's repacked x86 kernels need (one K-quant super-block).

@@ -10,6 +10,7 @@ pub mod deepseek2;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod hub;
+mod kquant_rows;
 pub mod loader;
 pub mod models;
 pub mod qlinear;

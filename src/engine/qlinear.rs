@@ -15,6 +15,8 @@ use candle_core::{
     },
 };
 
+use super::kquant_rows;
+
 /// A weight `[out, in]` applied as `x · Wᵀ`.
 #[derive(Debug)]
 pub struct QLinear {
@@ -49,14 +51,45 @@ impl QLinear {
             _ => x,
         };
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
-        if rows == 1
-            && x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && let Some(out) = self.single_row(x)?
-        {
-            return Ok(out);
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            if rows <= kquant_rows::MAX_ROWS
+                && let Some(out) = self.few_rows(x, rows)?
+            {
+                return Ok(out);
+            }
+            if rows == 1
+                && let Some(out) = self.single_row(x)?
+            {
+                return Ok(out);
+            }
         }
         self.matmul.forward(x)
+    }
+
+    /// `x` (up to [`kquant_rows::MAX_ROWS`] rows) times Q4_K or Q6_K blocks as stored, each
+    /// block unpacked once for all rows; `None` for other types or CPUs without the kernels.
+    fn few_rows(&self, x: &Tensor, rows: usize) -> candle_core::Result<Option<Tensor>> {
+        let QMatMul::QTensor(weight) = &self.matmul else {
+            return Ok(None);
+        };
+        if !kquant_rows::supports(weight.dtype()) || !kquant_rows::available() {
+            return Ok(None);
+        }
+        let (n, k) = weight.shape().dims2()?;
+        if k % 256 != 0 {
+            return Ok(None);
+        }
+        let lhs = x.flatten_all()?.to_vec1::<f32>()?;
+        let activations = kquant_rows::Q8kRows::quantize(&lhs, rows, k);
+        let mut out = vec![0f32; rows * n];
+        if !kquant_rows::matmul(weight.dtype(), &weight.data()?, n, k, &activations, &mut out) {
+            return Ok(None);
+        }
+        let mut shape = x.dims().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = n;
+        }
+        Ok(Some(Tensor::from_vec(out, shape, x.device())?))
     }
 
     /// `x` (one row) times the stored blocks, or `None` for a type without a CPU dot product.
@@ -97,7 +130,7 @@ fn multiply<T: GgmlType>(
     let Some(blocks) = as_blocks::<T>(bytes) else {
         return Ok(false);
     };
-    if k % T::BLCK_SIZE != 0 || blocks.len() != n * (k / T::BLCK_SIZE) {
+    if !k.is_multiple_of(T::BLCK_SIZE) || blocks.len() != n * (k / T::BLCK_SIZE) {
         return Ok(false);
     }
     k_quants::matmul((1, k, n), lhs, blocks, out)?;
@@ -109,7 +142,10 @@ fn multiply<T: GgmlType>(
 #[allow(unsafe_code)]
 pub(crate) fn as_blocks<T: GgmlType>(bytes: &[u8]) -> Option<&[T]> {
     let size = std::mem::size_of::<T>();
-    if size == 0 || bytes.len() % size != 0 || bytes.as_ptr().align_offset(std::mem::align_of::<T>()) != 0 {
+    if size == 0
+        || !bytes.len().is_multiple_of(size)
+        || bytes.as_ptr().align_offset(std::mem::align_of::<T>()) != 0
+    {
         return None;
     }
     // SAFETY: the block types this is used with (Q4_K, Q5_K, Q6_K, Q8_0 here; Q4_1, Q5_0,

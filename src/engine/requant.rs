@@ -32,7 +32,7 @@ pub fn to_q8_0(
 
 fn convert<T: GgmlType>(raw: &[u8], rows: usize, width: usize, padded_width: usize) -> Option<QTensor> {
     let q8 = BlockQ8_0::BLCK_SIZE;
-    if width % T::BLCK_SIZE != 0 || padded_width < width || padded_width % q8 != 0 {
+    if !width.is_multiple_of(T::BLCK_SIZE) || padded_width < width || !padded_width.is_multiple_of(q8) {
         return None;
     }
     let blocks = as_blocks::<T>(raw)?;
