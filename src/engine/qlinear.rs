@@ -26,6 +26,10 @@ pub struct QLinear {
 }
 
 impl QLinear {
+    /// Up to this many rows, Q4_K and Q6_K weights are read as stored (decode steps);
+    /// more rows (prompts) take candle's repacked tiles.
+    pub const FEW_ROWS: usize = kquant_rows::MAX_ROWS;
+
     pub fn new(matmul: QMatMul) -> QLinear {
         QLinear { matmul, inputs: None }
     }
@@ -52,7 +56,7 @@ impl QLinear {
         };
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
         if x.device().is_cpu() && x.dtype() == DType::F32 {
-            if rows <= kquant_rows::MAX_ROWS
+            if rows <= Self::FEW_ROWS
                 && let Some(out) = self.few_rows(x, rows)?
             {
                 return Ok(out);

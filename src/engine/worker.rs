@@ -13,6 +13,7 @@ use super::{
     Phase, Shared,
     hub::{self, ModelSpec},
     loader,
+    qlinear::QLinear,
     scheduler::{BatchLimits, Scheduler},
 };
 use crate::backend::{BackendError, GenerationEvent, SamplingParams};
@@ -79,11 +80,11 @@ pub(super) fn run(
     let info = Arc::new(info);
     let loaded_in = load_start.elapsed();
     set_phase(&shared.phase, Phase::WarmingUp);
-    // A two-token forward pass so the first real request pays no first-touch costs: on the
-    // CPU it also builds candle's repacked prompt kernels' tiles (one-token decode reads the
-    // stored blocks, see `qlinear`).
-    let warm = info.bos_id.unwrap_or(0);
-    if let Err(err) = Tensor::new(&[warm, warm], &device)
+    // A forward pass long enough to take the prompt path, so the first real request pays no
+    // first-touch costs: on the CPU it builds candle's repacked prompt kernels' tiles
+    // (decode steps of up to `QLinear::FEW_ROWS` tokens read the stored blocks, see `qlinear`).
+    let warm = vec![info.bos_id.unwrap_or(0); QLinear::FEW_ROWS + 1];
+    if let Err(err) = Tensor::new(warm.as_slice(), &device)
         .and_then(|t| t.unsqueeze(0))
         .and_then(|t| model.forward(&t, 0))
     {
