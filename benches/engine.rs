@@ -13,6 +13,11 @@ use lifeboat::cli::{self, Cli};
 static ALLOCATOR: lifeboat::huge_pages::HugePageAlloc = lifeboat::huge_pages::HugePageAlloc;
 
 fn main() {
+    // SAFETY: the first thing the process does, before any thread starts.
+    #[allow(unsafe_code)]
+    unsafe {
+        lifeboat::engine::settle_cpu_threads()
+    };
     // `cargo bench` passes `--bench`; everything else is `lifeboat bench engine`'s.
     let args = std::env::args().skip(1).filter(|arg| arg != "--bench");
     let command = ["lifeboat", "bench", "engine"]

@@ -8,8 +8,23 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: lifeboat::huge_pages::HugePageAlloc = lifeboat::huge_pages::HugePageAlloc;
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // SAFETY: the first thing the process does, before the runtime starts its threads.
+    #[allow(unsafe_code)]
+    unsafe {
+        lifeboat::engine::settle_cpu_threads()
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("lifeboat: cannot start the async runtime: {err}");
+            std::process::exit(1);
+        }
+    };
+    runtime.block_on(run());
+}
+
+async fn run() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_env("LIFEBOAT_LOG").unwrap_or_else(|_| EnvFilter::new("info")))

@@ -70,11 +70,17 @@ pub struct StreamFigures {
     /// The streams' decode speeds added up (each: tokens after its first over the time
     /// since its first): what batching gives once the prompts are in.
     pub decode_tokens_per_second: f64,
+    /// Output tokens per second while every stream of the group is decoding (from the last
+    /// stream's first token to the first stream's last): steady batched decode, with no
+    /// prompt in the way. 0 when the streams never all decode at once.
+    pub steady_decode_tokens_per_second: f64,
 }
 
 /// One request's timings.
 struct Timed {
     first_output: Option<Duration>,
+    /// When each output delta (about one per token) arrived.
+    outputs: Vec<Duration>,
     end: Duration,
     prompt_tokens: u64,
     completion_tokens: u64,
@@ -141,6 +147,7 @@ async fn timed(backend: &LocalBackend, prompt: &str, max_tokens: u32) -> Result<
         .map_err(|e| e.to_string())?;
     let mut timed = Timed {
         first_output: None,
+        outputs: Vec::new(),
         end: Duration::ZERO,
         prompt_tokens: 0,
         completion_tokens: 0,
@@ -148,8 +155,10 @@ async fn timed(backend: &LocalBackend, prompt: &str, max_tokens: u32) -> Result<
     while let Some(event) = events.next().await {
         match event.map_err(|e| e.to_string())? {
             GenerationEvent::Delta(delta) => {
-                if timed.first_output.is_none() && delta.is_output() {
-                    timed.first_output = Some(start.elapsed());
+                if delta.is_output() {
+                    let now = start.elapsed();
+                    timed.first_output.get_or_insert(now);
+                    timed.outputs.push(now);
                 }
             }
             GenerationEvent::Usage(usage) => {
@@ -173,6 +182,26 @@ pub fn peak_rss_bytes() -> u64 {
                 .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// Output deltas per second in the window where every run is between its first and last
+/// output (runs timed from one common start); 0 if that window is empty.
+fn steady_rate(runs: &[Timed]) -> f64 {
+    let start = runs.iter().filter_map(|r| r.outputs.first()).max();
+    let end = runs.iter().filter_map(|r| r.outputs.last()).min();
+    let (Some(&start), Some(&end)) = (start, end) else {
+        return 0.0;
+    };
+    if end <= start || runs.iter().any(|r| r.outputs.is_empty()) {
+        return 0.0;
+    }
+    // Deltas after the window opens: the one that opened it marks its start.
+    let inside = runs
+        .iter()
+        .flat_map(|r| &r.outputs)
+        .filter(|&&t| t > start && t <= end)
+        .count();
+    inside as f64 / (end - start).as_secs_f64()
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -230,6 +259,7 @@ pub async fn run(options: &EngineBenchOptions, progress: impl Fn(&str)) -> Resul
             .collect();
         let tokens: u64 = runs.iter().map(|r| r.completion_tokens).sum();
         let decode_tokens_per_second = runs.iter().map(Timed::decode_rate).sum();
+        let steady_decode_tokens_per_second = steady_rate(&runs);
         let ttft_max_ms = ttfts.iter().copied().fold(0.0, f64::max);
         streams.push(StreamFigures {
             concurrency,
@@ -237,6 +267,7 @@ pub async fn run(options: &EngineBenchOptions, progress: impl Fn(&str)) -> Resul
             ttft_max_ms,
             aggregate_tokens_per_second: tokens as f64 / wall,
             decode_tokens_per_second,
+            steady_decode_tokens_per_second,
         });
     }
 
@@ -270,17 +301,18 @@ impl std::fmt::Display for EngineBenchReport {
         )?;
         writeln!(
             f,
-            "streams  TTFT median  TTFT max  aggregate tok/s  decode tok/s (sum)"
+            "streams  TTFT median  TTFT max  aggregate tok/s  decode tok/s (sum)  all decoding tok/s"
         )?;
         for s in &self.streams {
             writeln!(
                 f,
-                "{:>7}  {:>8.0} ms  {:>5.0} ms  {:>15.2}  {:>18.2}",
+                "{:>7}  {:>8.0} ms  {:>5.0} ms  {:>15.2}  {:>18.2}  {:>18.2}",
                 s.concurrency,
                 s.ttft_median_ms,
                 s.ttft_max_ms,
                 s.aggregate_tokens_per_second,
-                s.decode_tokens_per_second
+                s.decode_tokens_per_second,
+                s.steady_decode_tokens_per_second
             )?;
         }
         write!(f, "peak RSS         {:.2} GB", self.peak_rss_bytes as f64 / 1e9)
@@ -303,5 +335,26 @@ mod tests {
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(peak_rss_bytes() > 0);
+    }
+
+    #[test]
+    fn steady_rate_counts_only_while_every_stream_decodes() {
+        let run = |times_ms: &[u64]| Timed {
+            first_output: times_ms.first().map(|&t| Duration::from_millis(t)),
+            outputs: times_ms.iter().map(|&t| Duration::from_millis(t)).collect(),
+            end: Duration::from_millis(times_ms.last().copied().unwrap_or(0)),
+            prompt_tokens: 0,
+            completion_tokens: times_ms.len() as u64,
+        };
+        // Stream a decodes from 0 to 100 ms, b from 40 to 140 ms, one token per 10 ms:
+        // both decode from 40 to 100 ms, where a has 6 tokens after 40 ms and b 6.
+        let a = run(&(0..=10).map(|i| i * 10).collect::<Vec<_>>());
+        let b = run(&(4..=14).map(|i| i * 10).collect::<Vec<_>>());
+        let rate = steady_rate(&[a, b]);
+        assert!((rate - 12.0 / 0.060).abs() < 1e-6, "{rate}");
+        // Streams that never overlap have no steady window.
+        let c = run(&[0, 10]);
+        let d = run(&[20, 30]);
+        assert_eq!(steady_rate(&[c, d]), 0.0);
     }
 }
