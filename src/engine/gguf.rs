@@ -7,7 +7,7 @@
 
 use std::{collections::HashMap, fs::File, io::BufReader, path::Path, sync::Arc};
 
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 
 use candle_core::{
     Device, Tensor,
@@ -497,7 +497,27 @@ impl TensorReader<'_> {
 
     fn qtensor(&self, name: &str) -> Result<QTensor, EngineError> {
         let (dtype, raw, dims) = self.raw(name)?;
-        qtensor_from_ggml(dtype, raw, dims, self.device).map_err(|e| self.err(name, e))
+        let q = qtensor_from_ggml(dtype, raw, dims, self.device).map_err(|e| self.err(name, e));
+        self.release(raw);
+        q
+    }
+
+    /// Drop the map's pages of a tensor that has been copied out of it. Mapped file pages
+    /// count in the process's memory until then: without this the peak RSS was the file
+    /// plus the copied weights (1.5B: 2.32 GB peak against 1.22 GB once loaded).
+    fn release(&self, raw: &[u8]) {
+        let offset = (raw.as_ptr() as usize).wrapping_sub(self.map.as_ptr() as usize);
+        // SAFETY: the map is a read-only shared mapping of the model file. After
+        // MADV_DONTNEED a read of these pages (another tensor sharing a boundary page, being
+        // read on another thread) faults them back in from the file with the same bytes, so
+        // every live slice of the map keeps its contents; like the mapping itself this
+        // assumes nobody rewrites the file while it loads. The range lies inside the map
+        // (`raw` is a subslice of it; memmap2 checks the bounds again).
+        #[allow(unsafe_code)]
+        let _ = unsafe {
+            self.map
+                .unchecked_advise_range(UncheckedAdvice::DontNeed, offset, raw.len())
+        };
     }
 
     /// A tensor's type, stored bytes (in the map) and shape.
@@ -549,6 +569,9 @@ impl TensorReader<'_> {
         let converted = (requantize || pad)
             .then(|| requant::to_q8_0(dtype, raw, rows, width, wide))
             .flatten();
+        if converted.is_some() {
+            self.release(raw);
+        }
         let q = match converted {
             Some(q) => q,
             // Not converted (another type, or bytes it cannot view): as stored, or through
@@ -642,7 +665,7 @@ fn build_decoder(
     device: &Device,
 ) -> Result<QuantizedDecoder, EngineError> {
     let Header { content, reader, .. } = header;
-    // The one unsafe block of the crate. Safety: the map is only read, and only while this
+    // Safety: the map is only read (and its pages released, see `TensorReader::release`), only while this
     // function runs; like llama.cpp and candle, lifeboat assumes nobody truncates a model
     // file while it loads (the bounds of every tensor are checked against the map).
     #[allow(unsafe_code)]

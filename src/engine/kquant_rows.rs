@@ -15,8 +15,8 @@
 
 use candle_core::quantized::GgmlDType;
 
-/// The most activation rows one call takes (the kernels keep one accumulator per row in
-/// registers); more rows go to candle's prompt kernels.
+/// Activation rows one kernel call multiplies with a block (one accumulator per row in
+/// registers); more rows (prompts) go through in groups of this many.
 pub(crate) const MAX_ROWS: usize = 8;
 const QK_K: usize = 256;
 const Q4K_BYTES: usize = 144;
@@ -130,7 +130,6 @@ pub(crate) fn matmul(
         || !k.is_multiple_of(QK_K)
         || x.blocks * QK_K != k
         || x.rows == 0
-        || x.rows > MAX_ROWS
         || weight.len() != n * (k / QK_K) * block_bytes
         || out.len() != x.rows * n
     {
@@ -142,11 +141,19 @@ pub(crate) fn matmul(
     candle_core::utils::barrier_pool().execute_chunked(items, |range| {
         let out_ptr = &out_ptr;
         let mut sums = [0f32; MAX_ROWS];
-        for j in range.start * ROWS_PER_ITEM..(range.end * ROWS_PER_ITEM).min(n) {
-            let blocks = &weight[j * row_bytes..(j + 1) * row_bytes];
-            dot_rows(dtype, blocks, x, &mut sums[..x.rows]);
-            for (r, sum) in sums[..x.rows].iter().enumerate() {
-                out_ptr.write(r * n + j, *sum);
+        for item in range {
+            let weight_rows = item * ROWS_PER_ITEM..((item + 1) * ROWS_PER_ITEM).min(n);
+            // An item's few weight rows stay in L1 while every group of activation rows
+            // passes over them.
+            for first in (0..x.rows).step_by(MAX_ROWS) {
+                let count = MAX_ROWS.min(x.rows - first);
+                for j in weight_rows.clone() {
+                    let blocks = &weight[j * row_bytes..(j + 1) * row_bytes];
+                    dot_rows(dtype, blocks, x, first, &mut sums[..count]);
+                    for (r, sum) in sums[..count].iter().enumerate() {
+                        out_ptr.write((first + r) * n + j, *sum);
+                    }
+                }
             }
         }
     });
@@ -171,17 +178,17 @@ impl SharedOut {
     }
 }
 
-/// One weight row (its blocks) dotted with every activation row.
-fn dot_rows(dtype: GgmlDType, blocks: &[u8], x: &Q8kRows, sums: &mut [f32]) {
+/// One weight row (its blocks) dotted with activation rows `first..first + sums.len()`.
+fn dot_rows(dtype: GgmlDType, blocks: &[u8], x: &Q8kRows, first: usize, sums: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if available() {
-        x86::dot_rows(dtype, blocks, x, sums);
+        x86::dot_rows(dtype, blocks, x, first, sums);
         return;
     }
     for (r, sum) in sums.iter_mut().enumerate() {
         *sum = match dtype {
-            GgmlDType::Q4K => reference::q4k(blocks, x, r),
-            _ => reference::q6k(blocks, x, r),
+            GgmlDType::Q4K => reference::q4k(blocks, x, first + r),
+            _ => reference::q6k(blocks, x, first + r),
         };
     }
 }
@@ -285,7 +292,7 @@ mod x86 {
         if rows <= 2 { 4096 } else { 8192 }
     }
 
-    pub(super) fn dot_rows(dtype: GgmlDType, blocks: &[u8], x: &Q8kRows, sums: &mut [f32]) {
+    pub(super) fn dot_rows(dtype: GgmlDType, blocks: &[u8], x: &Q8kRows, first: usize, sums: &mut [f32]) {
         macro_rules! rows {
             ($kernel:ident) => {
                 // SAFETY: callers checked `available()` (AVX-512F/BW/VNNI); the kernels read
@@ -293,14 +300,14 @@ mod x86 {
                 // which are `blocks.len() / block_bytes × 256` values long, within bounds.
                 unsafe {
                     match sums.len() {
-                        1 => $kernel::<1>(blocks, x, sums),
-                        2 => $kernel::<2>(blocks, x, sums),
-                        3 => $kernel::<3>(blocks, x, sums),
-                        4 => $kernel::<4>(blocks, x, sums),
-                        5 => $kernel::<5>(blocks, x, sums),
-                        6 => $kernel::<6>(blocks, x, sums),
-                        7 => $kernel::<7>(blocks, x, sums),
-                        _ => $kernel::<8>(blocks, x, sums),
+                        1 => $kernel::<1>(blocks, x, first, sums),
+                        2 => $kernel::<2>(blocks, x, first, sums),
+                        3 => $kernel::<3>(blocks, x, first, sums),
+                        4 => $kernel::<4>(blocks, x, first, sums),
+                        5 => $kernel::<5>(blocks, x, first, sums),
+                        6 => $kernel::<6>(blocks, x, first, sums),
+                        7 => $kernel::<7>(blocks, x, first, sums),
+                        _ => $kernel::<8>(blocks, x, first, sums),
                     }
                 }
             };
@@ -315,7 +322,7 @@ mod x86 {
     /// across lanes only at the end of the weight row; the order of operations for a row
     /// does not depend on the other rows, so any batch gives it the same bits.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn q4k<const R: usize>(blocks: &[u8], x: &Q8kRows, sums: &mut [f32]) {
+    unsafe fn q4k<const R: usize>(blocks: &[u8], x: &Q8kRows, first: usize, sums: &mut [f32]) {
         let k = x.blocks * QK_K;
         let nibble = _mm512_set1_epi8(0x0F);
         // Low nibbles in the lower 256 bits, high nibbles (shifted down) in the upper.
@@ -346,7 +353,7 @@ mod x86 {
                 _mm512_permutexvar_epi16(pair_index[1], scales),
             ];
             for (r, acc) in acc.iter_mut().enumerate() {
-                let a = unsafe { x.qs.as_ptr().add(r * k + b * QK_K) };
+                let a = unsafe { x.qs.as_ptr().add((first + r) * k + b * QK_K) };
                 for pair in 0..2 {
                     // Sums of four products fit in i16 (4·15·127), so two groups share one
                     // `vpdpwssd` with their scales: 3 multiplies per 128 products, not 4.
@@ -364,10 +371,11 @@ mod x86 {
                 }
             }
             for r in 0..R {
-                let d_a = x.d[r * x.blocks + b];
+                let d_a = x.d[(first + r) * x.blocks + b];
                 totals[r] = _mm512_fmadd_ps(_mm512_set1_ps(d * d_a), _mm512_cvtepi32_ps(acc[r]), totals[r]);
-                let sub_sums =
-                    unsafe { _mm_loadu_si128(x.sub_sums.as_ptr().add((r * x.blocks + b) * 8).cast()) };
+                let sub_sums = unsafe {
+                    _mm_loadu_si128(x.sub_sums.as_ptr().add(((first + r) * x.blocks + b) * 8).cast())
+                };
                 let m = _mm_cvtepi32_ps(_mm_madd_epi16(mins, sub_sums));
                 min_totals[r] = _mm_fmadd_ps(_mm_set1_ps(dmin * d_a), m, min_totals[r]);
             }
@@ -404,7 +412,7 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn q6k<const R: usize>(blocks: &[u8], x: &Q8kRows, sums: &mut [f32]) {
+    unsafe fn q6k<const R: usize>(blocks: &[u8], x: &Q8kRows, first: usize, sums: &mut [f32]) {
         let k = x.blocks * QK_K;
         let nibble = _mm512_set1_epi8(0x0F);
         let two_bits = _mm512_set1_epi8(0x03);
@@ -438,7 +446,7 @@ mod x86 {
                 let wb = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(low, 4), nibble), upper_b);
                 let s = _mm512_permutexvar_epi16(*index, scales_wide);
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let a = unsafe { x.qs.as_ptr().add(r * k + b * QK_K + 128 * half) };
+                    let a = unsafe { x.qs.as_ptr().add((first + r) * k + b * QK_K + 128 * half) };
                     let (a0, a1) =
                         unsafe { (_mm512_loadu_si512(a.cast()), _mm512_loadu_si512(a.add(64).cast())) };
                     // Sums of four products fit in i16 (4·63·127 = 32004).
@@ -451,11 +459,12 @@ mod x86 {
             }
             for r in 0..R {
                 // Quants are stored as q + 32: subtract 32·Σ scale·bsum, same scale d·d_a.
-                let bsums =
-                    unsafe { _mm256_loadu_si256(x.bsums.as_ptr().add((r * x.blocks + b) * 16).cast()) };
+                let bsums = unsafe {
+                    _mm256_loadu_si256(x.bsums.as_ptr().add(((first + r) * x.blocks + b) * 16).cast())
+                };
                 let offset = _mm512_zextsi256_si512(_mm256_slli_epi32(_mm256_madd_epi16(scales16, bsums), 5));
                 let isum = _mm512_sub_epi32(acc[r], offset);
-                let d_a = x.d[r * x.blocks + b];
+                let d_a = x.d[(first + r) * x.blocks + b];
                 totals[r] = _mm512_fmadd_ps(_mm512_set1_ps(d * d_a), _mm512_cvtepi32_ps(isum), totals[r]);
             }
         }
@@ -547,7 +556,7 @@ mod tests {
             let q = QTensor::quantize(&weight, dtype).expect("quantize");
             let bytes = q.data().expect("bytes").into_owned();
             let candle = QMatMul::from_qtensor(q).expect("qmatmul");
-            for rows in 1..=MAX_ROWS {
+            for rows in (1..=MAX_ROWS).chain([2 * MAX_ROWS + 3]) {
                 let x = activations(rows, k);
                 let q8 = Q8kRows::quantize(&x, rows, k);
                 let mut out = vec![0f32; rows * n];

@@ -56,9 +56,7 @@ impl QLinear {
         };
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
         if x.device().is_cpu() && x.dtype() == DType::F32 {
-            if rows <= Self::FEW_ROWS
-                && let Some(out) = self.few_rows(x, rows)?
-            {
+            if let Some(out) = self.stored_blocks(x, rows)? {
                 return Ok(out);
             }
             if rows == 1
@@ -70,9 +68,9 @@ impl QLinear {
         self.matmul.forward(x)
     }
 
-    /// `x` (up to [`kquant_rows::MAX_ROWS`] rows) times Q4_K or Q6_K blocks as stored, each
-    /// block unpacked once for all rows; `None` for other types or CPUs without the kernels.
-    fn few_rows(&self, x: &Tensor, rows: usize) -> candle_core::Result<Option<Tensor>> {
+    /// `x` times Q4_K or Q6_K blocks as stored, each block unpacked once for a group of up to
+    /// [`kquant_rows::MAX_ROWS`] rows; `None` for other types or CPUs without the kernels.
+    fn stored_blocks(&self, x: &Tensor, rows: usize) -> candle_core::Result<Option<Tensor>> {
         let QMatMul::QTensor(weight) = &self.matmul else {
             return Ok(None);
         };
