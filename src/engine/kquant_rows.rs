@@ -36,8 +36,9 @@ pub(crate) struct Q8kRows {
     d: Vec<f32>,
     /// Sums of each 16 values, 16 per block.
     bsums: Vec<i16>,
-    /// Sums of each 32 values (Q4_K's sub-blocks), 8 per block.
-    sub_sums: Vec<i16>,
+    /// Sums of each 32 values (Q4_K's sub-blocks) times the block's scale, 8 per block:
+    /// Q4_K's mins term is then one 8-wide multiply-add per block and row.
+    scaled_sub_sums: Vec<f32>,
 }
 
 impl Q8kRows {
@@ -52,7 +53,7 @@ impl Q8kRows {
             qs: vec![0; rows * k],
             d: vec![0.0; rows * blocks],
             bsums: vec![0; rows * blocks * 16],
-            sub_sums: vec![0; rows * blocks * 8],
+            scaled_sub_sums: vec![0.0; rows * blocks * 8],
         };
         for (b, values) in x.chunks_exact(QK_K).enumerate() {
             let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -71,11 +72,12 @@ impl Q8kRows {
             {
                 *sum = group.iter().map(|&q| i16::from(q)).sum();
             }
-            for (sum, pair) in out.sub_sums[b * 8..(b + 1) * 8]
+            let d = out.d[b];
+            for (sum, pair) in out.scaled_sub_sums[b * 8..(b + 1) * 8]
                 .iter_mut()
                 .zip(out.bsums[b * 16..(b + 1) * 16].chunks_exact(2))
             {
-                *sum = pair[0] + pair[1];
+                *sum = d * f32::from(pair[0] + pair[1]);
             }
         }
         out
@@ -335,12 +337,12 @@ mod x86 {
         ];
         let zero = _mm512_setzero_si512();
         let mut totals = [_mm512_setzero_ps(); R];
-        let mut min_totals = [_mm_setzero_ps(); R];
+        let mut min_totals = [_mm256_setzero_ps(); R];
         for (b, block) in blocks.chunks_exact(Q4K_BYTES).enumerate() {
             let p = block.as_ptr();
             prefetch_ahead(p, prefetch_distance(R), Q4K_BYTES);
             let (d, dmin) = (f16(block, 0), f16(block, 2));
-            let (scales, mins) = q4k_scales_mins_vec(&block[4..16]);
+            let (scales, mins) = q4k_scales_mins_vec(&block[4..16], dmin);
             let mut acc = [_mm512_setzero_si512(); R];
             // 32 bytes hold sub-block 2g in their low nibbles and 2g+1 in the high ones: one
             // 64-byte vector lines up with 64 consecutive activations.
@@ -374,10 +376,9 @@ mod x86 {
                 let d_a = x.d[(first + r) * x.blocks + b];
                 totals[r] = _mm512_fmadd_ps(_mm512_set1_ps(d * d_a), _mm512_cvtepi32_ps(acc[r]), totals[r]);
                 let sub_sums = unsafe {
-                    _mm_loadu_si128(x.sub_sums.as_ptr().add(((first + r) * x.blocks + b) * 8).cast())
+                    _mm256_loadu_ps(x.scaled_sub_sums.as_ptr().add(((first + r) * x.blocks + b) * 8))
                 };
-                let m = _mm_cvtepi32_ps(_mm_madd_epi16(mins, sub_sums));
-                min_totals[r] = _mm_fmadd_ps(_mm_set1_ps(dmin * d_a), m, min_totals[r]);
+                min_totals[r] = _mm256_fmadd_ps(mins, sub_sums, min_totals[r]);
             }
         }
         for r in 0..R {
@@ -386,9 +387,9 @@ mod x86 {
     }
 
     /// Q4_K's packed 6-bit scales and mins (12 bytes) as eight i16 scales (in the low
-    /// lanes of a 512-bit vector, for `vpermw`) and eight i16 mins.
+    /// lanes of a 512-bit vector, for `vpermw`) and the eight mins times `dmin`.
     #[target_feature(enable = "avx512f,avx512bw")]
-    fn q4k_scales_mins_vec(packed: &[u8]) -> (__m512i, __m128i) {
+    fn q4k_scales_mins_vec(packed: &[u8], dmin: f32) -> (__m512i, __m256) {
         const LOW6: u32 = 0x3f3f_3f3f;
         const LOW4: u32 = 0x0f0f_0f0f;
         const TOP2: u32 = 0x0303_0303;
@@ -407,8 +408,16 @@ mod x86 {
         let mins_low = words[1] & LOW6;
         let mins_high = ((words[2] >> 4) & LOW4) | (((words[1] >> 6) & TOP2) << 4);
         let scales = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, scales_high as i32, scales_low as i32));
-        let mins = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, mins_high as i32, mins_low as i32));
-        (_mm512_zextsi128_si512(scales), mins)
+        let mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(
+            0,
+            0,
+            mins_high as i32,
+            mins_low as i32,
+        )));
+        (
+            _mm512_zextsi128_si512(scales),
+            _mm256_mul_ps(_mm256_set1_ps(dmin), mins),
+        )
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -474,8 +483,8 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f")]
-    fn horizontal_sum(v: __m128) -> f32 {
-        _mm512_reduce_add_ps(_mm512_zextps128_ps512(v))
+    fn horizontal_sum(v: __m256) -> f32 {
+        _mm512_reduce_add_ps(_mm512_zextps256_ps512(v))
     }
 
     /// 16-bit lanes holding `low` in the lower 256 bits and `high` in the upper.
