@@ -15,7 +15,18 @@ use candle_core::{
     },
 };
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use super::kquant_rows;
+
+/// Whether prompts (more than [`QLinear::FEW_ROWS`] rows) go through candle's repacked
+/// tiles; one setting for the process, as there is one local model (`local.repack`).
+static REPACKED_PROMPTS: AtomicBool = AtomicBool::new(true);
+
+/// Set by the engine from `local.repack` before it loads the model.
+pub fn set_repacked_prompts(on: bool) {
+    REPACKED_PROMPTS.store(on, Ordering::Relaxed);
+}
 
 /// A weight `[out, in]` applied as `x · Wᵀ`.
 #[derive(Debug)]
@@ -27,7 +38,7 @@ pub struct QLinear {
 
 impl QLinear {
     /// Up to this many rows, Q4_K and Q6_K weights are read as stored (decode steps);
-    /// more rows (prompts) take candle's repacked tiles.
+    /// more rows (prompts) take candle's repacked tiles unless `local.repack` is off.
     pub const FEW_ROWS: usize = kquant_rows::MAX_ROWS;
 
     pub fn new(matmul: QMatMul) -> QLinear {
@@ -56,7 +67,9 @@ impl QLinear {
         };
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
         if x.device().is_cpu() && x.dtype() == DType::F32 {
-            if let Some(out) = self.stored_blocks(x, rows)? {
+            if (rows <= Self::FEW_ROWS || !REPACKED_PROMPTS.load(Ordering::Relaxed))
+                && let Some(out) = self.stored_blocks(x, rows)?
+            {
                 return Ok(out);
             }
             if rows == 1
