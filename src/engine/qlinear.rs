@@ -1,11 +1,13 @@
-//! A quantized linear layer that reads GGUF blocks as stored when it multiplies one row.
+//! A quantized linear layer that reads GGUF blocks as stored for decode steps.
 //!
-//! Prompts (several rows) go through candle's `QMatMul`, whose repacked AVX-512 tiles are
-//! about 5× faster than the per-row dot products there. Single-token decode is bound by
-//! memory bandwidth instead, and candle's x86 tiles for Q4_K hold 1.33× the stored bytes
-//! (scales widened to f32): on the 1.5B's 131 MB Q4_K output layer here, one row takes
-//! 4.8 ms through the tiles and 2.8 ms through `k_quants::matmul` on the stored blocks
-//! (27 vs 48 GB/s of stored bytes). So on the CPU a single row takes the stored blocks.
+//! Prompts (many rows) go through candle's `QMatMul`, whose repacked AVX-512 tiles are
+//! about 5× faster than per-row dot products. Decode steps are bound by memory bandwidth
+//! instead, and candle's x86 tiles for Q4_K hold 1.33× the stored bytes (scales widened to
+//! f32). So on the CPU a step of up to [`QLinear::FEW_ROWS`] rows multiplies the stored
+//! blocks: Q4_K, Q6_K and Q8_0 through lifeboat's kernels (`kquant_rows`, AVX-512 VNNI),
+//! other types one row at a time through candle's `k_quants::matmul`. With
+//! `local.repack = false`, Q4_K and Q6_K prompts take the stored blocks too, and the tiles
+//! are never built.
 
 use candle_core::{
     DType, Module, Tensor,
@@ -37,8 +39,9 @@ pub struct QLinear {
 }
 
 impl QLinear {
-    /// Up to this many rows, Q4_K and Q6_K weights are read as stored (decode steps);
-    /// more rows (prompts) take candle's repacked tiles unless `local.repack` is off.
+    /// Up to this many rows, Q4_K, Q6_K and Q8_0 weights are read as stored (decode steps);
+    /// more rows (prompts) take candle's repacked tiles (for Q4_K and Q6_K unless
+    /// `local.repack` is off).
     pub const FEW_ROWS: usize = kquant_rows::MAX_ROWS;
 
     pub fn new(matmul: QMatMul) -> QLinear {
