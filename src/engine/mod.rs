@@ -25,22 +25,6 @@ pub mod tiny_gguf;
 pub mod tokenizer;
 mod worker;
 
-/// Fix the number of CPU threads candle uses for this process. Unless `RAYON_NUM_THREADS`
-/// is set, candle recomputes it for every f32 matmul (attention) by reading
-/// `/proc/cpuinfo`: on the 1.5B that was 6 of a 44 ms four-sequence decode step. This sets
-/// it to the count candle picks itself (the physical cores) when the variable is unset.
-///
-/// # Safety
-/// It sets an environment variable: call it before the process starts a second thread.
-#[allow(unsafe_code)]
-pub unsafe fn settle_cpu_threads() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let threads = candle_core::utils::get_num_threads();
-        // SAFETY: the caller guarantees that no other thread exists yet.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
-    }
-}
-
 use std::{
     path::{Path, PathBuf},
     sync::{
@@ -61,6 +45,22 @@ use crate::backend::{
     Backend, BackendError, BackendKind, BackendRequest, BackendStatus, Continuation, ErrorKind, EventStream,
     Origin, Prompt,
 };
+
+/// Fix the number of CPU threads candle uses for this process. Unless `RAYON_NUM_THREADS`
+/// is set, candle recomputes it for every f32 matmul (attention) by reading
+/// `/proc/cpuinfo`: on the 1.5B that was 6 of a 44 ms four-sequence decode step. This sets
+/// it to the count candle picks itself (the physical cores) when the variable is unset.
+///
+/// # Safety
+/// It sets an environment variable: call it before the process starts a second thread.
+#[allow(unsafe_code)]
+pub unsafe fn settle_cpu_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        // SAFETY: the caller guarantees that no other thread exists yet.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    }
+}
 
 /// Backend id of the local model (`x-lifeboat-backend: local`).
 pub const LOCAL_BACKEND_ID: &str = "local";

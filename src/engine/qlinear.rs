@@ -84,40 +84,22 @@ impl QLinear {
         self.matmul.forward(x)
     }
 
-    /// `x` times Q4_K or Q6_K blocks as stored, each block unpacked once for a group of up to
-    /// [`kquant_rows::MAX_ROWS`] rows, or (decode steps only) times Q8_0 blocks as stored;
-    /// `None` for other types or CPUs without the kernels.
+    /// `x` times the stored blocks through lifeboat's kernels (Q4_K and Q6_K for any number
+    /// of rows, Q8_0 for decode steps, see [`kquant_rows::takes`]); `None` for other types
+    /// or CPUs without the kernels.
     fn stored_blocks(&self, x: &Tensor, rows: usize) -> candle_core::Result<Option<Tensor>> {
         let QMatMul::QTensor(weight) = &self.matmul else {
             return Ok(None);
         };
-        if !kquant_rows::available() {
-            return Ok(None);
-        }
         let (n, k) = weight.shape().dims2()?;
-        if weight.dtype() == GgmlDType::Q8_0 {
-            // Q8_0 prompts keep candle's repacked tiles, which are no larger than the blocks.
-            if rows > Self::FEW_ROWS || !kquant_rows::q8_0::supports_width(k) {
-                return Ok(None);
-            }
-            let lhs = x.flatten_all()?.to_vec1::<f32>()?;
-            let activations = kquant_rows::q8_0::Q8Rows::quantize(&lhs, rows, k);
-            let mut out = vec![0f32; rows * n];
-            if !kquant_rows::q8_0::matmul(&weight.data()?, n, k, &activations, &mut out) {
-                return Ok(None);
-            }
-            return Self::shaped(x, out, n).map(Some);
-        }
-        if !kquant_rows::supports(weight.dtype()) || !k.is_multiple_of(256) {
+        if !kquant_rows::takes(weight.dtype(), rows, k) {
             return Ok(None);
         }
         let lhs = x.flatten_all()?.to_vec1::<f32>()?;
-        let activations = kquant_rows::Q8kRows::quantize(&lhs, rows, k);
-        let mut out = vec![0f32; rows * n];
-        if !kquant_rows::matmul(weight.dtype(), &weight.data()?, n, k, &activations, &mut out) {
-            return Ok(None);
+        match kquant_rows::multiply(weight.dtype(), &weight.data()?, n, k, &lhs, rows) {
+            Some(out) => Self::shaped(x, out, n).map(Some),
+            None => Ok(None),
         }
-        Self::shaped(x, out, n).map(Some)
     }
 
     /// `out` (rows of `n`) shaped like `x` with its last dimension `n`.

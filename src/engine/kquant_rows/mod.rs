@@ -110,21 +110,44 @@ pub(crate) fn available() -> bool {
     false
 }
 
-/// Whether [`matmul`] takes weights of this type.
-pub(crate) fn supports(dtype: GgmlDType) -> bool {
-    matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K)
+/// Whether [`multiply`] takes `rows` activation rows times weights of this type and width.
+/// Q8_0 only for decode steps: its prompts keep candle's repacked tiles, which are no
+/// larger than the stored blocks and faster.
+pub(crate) fn takes(dtype: GgmlDType, rows: usize, k: usize) -> bool {
+    available()
+        && rows > 0
+        && match dtype {
+            GgmlDType::Q4K | GgmlDType::Q6K => k.is_multiple_of(QK_K),
+            GgmlDType::Q8_0 => rows <= MAX_ROWS && q8_0::supports_width(k),
+            _ => false,
+        }
 }
 
-/// `out[r·n + j] = x_r · w_j` for the `n` weight rows of `k` values stored in `weight` as
-/// `dtype` blocks. `false` (nothing written) when the type, the sizes or the CPU do not fit.
-pub(crate) fn matmul(
+/// `lhs` (`rows × k`) times the `n` weight rows stored in `weight` as `dtype` blocks, as
+/// `rows × n` values; `None` when [`takes`] declines or the sizes do not fit.
+pub(crate) fn multiply(
     dtype: GgmlDType,
     weight: &[u8],
     n: usize,
     k: usize,
-    x: &Q8kRows,
-    out: &mut [f32],
-) -> bool {
+    lhs: &[f32],
+    rows: usize,
+) -> Option<Vec<f32>> {
+    if !takes(dtype, rows, k) || lhs.len() != rows * k {
+        return None;
+    }
+    let mut out = vec![0f32; rows * n];
+    let done = if dtype == GgmlDType::Q8_0 {
+        q8_0::matmul(weight, n, k, &q8_0::Q8Rows::quantize(lhs, rows, k), &mut out)
+    } else {
+        matmul(dtype, weight, n, k, &Q8kRows::quantize(lhs, rows, k), &mut out)
+    };
+    done.then_some(out)
+}
+
+/// `out[r·n + j] = x_r · w_j` for the `n` weight rows of `k` values stored in `weight` as
+/// `dtype` blocks. `false` (nothing written) when the type, the sizes or the CPU do not fit.
+fn matmul(dtype: GgmlDType, weight: &[u8], n: usize, k: usize, x: &Q8kRows, out: &mut [f32]) -> bool {
     let block_bytes = match dtype {
         GgmlDType::Q4K => Q4K_BYTES,
         GgmlDType::Q6K => Q6K_BYTES,
@@ -139,7 +162,24 @@ pub(crate) fn matmul(
     {
         return false;
     }
-    let row_bytes = (k / QK_K) * block_bytes;
+    for_each_weight_row(weight, n, x.rows, out, |blocks, first, sums| {
+        dot_rows(dtype, blocks, x, first, sums)
+    });
+    true
+}
+
+/// On candle's thread pool, `dot(blocks, first, sums)` for every weight row `j` (`blocks`:
+/// its stored bytes, `weight` holding `n` rows of one length) and every group of up to
+/// [`MAX_ROWS`] of the `rows` activation rows (`first..first + sums.len()`), the sums
+/// landing in `out[r·n + j]`. Callers have checked `out.len() == rows · n`.
+fn for_each_weight_row(
+    weight: &[u8],
+    n: usize,
+    rows: usize,
+    out: &mut [f32],
+    dot: impl Fn(&[u8], usize, &mut [f32]) + Sync,
+) {
+    let row_bytes = weight.len() / n.max(1);
     let out_ptr = SharedOut {
         ptr: out.as_mut_ptr(),
         len: out.len(),
@@ -152,11 +192,14 @@ pub(crate) fn matmul(
             let weight_rows = item * ROWS_PER_ITEM..((item + 1) * ROWS_PER_ITEM).min(n);
             // An item's few weight rows stay in L1 while every group of activation rows
             // passes over them.
-            for first in (0..x.rows).step_by(MAX_ROWS) {
-                let count = MAX_ROWS.min(x.rows - first);
+            for first in (0..rows).step_by(MAX_ROWS) {
+                let count = MAX_ROWS.min(rows - first);
                 for j in weight_rows.clone() {
-                    let blocks = &weight[j * row_bytes..(j + 1) * row_bytes];
-                    dot_rows(dtype, blocks, x, first, &mut sums[..count]);
+                    dot(
+                        &weight[j * row_bytes..(j + 1) * row_bytes],
+                        first,
+                        &mut sums[..count],
+                    );
                     for (r, sum) in sums[..count].iter().enumerate() {
                         out_ptr.write((first + r) * n + j, *sum);
                     }
@@ -164,7 +207,6 @@ pub(crate) fn matmul(
             }
         }
     });
-    true
 }
 
 /// The output buffer shared by the pool's workers; each writes only its own weight rows'

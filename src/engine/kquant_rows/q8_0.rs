@@ -6,7 +6,7 @@
 //! row by one `vpdpbusd` (weights offset to unsigned by +128, the offset taken out again
 //! through the activations' block sums), and scaled in f32 lanes.
 
-use super::{MAX_ROWS, ROWS_PER_ITEM, SharedOut, available};
+use super::{available, for_each_weight_row};
 
 /// Values per Q8_0 block.
 const QK8_0: usize = 32;
@@ -16,7 +16,7 @@ const BLOCK_BYTES: usize = 34;
 /// Activation rows quantized per 32 values, each block's scale repeated over the 8 i32
 /// lanes its products land in, and `128 · Σ q` of each block (the unsigned offset).
 #[derive(Debug)]
-pub(crate) struct Q8Rows {
+pub(super) struct Q8Rows {
     rows: usize,
     /// Blocks of 32 per row (even).
     blocks: usize,
@@ -29,7 +29,7 @@ pub(crate) struct Q8Rows {
 
 impl Q8Rows {
     /// Quantize `rows` rows of `k` values (`k` a multiple of 64).
-    pub(crate) fn quantize(x: &[f32], rows: usize, k: usize) -> Q8Rows {
+    pub(super) fn quantize(x: &[f32], rows: usize, k: usize) -> Q8Rows {
         debug_assert_eq!(x.len(), rows * k);
         let blocks = k / QK8_0;
         let mut out = Q8Rows {
@@ -57,51 +57,37 @@ impl Q8Rows {
 }
 
 /// Whether [`matmul`] takes a weight of `k` columns.
-pub(crate) fn supports_width(k: usize) -> bool {
+pub(super) fn supports_width(k: usize) -> bool {
     k.is_multiple_of(2 * QK8_0)
 }
 
-/// `out[r·n + j] = x_r · w_j` for `n` weight rows of `k` values stored as Q8_0 blocks, at
-/// most [`MAX_ROWS`] rows. `false` (nothing written) when sizes or the CPU do not fit.
-pub(crate) fn matmul(weight: &[u8], n: usize, k: usize, x: &Q8Rows, out: &mut [f32]) -> bool {
+/// `out[r·n + j] = x_r · w_j` for `n` weight rows of `k` values stored as Q8_0 blocks.
+/// `false` (nothing written) when sizes or the CPU do not fit.
+pub(super) fn matmul(weight: &[u8], n: usize, k: usize, x: &Q8Rows, out: &mut [f32]) -> bool {
     if !available()
         || !supports_width(k)
         || x.blocks * QK8_0 != k
         || x.rows == 0
-        || x.rows > MAX_ROWS
         || weight.len() != n * (k / QK8_0) * BLOCK_BYTES
         || out.len() != x.rows * n
     {
         return false;
     }
-    let row_bytes = (k / QK8_0) * BLOCK_BYTES;
-    let out_ptr = SharedOut {
-        ptr: out.as_mut_ptr(),
-        len: out.len(),
-    };
-    let items = n.div_ceil(ROWS_PER_ITEM);
-    candle_core::utils::barrier_pool().execute_chunked(items, |range| {
-        let out_ptr = &out_ptr;
-        let mut sums = [0f32; MAX_ROWS];
-        for j in range.start * ROWS_PER_ITEM..(range.end * ROWS_PER_ITEM).min(n) {
-            let blocks = &weight[j * row_bytes..(j + 1) * row_bytes];
-            dot_rows(blocks, x, &mut sums[..x.rows]);
-            for (r, sum) in sums[..x.rows].iter().enumerate() {
-                out_ptr.write(r * n + j, *sum);
-            }
-        }
+    for_each_weight_row(weight, n, x.rows, out, |blocks, first, sums| {
+        dot_rows(blocks, x, first, sums)
     });
     true
 }
 
-fn dot_rows(blocks: &[u8], x: &Q8Rows, sums: &mut [f32]) {
+/// One weight row's blocks dotted with activation rows `first..first + sums.len()`.
+fn dot_rows(blocks: &[u8], x: &Q8Rows, first: usize, sums: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if available() {
-        x86::dot_rows(blocks, x, sums);
+        x86::dot_rows(blocks, x, first, sums);
         return;
     }
     for (r, sum) in sums.iter_mut().enumerate() {
-        *sum = reference(blocks, x, r);
+        *sum = reference(blocks, x, first + r);
     }
 }
 
@@ -129,25 +115,25 @@ mod x86 {
 
     use super::*;
 
-    pub(super) fn dot_rows(blocks: &[u8], x: &Q8Rows, sums: &mut [f32]) {
+    pub(super) fn dot_rows(blocks: &[u8], x: &Q8Rows, first: usize, sums: &mut [f32]) {
         // SAFETY: callers checked `available()` (AVX-512F/BW/VNNI); the kernel reads whole
         // blocks of `blocks` (checked by `matmul`) and `x`'s rows, which are as long.
         unsafe {
             match sums.len() {
-                1 => rows::<1>(blocks, x, sums),
-                2 => rows::<2>(blocks, x, sums),
-                3 => rows::<3>(blocks, x, sums),
-                4 => rows::<4>(blocks, x, sums),
-                5 => rows::<5>(blocks, x, sums),
-                6 => rows::<6>(blocks, x, sums),
-                7 => rows::<7>(blocks, x, sums),
-                _ => rows::<8>(blocks, x, sums),
+                1 => rows::<1>(blocks, x, first, sums),
+                2 => rows::<2>(blocks, x, first, sums),
+                3 => rows::<3>(blocks, x, first, sums),
+                4 => rows::<4>(blocks, x, first, sums),
+                5 => rows::<5>(blocks, x, first, sums),
+                6 => rows::<6>(blocks, x, first, sums),
+                7 => rows::<7>(blocks, x, first, sums),
+                _ => rows::<8>(blocks, x, first, sums),
             }
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn rows<const R: usize>(blocks: &[u8], x: &Q8Rows, sums: &mut [f32]) {
+    unsafe fn rows<const R: usize>(blocks: &[u8], x: &Q8Rows, first: usize, sums: &mut [f32]) {
         let k = x.blocks * QK8_0;
         let flip = _mm512_set1_epi8(i8::MIN);
         let zero = _mm512_setzero_si512();
@@ -172,10 +158,10 @@ mod x86 {
                 1,
             ));
             for (r, total) in totals.iter_mut().enumerate() {
-                let lanes = (r * x.blocks + 2 * pair) * 8;
+                let lanes = ((first + r) * x.blocks + 2 * pair) * 8;
                 let (a, offset, scale) = unsafe {
                     (
-                        _mm512_loadu_si512(x.qs.as_ptr().add(r * k + pair * 2 * QK8_0).cast()),
+                        _mm512_loadu_si512(x.qs.as_ptr().add((first + r) * k + pair * 2 * QK8_0).cast()),
                         _mm512_loadu_si512(x.lane_offsets.as_ptr().add(lanes).cast()),
                         _mm512_loadu_ps(x.lane_scales.as_ptr().add(lanes)),
                     )
@@ -198,7 +184,10 @@ mod tests {
     };
 
     use super::*;
-    use crate::engine::qlinear::test_support::{matrix, max_abs_diff};
+    use crate::engine::{
+        kquant_rows::MAX_ROWS,
+        qlinear::test_support::{matrix, max_abs_diff},
+    };
 
     #[test]
     fn kernel_matches_the_reference_and_candle_and_a_row_is_the_same_in_any_batch() {
@@ -208,7 +197,7 @@ mod tests {
         let bytes = q.data().expect("bytes").into_owned();
         let candle = QMatMul::from_qtensor(q).expect("qmatmul");
         let row_bytes = bytes.len() / n;
-        for rows in 1..=MAX_ROWS {
+        for rows in (1..=MAX_ROWS).chain([2 * MAX_ROWS + 3]) {
             let x: Vec<f32> = (0..rows * k)
                 .map(|i| ((i * 31 + 7) % 23) as f32 / 23.0 - 0.45)
                 .collect();
