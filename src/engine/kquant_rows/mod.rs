@@ -58,16 +58,8 @@ impl Q8kRows {
             scaled_sub_sums: vec![0.0; rows * blocks * 8],
         };
         for (b, values) in x.chunks_exact(QK_K).enumerate() {
-            let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
-            if amax == 0.0 {
-                continue;
-            }
-            let iscale = 127.0 / amax;
-            out.d[b] = amax / 127.0;
             let qs = &mut out.qs[b * QK_K..(b + 1) * QK_K];
-            for (q, v) in qs.iter_mut().zip(values) {
-                *q = (v * iscale).round().clamp(-127.0, 127.0) as i8;
-            }
+            out.d[b] = quantize_block(values, qs);
             for (sum, group) in out.bsums[b * 16..(b + 1) * 16]
                 .iter_mut()
                 .zip(qs.chunks_exact(16))
@@ -93,6 +85,20 @@ impl Q8kRows {
             &self.bsums[r * self.blocks * 16..(r + 1) * self.blocks * 16],
         )
     }
+}
+
+/// Symmetric 8-bit quantization of one block (`qs` as long as `values`): returns the scale
+/// (0 for an all-zero block, whose values stay 0).
+fn quantize_block(values: &[f32], qs: &mut [i8]) -> f32 {
+    let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if amax == 0.0 {
+        return 0.0;
+    }
+    let iscale = 127.0 / amax;
+    for (q, v) in qs.iter_mut().zip(values) {
+        *q = (v * iscale).round().clamp(-127.0, 127.0) as i8;
+    }
+    amax / 127.0
 }
 
 /// Whether this CPU has the instructions the kernels use (checked once).

@@ -6,7 +6,7 @@
 //! row by one `vpdpbusd` (weights offset to unsigned by +128, the offset taken out again
 //! through the activations' block sums), and scaled in f32 lanes.
 
-use super::{available, for_each_weight_row};
+use super::{available, for_each_weight_row, quantize_block};
 
 /// Values per Q8_0 block.
 const QK8_0: usize = 32;
@@ -40,16 +40,8 @@ impl Q8Rows {
             lane_offsets: vec![0; rows * blocks * 8],
         };
         for (b, values) in x.chunks_exact(QK8_0).enumerate() {
-            let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
-            if amax == 0.0 {
-                continue;
-            }
-            let iscale = 127.0 / amax;
             let qs = &mut out.qs[b * QK8_0..(b + 1) * QK8_0];
-            for (q, v) in qs.iter_mut().zip(values) {
-                *q = (v * iscale).round().clamp(-127.0, 127.0) as i8;
-            }
-            out.lane_scales[b * 8..(b + 1) * 8].fill(amax / 127.0);
+            out.lane_scales[b * 8..(b + 1) * 8].fill(quantize_block(values, qs));
             out.lane_offsets[b * 8] = 128 * qs.iter().map(|&q| i32::from(q)).sum::<i32>();
         }
         out
