@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod chat_template;
+mod decode_attention;
 pub mod deepseek2;
 pub mod gguf;
 pub mod gguf_tokenizer;

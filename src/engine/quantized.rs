@@ -8,7 +8,8 @@
 //!
 //! It decodes several sequences in one step (continuous batching): each sequence has its
 //! own KV cache slot, the weight matmuls run once over every sequence's new tokens, and
-//! only attention is per sequence.
+//! only attention is per sequence. On the CPU a decode token's attention (RoPE, cache write,
+//! softmax(q·Kᵀ)·V) runs on slices (`decode_attention`) rather than as ~20 tensor ops.
 
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use candle_core::{
 use candle_nn::Embedding;
 
 use super::{
+    decode_attention::{self, CachedKv, Heads, rope_token},
     models::{Arch, CausalLm, SlotStep},
     qlinear::QLinear,
 };
@@ -115,19 +117,28 @@ struct KvCache {
 }
 
 impl KvCache {
-    /// Append `[1, kv_heads, t, head_dim]` keys and values; returns all of them so far.
-    fn append(&mut self, k: &Tensor, v: &Tensor, max: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        let added = k.dim(2)?;
-        let needed = self.len + added;
+    /// Positions the buffers hold.
+    fn capacity(&self) -> usize {
+        self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0))
+    }
+
+    /// Room for `needed` positions in `[1, kv_heads, capacity, head_dim]` buffers.
+    fn reserve(
+        &mut self,
+        needed: usize,
+        max: usize,
+        like: &Tensor,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> candle_core::Result<()> {
         if needed > max {
             candle_core::bail!("the sequence needs {needed} positions, the model has {max}");
         }
-        let capacity = self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0));
-        if needed > capacity {
+        if needed > self.capacity() {
             let new_capacity = needed.next_power_of_two().clamp(64, max.max(needed));
-            let (b, h, _, d) = k.dims4()?;
-            let grow = |old: &Option<Tensor>, like: &Tensor| -> candle_core::Result<Tensor> {
-                let buffer = Tensor::zeros((b, h, new_capacity, d), like.dtype(), like.device())?;
+            let grow = |old: &Option<Tensor>| -> candle_core::Result<Tensor> {
+                let buffer =
+                    Tensor::zeros((1, kv_heads, new_capacity, head_dim), like.dtype(), like.device())?;
                 if let Some(old) = old
                     && self.len > 0
                 {
@@ -135,9 +146,17 @@ impl KvCache {
                 }
                 Ok(buffer)
             };
-            self.k = Some(grow(&self.k, k)?);
-            self.v = Some(grow(&self.v, v)?);
+            self.k = Some(grow(&self.k)?);
+            self.v = Some(grow(&self.v)?);
         }
+        Ok(())
+    }
+
+    /// Append `[1, kv_heads, t, head_dim]` keys and values; returns all of them so far.
+    fn append(&mut self, k: &Tensor, v: &Tensor, max: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let (_, kv_heads, added, head_dim) = k.dims4()?;
+        let needed = self.len + added;
+        self.reserve(needed, max, k, kv_heads, head_dim)?;
         let (Some(k_all), Some(v_all)) = (&self.k, &self.v) else {
             candle_core::bail!("KV cache buffers missing");
         };
@@ -145,6 +164,27 @@ impl KvCache {
         v_all.slice_set(&v.contiguous()?, 2, self.len)?;
         self.len = needed;
         Ok((k_all.narrow(2, 0, needed)?, v_all.narrow(2, 0, needed)?))
+    }
+
+    /// Append one position's keys and values (`kv_heads × head_dim` each, CPU f32) in place.
+    fn append_position(
+        &mut self,
+        k: &[f32],
+        v: &[f32],
+        max: usize,
+        like: &Tensor,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> candle_core::Result<()> {
+        self.reserve(self.len + 1, max, like, kv_heads, head_dim)?;
+        let capacity = self.capacity();
+        let (Some(k_all), Some(v_all)) = (&self.k, &self.v) else {
+            candle_core::bail!("KV cache buffers missing");
+        };
+        decode_attention::write_position(k_all, k, self.len, capacity, head_dim)?;
+        decode_attention::write_position(v_all, v, self.len, capacity, head_dim)?;
+        self.len += 1;
+        Ok(())
     }
 
     fn clear(&mut self) {
@@ -247,12 +287,27 @@ impl QuantizedDecoder {
             k = k.broadcast_add(kb)?;
             v = v.broadcast_add(vb)?;
         }
+        // Decode tokens on the CPU take the slice path (`decode_attention`); the result of a
+        // sequence is the same whichever path its neighbours in the step take.
+        let on_slices = x.device().is_cpu() && q.dtype() == DType::F32;
+        if on_slices && steps.iter().all(|s| s.tokens.len() == 1) {
+            let out = self.decode_attention(index, &q, &k, &v, steps)?;
+            return self.blocks[index].o.forward(&out);
+        }
         let groups = c.heads / c.kv_heads;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let mut outs = Vec::with_capacity(steps.len());
         let mut offset = 0;
-        for (step, mask) in steps.iter().zip(masks) {
+        for (i, (step, mask)) in steps.iter().zip(masks).enumerate() {
             let len = step.tokens.len();
+            if on_slices && len == 1 {
+                let one = |t: &Tensor| t.narrow(1, offset, 1);
+                outs.push(self.decode_attention(index, &one(&q)?, &one(&k)?, &one(&v)?, &steps[i..=i])?);
+                offset += 1;
+                continue;
+            }
+            let c = &self.config;
+            let block = &self.blocks[index];
             let q = q.narrow(1, offset, len)?.reshape((1, len, c.heads, c.head_dim))?;
             let k = k
                 .narrow(1, offset, len)?
@@ -297,6 +352,104 @@ impl QuantizedDecoder {
             Tensor::cat(&outs, 1)?
         };
         self.blocks[index].o.forward(&out)
+    }
+
+    /// Attention of one new token per step on the CPU (see `decode_attention`): `q`, `k`, `v`
+    /// are `[1, steps, heads × head_dim]` (`kv_heads` for k and v) after the biases; returns
+    /// `[1, steps, heads × head_dim]` for the output projection.
+    fn decode_attention(
+        &mut self,
+        index: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        steps: &[SlotStep<'_>],
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let heads = Heads {
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+        };
+        let (n, d) = (steps.len(), c.head_dim);
+        let (q, k) = match &self.blocks[index].qk_norm {
+            Some((qn, kn)) => (
+                candle_nn::ops::rms_norm(&q.reshape((1, n, c.heads, d))?.contiguous()?, qn, c.rms_eps)?,
+                candle_nn::ops::rms_norm(&k.reshape((1, n, c.kv_heads, d))?.contiguous()?, kn, c.rms_eps)?,
+            ),
+            None => (q.clone(), k.clone()),
+        };
+        let mut q = q.flatten_all()?.to_vec1::<f32>()?;
+        let mut k = k.flatten_all()?.to_vec1::<f32>()?;
+        let v = v.flatten_all()?.to_vec1::<f32>()?;
+        let (q_width, kv_width) = (c.heads * d, c.kv_heads * d);
+        if q.len() != n * q_width || k.len() != n * kv_width || v.len() != n * kv_width {
+            candle_core::bail!("decode attention: q/k/v do not hold {n} tokens");
+        }
+        {
+            let (cos_storage, cos_layout) = self.cos.storage_and_layout();
+            let (sin_storage, sin_layout) = self.sin.storage_and_layout();
+            let cos = decode_attention::cpu_values(&cos_storage, cos_layout, "the RoPE table")?;
+            let sin = decode_attention::cpu_values(&sin_storage, sin_layout, "the RoPE table")?;
+            let half = d / 2;
+            let interleaved = c.arch == Arch::Llama;
+            for (i, step) in steps.iter().enumerate() {
+                let row = step.pos * half..(step.pos + 1) * half;
+                let (Some(cos), Some(sin)) = (cos.get(row.clone()), sin.get(row)) else {
+                    candle_core::bail!(
+                        "position {} is beyond the model's context ({})",
+                        step.pos,
+                        c.max_context
+                    );
+                };
+                rope_token(&mut q[i * q_width..(i + 1) * q_width], d, cos, sin, interleaved);
+                rope_token(&mut k[i * kv_width..(i + 1) * kv_width], d, cos, sin, interleaved);
+            }
+        }
+        let max = c.max_context;
+        for (i, step) in steps.iter().enumerate() {
+            let part = i * kv_width..(i + 1) * kv_width;
+            self.caches[step.slot][index].append_position(
+                &k[part.clone()],
+                &v[part],
+                max,
+                &self.cos,
+                heads.kv_heads,
+                d,
+            )?;
+        }
+        let mut out = vec![0f32; n * q_width];
+        {
+            let buffers = steps
+                .iter()
+                .map(|step| {
+                    let cache = &self.caches[step.slot][index];
+                    match (&cache.k, &cache.v) {
+                        (Some(k), Some(v)) => Ok((
+                            k.storage_and_layout(),
+                            v.storage_and_layout(),
+                            cache.capacity(),
+                            cache.len,
+                        )),
+                        _ => candle_core::bail!("KV cache buffers missing"),
+                    }
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let caches = buffers
+                .iter()
+                .map(|((k, k_layout), (v, v_layout), capacity, len)| {
+                    Ok(CachedKv {
+                        keys: decode_attention::cpu_values(k, k_layout, "the key cache")?,
+                        values: decode_attention::cpu_values(v, v_layout, "the value cache")?,
+                        capacity: *capacity,
+                        len: *len,
+                    })
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let scale = 1.0 / (d as f32).sqrt();
+            decode_attention::attend(&q, &caches, heads, scale, &mut out);
+        }
+        Tensor::from_vec(out, (1, n, q_width), self.cos.device())
     }
 
     /// Causal mask for `len` new positions after `pos` cached ones: `[len, pos + len]`.
