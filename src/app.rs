@@ -74,7 +74,6 @@ impl AppState {
                     queue_capacity: config.local.queue_capacity,
                     max_batch: config.local.max_batch,
                     kv_cache_bytes: config.local.kv_cache_mib.saturating_mul(1024 * 1024),
-                    repack: config.local.repack,
                 })
                 .map_err(|err| ConfigError::Invalid {
                     key: "local.model".into(),

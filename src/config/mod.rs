@@ -123,11 +123,6 @@ pub struct LocalConfig {
     pub kv_cache_mib: u64,
     /// Back up every remote route with this model (failover target). Default true.
     pub fallback: bool,
-    /// On the CPU, build candle's repacked copy of the Q4_K/Q6_K weights for prompts (as
-    /// llama.cpp repacks unless `--no-repack`): prompts about 1.45× faster, at the cost of
-    /// that copy's memory (1.5B: about 1.2 GB) and a longer warm-up. Decode steps read the
-    /// stored blocks either way. Default true.
-    pub repack: bool,
 }
 
 impl Default for LocalConfig {
@@ -140,7 +135,6 @@ impl Default for LocalConfig {
             max_batch: 8,
             kv_cache_mib: 1024,
             fallback: true,
-            repack: true,
         }
     }
 }

@@ -30,8 +30,6 @@ pub struct EngineBenchOptions {
     /// Prompt and output length of each concurrent stream.
     pub stream_prompt_tokens: usize,
     pub stream_tokens: u32,
-    /// Prompts through candle's repacked weights (`local.repack`).
-    pub repack: bool,
 }
 
 impl Default for EngineBenchOptions {
@@ -43,7 +41,6 @@ impl Default for EngineBenchOptions {
             concurrency: vec![1, 2, 4, 8],
             stream_prompt_tokens: 64,
             stream_tokens: 32,
-            repack: true,
         }
     }
 }
@@ -233,7 +230,6 @@ pub async fn run(options: &EngineBenchOptions, progress: impl Fn(&str)) -> Resul
     let backend = LocalBackend::start(&LocalSettings {
         queue_capacity: largest.max(1),
         max_batch: largest.max(1),
-        repack: options.repack,
         ..LocalSettings::new(options.model.clone())
     })
     .map_err(|e| e.to_string())?;

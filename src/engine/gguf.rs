@@ -22,6 +22,7 @@ use super::{
     EngineError,
     chat_template::ChatTemplate,
     gguf_tokenizer::{self, GgufVocab, PreTokenizer},
+    kquant_rows::TiledWeight,
     loader::{Loaded, ModelInfo},
     models::{Arch, Dims},
     qlinear::QLinear,
@@ -590,6 +591,23 @@ impl TensorReader<'_> {
             .map_err(|e| self.err(name, e))
     }
 
+    /// A block's weight matrix: on the CPU, Q4_K and Q6_K go straight from the map into
+    /// lifeboat's 16-row tiles (`kquant_rows::tiles`: prompts and decode steps, the stored
+    /// size); anything else as [`TensorReader::matmul`]. The output layer stays as stored
+    /// (it multiplies one row per sequence, and the tied embedding table shares it).
+    fn block_matmul(&self, name: &str) -> Result<QLinear, EngineError> {
+        if self.device.is_cpu() {
+            let (dtype, raw, dims) = self.raw(name)?;
+            if let [rows, width] = dims.as_slice()
+                && let Some(tiles) = TiledWeight::new(dtype, raw, *rows, *width)
+            {
+                self.release(raw);
+                return Ok(QLinear::tiled(tiles));
+            }
+        }
+        self.matmul(name)
+    }
+
     /// A weight matrix in a type with a fast CPU kernel. candle multiplies Q4_1, Q5_0,
     /// Q5_1 and Q8_1 with scalar code (about 5× slower than llama.cpp here); on the CPU
     /// they are requantized to Q8_0 at load, which has SIMD kernels. Q8_0 keeps 8 bits
@@ -633,16 +651,16 @@ fn read_block(
     };
     Ok(BlockWeights {
         attn_norm: tensors.dense(&n("attn_norm.weight"))?,
-        q: tensors.matmul(&n("attn_q.weight"))?,
-        k: tensors.matmul(&n("attn_k.weight"))?,
-        v: tensors.matmul(&n("attn_v.weight"))?,
+        q: tensors.block_matmul(&n("attn_q.weight"))?,
+        k: tensors.block_matmul(&n("attn_k.weight"))?,
+        v: tensors.block_matmul(&n("attn_v.weight"))?,
         qkv_bias,
         qk_norm,
-        o: tensors.matmul(&n("attn_output.weight"))?,
+        o: tensors.block_matmul(&n("attn_output.weight"))?,
         ffn_norm: tensors.dense(&n("ffn_norm.weight"))?,
-        gate: tensors.matmul(&n("ffn_gate.weight"))?,
-        up: tensors.matmul(&n("ffn_up.weight"))?,
-        down: tensors.matmul(&n("ffn_down.weight"))?,
+        gate: tensors.block_matmul(&n("ffn_gate.weight"))?,
+        up: tensors.block_matmul(&n("ffn_up.weight"))?,
+        down: tensors.block_matmul(&n("ffn_down.weight"))?,
     })
 }
 

@@ -136,8 +136,6 @@ pub struct LocalSettings {
     /// Memory the KV caches of running sequences may take, in bytes; beyond it new
     /// requests wait in the queue and the latest sequence is preempted.
     pub kv_cache_bytes: u64,
-    /// Prompts through candle's repacked weights on the CPU (see `local.repack`).
-    pub repack: bool,
 }
 
 impl LocalSettings {
@@ -150,7 +148,6 @@ impl LocalSettings {
             queue_capacity: defaults.queue_capacity,
             max_batch: defaults.max_batch,
             kv_cache_bytes: defaults.kv_cache_mib * 1024 * 1024,
-            repack: defaults.repack,
         }
     }
 }
@@ -179,7 +176,6 @@ pub struct LocalBackend {
 impl LocalBackend {
     /// Start the engine thread; loading continues in the background (see `status`).
     pub fn start(settings: &LocalSettings) -> Result<LocalBackend, EngineError> {
-        qlinear::set_repacked_prompts(settings.repack);
         let spec = hub::ModelSpec::parse(&settings.model);
         let first_phase = match &spec {
             hub::ModelSpec::Local(path) => {

@@ -1,13 +1,15 @@
-//! A quantized linear layer that reads GGUF blocks as stored for decode steps.
+//! A quantized linear layer, with lifeboat's CPU kernels where they beat candle's.
 //!
-//! Prompts (many rows) go through candle's `QMatMul`, whose repacked AVX-512 tiles are
-//! about 5× faster than per-row dot products. Decode steps are bound by memory bandwidth
-//! instead, and candle's x86 tiles for Q4_K hold 1.33× the stored bytes (scales widened to
-//! f32). So on the CPU a step of up to [`QLinear::FEW_ROWS`] rows multiplies the stored
-//! blocks: Q4_K, Q6_K and Q8_0 through lifeboat's kernels (`kquant_rows`, AVX-512 VNNI),
-//! other types one row at a time through candle's `k_quants::matmul`. With
-//! `local.repack = false`, Q4_K and Q6_K prompts take the stored blocks too, and the tiles
-//! are never built.
+//! On CPUs with AVX-512 VNNI (`kquant_rows::available`):
+//! - a block's Q4_K and Q6_K weights are held in lifeboat's 16-row tiles
+//!   (`kquant_rows::tiles`, the stored size) and every multiplication goes through them;
+//! - weights kept as stored (the output layer, which the tied embedding table shares) take
+//!   the stored-block kernels: Q4_K and Q6_K for any number of rows, Q8_0 for decode steps
+//!   of up to [`QLinear::FEW_ROWS`] rows;
+//! - everything else goes through candle's `QMatMul`: its repacked tiles for prompts (Q8_0,
+//!   about 5× faster than per-row dot products) and per-row dot products for one row.
+//!
+//! Other CPUs and CUDA use candle's paths throughout.
 
 use candle_core::{
     DType, Module, Tensor,
@@ -17,35 +19,43 @@ use candle_core::{
     },
 };
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use super::kquant_rows;
-
-/// Whether prompts (more than [`QLinear::FEW_ROWS`] rows) go through candle's repacked
-/// tiles; one setting for the process, as there is one local model (`local.repack`).
-static REPACKED_PROMPTS: AtomicBool = AtomicBool::new(true);
-
-/// Set by the engine from `local.repack` before it loads the model.
-pub fn set_repacked_prompts(on: bool) {
-    REPACKED_PROMPTS.store(on, Ordering::Relaxed);
-}
+use super::kquant_rows::{self, TiledWeight};
 
 /// A weight `[out, in]` applied as `x · Wᵀ`.
 #[derive(Debug)]
 pub struct QLinear {
-    matmul: QMatMul,
+    weight: Weight,
     /// The weight's rows were padded with zeros beyond this many inputs (see [`QLinear::padded`]).
     inputs: Option<usize>,
 }
 
+#[derive(Debug)]
+enum Weight {
+    /// candle's quantized (or dense) matmul over the weight as stored.
+    Stored(QMatMul),
+    /// Q4_K or Q6_K in lifeboat's 16-row tiles (CPUs with the kernels): every number of
+    /// rows goes through them, and the stored blocks are gone.
+    Tiled(TiledWeight),
+}
+
 impl QLinear {
-    /// Up to this many rows, Q4_K, Q6_K and Q8_0 weights are read as stored (decode steps);
-    /// more rows (prompts) take candle's repacked tiles (for Q4_K and Q6_K unless
-    /// `local.repack` is off).
+    /// Up to this many rows (decode steps), stored Q8_0 weights go through lifeboat's kernel;
+    /// more rows (prompts) take candle's repacked tiles.
     pub const FEW_ROWS: usize = kquant_rows::MAX_ROWS;
 
     pub fn new(matmul: QMatMul) -> QLinear {
-        QLinear { matmul, inputs: None }
+        QLinear {
+            weight: Weight::Stored(matmul),
+            inputs: None,
+        }
+    }
+
+    /// A Q4_K or Q6_K weight in tiles (see `kquant_rows::tiles`).
+    pub(crate) fn tiled(weight: TiledWeight) -> QLinear {
+        QLinear {
+            weight: Weight::Tiled(weight),
+            inputs: None,
+        }
     }
 
     /// A weight whose rows were zero-padded from `inputs` to a multiple of 256 columns, the
@@ -53,14 +63,18 @@ impl QLinear {
     /// otherwise run per-row dot products, 5× slower); inputs are padded to match.
     pub fn padded(matmul: QMatMul, inputs: usize) -> QLinear {
         QLinear {
-            matmul,
+            weight: Weight::Stored(matmul),
             inputs: Some(inputs),
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let matmul = match &self.weight {
+            Weight::Stored(matmul) => matmul,
+            Weight::Tiled(tiles) => return Self::through_tiles(tiles, x),
+        };
         let padded;
-        let x = match (self.inputs, &self.matmul) {
+        let x = match (self.inputs, matmul) {
             (Some(inputs), QMatMul::QTensor(weight)) => {
                 let (_, width) = weight.shape().dims2()?;
                 padded = x.pad_with_zeros(candle_core::D::Minus1, 0, width.saturating_sub(inputs))?;
@@ -70,9 +84,7 @@ impl QLinear {
         };
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
         if x.device().is_cpu() && x.dtype() == DType::F32 {
-            if (rows <= Self::FEW_ROWS || !REPACKED_PROMPTS.load(Ordering::Relaxed))
-                && let Some(out) = self.stored_blocks(x, rows)?
-            {
+            if let Some(out) = self.stored_blocks(x, rows)? {
                 return Ok(out);
             }
             if rows == 1
@@ -81,14 +93,28 @@ impl QLinear {
                 return Ok(out);
             }
         }
-        self.matmul.forward(x)
+        matmul.forward(x)
+    }
+
+    fn through_tiles(tiles: &TiledWeight, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, k) = tiles.dims();
+        let rows = x.elem_count() / k.max(1);
+        let lhs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        match tiles.multiply(&lhs, rows) {
+            Some(out) => Self::shaped(x, out, n),
+            None => candle_core::bail!(
+                "a {:?} weight of {k} inputs cannot multiply an input of shape {:?}",
+                tiles.dtype(),
+                x.dims()
+            ),
+        }
     }
 
     /// `x` times the stored blocks through lifeboat's kernels (Q4_K and Q6_K for any number
     /// of rows, Q8_0 for decode steps, see [`kquant_rows::takes`]); `None` for other types
     /// or CPUs without the kernels.
     fn stored_blocks(&self, x: &Tensor, rows: usize) -> candle_core::Result<Option<Tensor>> {
-        let QMatMul::QTensor(weight) = &self.matmul else {
+        let Weight::Stored(QMatMul::QTensor(weight)) = &self.weight else {
             return Ok(None);
         };
         let (n, k) = weight.shape().dims2()?;
@@ -113,7 +139,7 @@ impl QLinear {
 
     /// `x` (one row) times the stored blocks, or `None` for a type without a CPU dot product.
     fn single_row(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let QMatMul::QTensor(weight) = &self.matmul else {
+        let Weight::Stored(QMatMul::QTensor(weight)) = &self.weight else {
             return Ok(None);
         };
         let (n, k) = weight.shape().dims2()?;
@@ -261,7 +287,10 @@ mod tests {
                 .single_row(&x)
                 .expect("runs")
                 .expect("a CPU dot product exists");
-            let candle = linear.matmul.forward(&x).expect("candle");
+            let Weight::Stored(matmul) = &linear.weight else {
+                panic!("built from a QMatMul");
+            };
+            let candle = matmul.forward(&x).expect("candle");
             assert_eq!(ours.dims(), candle.dims());
             let diff = max_abs_diff(&ours, &candle);
             // Same Q8_K activations and block dot products, summed in another order.

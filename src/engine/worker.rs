@@ -81,8 +81,8 @@ pub(super) fn run(
     let loaded_in = load_start.elapsed();
     set_phase(&shared.phase, Phase::WarmingUp);
     // A forward pass long enough to take the prompt path, so the first real request pays no
-    // first-touch costs: on the CPU it builds candle's repacked prompt kernels' tiles
-    // (decode steps of up to `QLinear::FEW_ROWS` tokens read the stored blocks, see `qlinear`).
+    // first-touch costs (on the CPU, candle builds its repacked tiles for the weight types
+    // lifeboat's kernels do not take; see `qlinear`).
     let warm = vec![info.bos_id.unwrap_or(0); QLinear::FEW_ROWS + 1];
     if let Err(err) = Tensor::new(warm.as_slice(), &device)
         .and_then(|t| t.unsqueeze(0))

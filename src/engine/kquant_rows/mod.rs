@@ -1,6 +1,7 @@
 //! Q4_K and Q6_K weights times activation rows as stored in the GGUF file, unpacking each
-//! block once for a group of up to eight rows (a decode step of up to eight sequences, or a
-//! prompt eight tokens at a time when `local.repack` is off).
+//! block once for a group of up to eight rows; used for weights kept as stored (the output
+//! layer, shared with the tied embedding table). A block's weights go into 16-row tiles
+//! instead ([`tiles`]), which multiply faster.
 //!
 //! Why: candle has two CPU paths for these types, and neither suits 2–8 rows. Its per-row
 //! dot products (`k_quants::matmul`) unpack every weight block again for every row, and its
@@ -190,12 +191,20 @@ fn for_each_weight_row(
         ptr: out.as_mut_ptr(),
         len: out.len(),
     };
-    let items = n.div_ceil(ROWS_PER_ITEM);
+    let per_item = if rows > MAX_ROWS {
+        std::env::var("LB_TILE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64)
+    } else {
+        ROWS_PER_ITEM
+    };
+    let items = n.div_ceil(per_item);
     candle_core::utils::barrier_pool().execute_chunked(items, |range| {
         let out_ptr = &out_ptr;
         let mut sums = [0f32; MAX_ROWS];
         for item in range {
-            let weight_rows = item * ROWS_PER_ITEM..((item + 1) * ROWS_PER_ITEM).min(n);
+            let weight_rows = item * per_item..((item + 1) * per_item).min(n);
             // An item's few weight rows stay in L1 while every group of activation rows
             // passes over them.
             for first in (0..rows).step_by(MAX_ROWS) {
@@ -239,6 +248,20 @@ impl SharedOut {
         // whole call; index = r·n + j and each j belongs to one work item, so no two workers
         // touch one element.
         unsafe { *self.ptr.add(index) = value }
+    }
+
+    /// Write `values` at `index..index + values.len()`.
+    #[allow(unsafe_code)]
+    fn write_run(&self, index: usize, values: &[f32]) {
+        assert!(
+            index + values.len() <= self.len,
+            "kquant_rows: output run {index}+{} of {}",
+            values.len(),
+            self.len
+        );
+        // SAFETY: in bounds (checked above) of the buffer the caller borrows mutably for the
+        // whole pool call; each worker writes only its own tiles' columns.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.add(index), values.len()) }
     }
 }
 
@@ -344,9 +367,15 @@ mod reference {
 }
 
 pub(crate) mod q8_0;
+mod tiles;
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod tiles_x86;
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod x86;
+
+pub(crate) use tiles::TiledWeight;
 
 #[cfg(test)]
 mod tests {

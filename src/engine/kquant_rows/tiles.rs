@@ -1,0 +1,430 @@
+//! Q4_K and Q6_K weights rearranged at load into tiles of 16 rows, the same size as the
+//! stored blocks, multiplied by any number of activation rows (prompts and decode steps).
+//!
+//! Why: with one weight row per vector (the stored layout, [`super`]), every 32-value
+//! sub-block needs its scale applied inside the row's vector, which costs as much as the
+//! products (`vpackssdw` + `vpdpwssd` per 128 values); prompts ran at 0.85× llama.cpp that
+//! way. candle's repacked tiles are fast for prompts but widen the scales to f32 (1.33× the
+//! bytes), and with the stored blocks kept for decode the weights were held twice (+1 GB on
+//! the 1.5B, and their building was most of the time to ready). Here each 32-bit lane of a
+//! vector is one of 16 weight rows: a lane sums a whole sub-block before its scale is
+//! applied once, in f32, for all 16 rows, and the scales stay 6 bits wide packed as bytes.
+//! One layout serves prompts and decode, and the stored blocks are dropped after tiling.
+//!
+//! Layouts, per tile of 16 rows and block of 256 columns (`R` = the 16 rows, 4-byte words
+//! taken from each row's stored bytes, so tiling is a copy of words and scale bytes):
+//! - Q4_K (2368 bytes = 16 × 148): `d[R]` f16, `dmin[R]` f16, `scales[8][R]` u8,
+//!   `mins[8][R]` u8, `qs[4 chunks][8 words][R][4]`. Word w of chunk c holds, in its low
+//!   nibbles, values 64c + 4w … + 3 (sub-block 2c) and in its high nibbles 64c + 32 + 4w …
+//!   (sub-block 2c + 1), as the stored block does.
+//! - Q6_K (3360 bytes = 16 × 210): `d[R]` f16, `scales[16][R]` i8,
+//!   `ql[2 halves][2][8 words][R][4]`, `qh[2 halves][8 words][R][4]` (see the kernel).
+
+use super::{Q4K_BYTES, Q6K_BYTES, Q8kRows, QK_K, SharedOut, available};
+use candle_core::quantized::GgmlDType;
+
+/// Weight rows per tile: one per 32-bit lane of a 512-bit vector.
+pub(crate) const TILE_ROWS: usize = 16;
+pub(super) const Q4K_TILE_BYTES: usize = TILE_ROWS * Q4K_BYTES + 4 * TILE_ROWS;
+pub(super) const Q6K_TILE_BYTES: usize = TILE_ROWS * Q6K_BYTES;
+/// Activation rows a kernel call multiplies with a tile (one accumulator each).
+pub(super) const GROUP_ROWS: usize = 4;
+
+/// A `[n, k]` weight in the tiled layout.
+#[derive(Debug)]
+pub(crate) struct TiledWeight {
+    dtype: GgmlDType,
+    n: usize,
+    k: usize,
+    bytes: Vec<u8>,
+}
+
+impl TiledWeight {
+    /// Tile `n × k` weights stored as `dtype` blocks; `None` for another type, a shape the
+    /// tiles do not fit (`n` a multiple of 16, `k` of 256) or a CPU without the kernels.
+    pub(crate) fn new(dtype: GgmlDType, stored: &[u8], n: usize, k: usize) -> Option<TiledWeight> {
+        let block_bytes = match dtype {
+            GgmlDType::Q4K => Q4K_BYTES,
+            GgmlDType::Q6K => Q6K_BYTES,
+            _ => return None,
+        };
+        if !available()
+            || n == 0
+            || !n.is_multiple_of(TILE_ROWS)
+            || !k.is_multiple_of(QK_K)
+            || stored.len() != n * (k / QK_K) * block_bytes
+        {
+            return None;
+        }
+        Some(TiledWeight {
+            dtype,
+            n,
+            k,
+            bytes: tile(dtype, stored, n, k),
+        })
+    }
+
+    pub(crate) fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    /// `(n, k)`: output and input width.
+    pub(crate) fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    fn tile_bytes(&self) -> usize {
+        match self.dtype {
+            GgmlDType::Q4K => Q4K_TILE_BYTES,
+            _ => Q6K_TILE_BYTES,
+        }
+    }
+
+    /// `lhs` (`rows × k`) times the weight, as `rows × n` values; `None` when the sizes do
+    /// not fit.
+    pub(crate) fn multiply(&self, lhs: &[f32], rows: usize) -> Option<Vec<f32>> {
+        if rows == 0 || lhs.len() != rows * self.k {
+            return None;
+        }
+        let x = Q8kRows::quantize(lhs, rows, self.k);
+        let mut out = vec![0f32; rows * self.n];
+        let shared = SharedOut {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        };
+        let tile_len = (self.k / QK_K) * self.tile_bytes();
+        let tiles = self.n / TILE_ROWS;
+        candle_core::utils::barrier_pool().execute_chunked(tiles, |range| {
+            let shared = &shared;
+            for t in range {
+                let tile = &self.bytes[t * tile_len..(t + 1) * tile_len];
+                for first in (0..rows).step_by(GROUP_ROWS) {
+                    let count = GROUP_ROWS.min(rows - first);
+                    let mut sums = [[0f32; TILE_ROWS]; GROUP_ROWS];
+                    dot_tile(self.dtype, tile, &x, first, &mut sums[..count]);
+                    for (r, row) in sums[..count].iter().enumerate() {
+                        shared.write_run((first + r) * self.n + t * TILE_ROWS, row);
+                    }
+                }
+            }
+        });
+        Some(out)
+    }
+}
+
+/// The 16 weight rows of `tile` (all its blocks) dotted with activation rows
+/// `first..first + sums.len()`.
+fn dot_tile(dtype: GgmlDType, tile: &[u8], x: &Q8kRows, first: usize, sums: &mut [[f32; TILE_ROWS]]) {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        super::tiles_x86::dot_tile(dtype, tile, x, first, sums);
+        return;
+    }
+    reference_dot_tile(dtype, tile, x, first, sums);
+}
+
+/// Plain-Rust multiplication of the tiled layout: the definition the kernels are tested
+/// against (the layout itself is tested against the stored blocks' reference).
+fn reference_dot_tile(
+    dtype: GgmlDType,
+    tile: &[u8],
+    x: &Q8kRows,
+    first: usize,
+    sums: &mut [[f32; TILE_ROWS]],
+) {
+    let stored = untile(dtype, tile, TILE_ROWS, x.blocks * QK_K);
+    let row_bytes = stored.len() / TILE_ROWS;
+    for (r, row_sums) in sums.iter_mut().enumerate() {
+        for (j, sum) in row_sums.iter_mut().enumerate() {
+            let blocks = &stored[j * row_bytes..(j + 1) * row_bytes];
+            *sum = match dtype {
+                GgmlDType::Q4K => super::reference::q4k(blocks, x, first + r),
+                _ => super::reference::q6k(blocks, x, first + r),
+            };
+        }
+    }
+}
+
+/// The tiled bytes of `n × k` stored weights (sizes checked by the caller).
+fn tile(dtype: GgmlDType, stored: &[u8], n: usize, k: usize) -> Vec<u8> {
+    let (block_bytes, tile_bytes) = match dtype {
+        GgmlDType::Q4K => (Q4K_BYTES, Q4K_TILE_BYTES),
+        _ => (Q6K_BYTES, Q6K_TILE_BYTES),
+    };
+    let blocks = k / QK_K;
+    let mut out = vec![0u8; (n / TILE_ROWS) * blocks * tile_bytes];
+    for (t, tile) in out.chunks_exact_mut(blocks * tile_bytes).enumerate() {
+        for (b, target) in tile.chunks_exact_mut(tile_bytes).enumerate() {
+            let source = |row: usize| {
+                let at = ((t * TILE_ROWS + row) * blocks + b) * block_bytes;
+                &stored[at..at + block_bytes]
+            };
+            match dtype {
+                GgmlDType::Q4K => tile_q4k(source, target),
+                _ => tile_q6k(source, target),
+            }
+        }
+    }
+    out
+}
+
+/// Offsets inside a Q4_K tile-block.
+pub(super) mod q4k_at {
+    pub(crate) const D: usize = 0;
+    pub(crate) const DMIN: usize = 32;
+    pub(crate) const SCALES: usize = 64;
+    pub(crate) const MINS: usize = 192;
+    pub(crate) const QS: usize = 320;
+}
+
+/// Offsets inside a Q6_K tile-block.
+pub(super) mod q6k_at {
+    pub(crate) const D: usize = 0;
+    pub(crate) const SCALES: usize = 32;
+    pub(crate) const QL: usize = 288;
+    pub(crate) const QH: usize = 2336;
+}
+
+/// Word `w` (4 bytes) of every row, row-major: `[R][4]` at `target`.
+fn words<'a>(source: impl Fn(usize) -> &'a [u8], at: usize, target: &mut [u8]) {
+    for (row, word) in target.chunks_exact_mut(4).enumerate() {
+        word.copy_from_slice(&source(row)[at..at + 4]);
+    }
+}
+
+fn tile_q4k<'a>(source: impl Fn(usize) -> &'a [u8], target: &mut [u8]) {
+    use q4k_at::*;
+    for row in 0..TILE_ROWS {
+        let block = source(row);
+        target[D + 2 * row..D + 2 * row + 2].copy_from_slice(&block[0..2]);
+        target[DMIN + 2 * row..DMIN + 2 * row + 2].copy_from_slice(&block[2..4]);
+        let (scales, mins) = super::q4k_scales_mins(&block[4..16]);
+        for sub in 0..8 {
+            target[SCALES + sub * TILE_ROWS + row] = scales[sub];
+            target[MINS + sub * TILE_ROWS + row] = mins[sub];
+        }
+    }
+    for chunk in 0..4 {
+        for w in 0..8 {
+            let at = QS + (chunk * 8 + w) * TILE_ROWS * 4;
+            words(
+                &source,
+                16 + 32 * chunk + 4 * w,
+                &mut target[at..at + TILE_ROWS * 4],
+            );
+        }
+    }
+}
+
+fn tile_q6k<'a>(source: impl Fn(usize) -> &'a [u8], target: &mut [u8]) {
+    use q6k_at::*;
+    // Stored Q6_K: ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] i8, d f16.
+    for row in 0..TILE_ROWS {
+        let block = source(row);
+        target[D + 2 * row..D + 2 * row + 2].copy_from_slice(&block[208..210]);
+        for group in 0..16 {
+            target[SCALES + group * TILE_ROWS + row] = block[192 + group];
+        }
+    }
+    for half in 0..2 {
+        for part in 0..2 {
+            for w in 0..8 {
+                let at = QL + ((half * 2 + part) * 8 + w) * TILE_ROWS * 4;
+                words(
+                    &source,
+                    64 * half + 32 * part + 4 * w,
+                    &mut target[at..at + TILE_ROWS * 4],
+                );
+            }
+        }
+        for w in 0..8 {
+            let at = QH + (half * 8 + w) * TILE_ROWS * 4;
+            words(
+                &source,
+                128 + 32 * half + 4 * w,
+                &mut target[at..at + TILE_ROWS * 4],
+            );
+        }
+    }
+}
+
+/// The stored blocks of a tile's `rows` rows back from the tiled layout (`k` columns): tests
+/// and the reference multiply use it to check the layout against the stored definition.
+fn untile(dtype: GgmlDType, tile: &[u8], rows: usize, k: usize) -> Vec<u8> {
+    let (block_bytes, tile_bytes) = match dtype {
+        GgmlDType::Q4K => (Q4K_BYTES, Q4K_TILE_BYTES),
+        _ => (Q6K_BYTES, Q6K_TILE_BYTES),
+    };
+    let blocks = k / QK_K;
+    let mut out = vec![0u8; rows * blocks * block_bytes];
+    for (b, source) in tile.chunks_exact(tile_bytes).enumerate() {
+        for row in 0..rows {
+            let at = (row * blocks + b) * block_bytes;
+            let block = &mut out[at..at + block_bytes];
+            let word = |at: usize| &source[at + 4 * row..at + 4 * row + 4];
+            match dtype {
+                GgmlDType::Q4K => {
+                    use q4k_at::*;
+                    block[0..2].copy_from_slice(&source[D + 2 * row..D + 2 * row + 2]);
+                    block[2..4].copy_from_slice(&source[DMIN + 2 * row..DMIN + 2 * row + 2]);
+                    let scales: [u8; 8] = std::array::from_fn(|s| source[SCALES + s * TILE_ROWS + row]);
+                    let mins: [u8; 8] = std::array::from_fn(|s| source[MINS + s * TILE_ROWS + row]);
+                    block[4..16].copy_from_slice(&pack_scales_mins(&scales, &mins));
+                    for chunk in 0..4 {
+                        for w in 0..8 {
+                            let from = QS + (chunk * 8 + w) * TILE_ROWS * 4;
+                            let to = 16 + 32 * chunk + 4 * w;
+                            block[to..to + 4].copy_from_slice(word(from));
+                        }
+                    }
+                }
+                _ => {
+                    use q6k_at::*;
+                    block[208..210].copy_from_slice(&source[D + 2 * row..D + 2 * row + 2]);
+                    for group in 0..16 {
+                        block[192 + group] = source[SCALES + group * TILE_ROWS + row];
+                    }
+                    for half in 0..2 {
+                        for part in 0..2 {
+                            for w in 0..8 {
+                                let from = QL + ((half * 2 + part) * 8 + w) * TILE_ROWS * 4;
+                                let to = 64 * half + 32 * part + 4 * w;
+                                block[to..to + 4].copy_from_slice(word(from));
+                            }
+                        }
+                        for w in 0..8 {
+                            let from = QH + (half * 8 + w) * TILE_ROWS * 4;
+                            let to = 128 + 32 * half + 4 * w;
+                            block[to..to + 4].copy_from_slice(word(from));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Q4_K's 12-byte packing of eight 6-bit scales and mins (the inverse of
+/// `q4k_scales_mins`).
+fn pack_scales_mins(scales: &[u8; 8], mins: &[u8; 8]) -> [u8; 12] {
+    let mut packed = [0u8; 12];
+    for j in 0..4 {
+        packed[j] = (scales[j] & 63) | ((scales[j + 4] >> 4) << 6);
+        packed[j + 4] = (mins[j] & 63) | ((mins[j + 4] >> 4) << 6);
+        packed[j + 8] = (scales[j + 4] & 0x0F) | ((mins[j + 4] & 0x0F) << 4);
+    }
+    packed
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{
+        Device, Module, Tensor,
+        quantized::{GgmlDType, QMatMul, QTensor},
+    };
+
+    use super::*;
+    use crate::engine::qlinear::test_support::matrix;
+
+    fn activations(rows: usize, k: usize) -> Vec<f32> {
+        (0..rows * k)
+            .map(|i| ((i * 31 + 7) % 23) as f32 / 23.0 - 0.45)
+            .collect()
+    }
+
+    #[test]
+    fn tiling_keeps_every_stored_byte() {
+        let (n, k) = (32, 512);
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let q = QTensor::quantize(&matrix(n, k), dtype).expect("quantize");
+            let stored = q.data().expect("data").to_vec();
+            let tiled = tile(dtype, &stored, n, k);
+            let tile_len = tiled.len() / (n / TILE_ROWS);
+            let back: Vec<u8> = tiled
+                .chunks_exact(tile_len)
+                .flat_map(|t| untile(dtype, t, TILE_ROWS, k))
+                .collect();
+            assert_eq!(back, stored, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn tiles_match_the_reference_and_candle_and_a_row_is_the_same_in_any_batch() {
+        if !available() {
+            return;
+        }
+        let (n, k) = (48, 768);
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let q = QTensor::quantize(&matrix(n, k), dtype).expect("quantize");
+            let stored = q.data().expect("data").to_vec();
+            let tiled = TiledWeight::new(dtype, &stored, n, k).expect("tiles");
+            let rows = 11;
+            let lhs = activations(rows, k);
+            let ours = tiled.multiply(&lhs, rows).expect("multiply");
+
+            // The plain-Rust reference on the tiled bytes.
+            let x = Q8kRows::quantize(&lhs, rows, k);
+            let tile_len = tiled.bytes.len() / (n / TILE_ROWS);
+            for (t, tile) in tiled.bytes.chunks_exact(tile_len).enumerate() {
+                let mut sums = vec![[0f32; TILE_ROWS]; rows];
+                reference_dot_tile(dtype, tile, &x, 0, &mut sums);
+                for (r, row) in sums.iter().enumerate() {
+                    for (j, expected) in row.iter().enumerate() {
+                        let got = ours[r * n + t * TILE_ROWS + j];
+                        let tolerance = 1e-5 * expected.abs().max(1.0);
+                        assert!(
+                            (got - expected).abs() <= tolerance,
+                            "{dtype:?} row {r} col {j}: {got} vs {expected}"
+                        );
+                    }
+                }
+            }
+
+            // candle's own multiplication of the stored blocks.
+            let lhs_t = Tensor::from_vec(lhs.clone(), (rows, k), &Device::Cpu).expect("lhs");
+            let candle = QMatMul::from_qtensor(q)
+                .expect("qmatmul")
+                .forward(&lhs_t)
+                .expect("candle")
+                .flatten_all()
+                .expect("flat")
+                .to_vec1::<f32>()
+                .expect("vec");
+            let worst = ours
+                .iter()
+                .zip(&candle)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 2e-3, "{dtype:?}: {worst}");
+
+            // Each row alone gets the same bits as inside the batch of 11.
+            for r in [0, 4, 10] {
+                let alone = tiled.multiply(&lhs[r * k..(r + 1) * k], 1).expect("one row");
+                assert_eq!(alone, ours[r * n..(r + 1) * n], "{dtype:?} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn shapes_the_tiles_do_not_fit_are_declined() {
+        let q = QTensor::quantize(&matrix(24, 256), GgmlDType::Q4K).expect("quantize");
+        let stored = q.data().expect("data").to_vec();
+        assert!(
+            TiledWeight::new(GgmlDType::Q4K, &stored, 24, 256).is_none(),
+            "24 rows"
+        );
+        assert!(
+            TiledWeight::new(GgmlDType::Q8_0, &stored, 16, 256).is_none(),
+            "type"
+        );
+        assert!(
+            TiledWeight::new(GgmlDType::Q4K, &stored[..10], 16, 256).is_none(),
+            "bytes"
+        );
+        if available() {
+            let tiled = TiledWeight::new(GgmlDType::Q4K, &stored[..16 * 144], 16, 256).expect("16 rows");
+            assert!(tiled.multiply(&[0.0; 255], 1).is_none(), "lhs width");
+        }
+    }
+}
