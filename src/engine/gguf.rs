@@ -593,19 +593,29 @@ impl TensorReader<'_> {
 
     /// A block's weight matrix: on the CPU, Q4_K and Q6_K go straight from the map into
     /// lifeboat's 16-row tiles (`kquant_rows::tiles`: prompts and decode steps, the stored
-    /// size); anything else as [`TensorReader::matmul`]. The output layer stays as stored
-    /// (it multiplies one row per sequence, and the tied embedding table shares it).
+    /// size); anything else as [`TensorReader::matmul`].
     fn block_matmul(&self, name: &str) -> Result<QLinear, EngineError> {
-        if self.device.is_cpu() {
-            let (dtype, raw, dims) = self.raw(name)?;
-            if let [rows, width] = dims.as_slice()
-                && let Some(tiles) = TiledWeight::new(dtype, raw, *rows, *width)
-            {
-                self.release(raw);
-                return Ok(QLinear::tiled(tiles));
-            }
+        match self.tiles(name)? {
+            Some(tiles) => Ok(QLinear::tiled(Arc::new(tiles))),
+            None => self.matmul(name),
         }
-        self.matmul(name)
+    }
+
+    /// A weight matrix in lifeboat's tiles, read straight from the map, when the device is
+    /// the CPU and the type and shape suit them (`None` otherwise).
+    fn tiles(&self, name: &str) -> Result<Option<TiledWeight>, EngineError> {
+        if !self.device.is_cpu() {
+            return Ok(None);
+        }
+        let (dtype, raw, dims) = self.raw(name)?;
+        let [rows, width] = dims.as_slice() else {
+            return Ok(None);
+        };
+        let tiles = TiledWeight::new(dtype, raw, *rows, *width);
+        if tiles.is_some() {
+            self.release(raw);
+        }
+        Ok(tiles)
     }
 
     /// A weight matrix in a type with a fast CPU kernel. candle multiplies Q4_1, Q5_0,
@@ -711,16 +721,33 @@ fn build_decoder(
         None
     };
     let config = decoder_config(&meta, info, freq_factors)?;
-    let table = Arc::new(tensors.weight("token_embd.weight")?);
-    let embeddings =
-        TokenEmbedding::new(table.clone(), device).map_err(|e| tensors.err("token_embd.weight", e))?;
-    // Tied embeddings: the output layer multiplies by the same quantized table.
-    let output = if content.tensor_infos.contains_key("output.weight") {
-        tensors.matmul("output.weight")?
+    let tied = !content.tensor_infos.contains_key("output.weight");
+    let tied_tiles = if tied {
+        tensors.tiles("token_embd.weight")?
     } else {
-        QMatMul::from_arc(table)
-            .map(QLinear::new)
-            .map_err(|e| tensors.err("token_embd.weight", e))?
+        None
+    };
+    let (embeddings, output) = match tied_tiles {
+        // Tied embeddings in tiles: the output layer multiplies by them, and the lookup
+        // reads rows back out of them.
+        Some(tiles) => {
+            let tiles = Arc::new(tiles);
+            (TokenEmbedding::tiled(tiles.clone()), QLinear::tiled(tiles))
+        }
+        None => {
+            let table = Arc::new(tensors.weight("token_embd.weight")?);
+            let embeddings = TokenEmbedding::new(table.clone(), device)
+                .map_err(|e| tensors.err("token_embd.weight", e))?;
+            // Tied embeddings: the output layer multiplies by the same quantized table.
+            let output = if tied {
+                QMatMul::from_arc(table)
+                    .map(QLinear::new)
+                    .map_err(|e| tensors.err("token_embd.weight", e))?
+            } else {
+                tensors.block_matmul("output.weight")?
+            };
+            (embeddings, output)
+        }
     };
     let norm = tensors.dense("output_norm.weight")?;
     // Requantizing and padding is CPU work per tensor: the blocks load on every core.

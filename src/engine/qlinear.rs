@@ -1,11 +1,12 @@
 //! A quantized linear layer, with lifeboat's CPU kernels where they beat candle's.
 //!
 //! On CPUs with AVX-512 VNNI (`kquant_rows::available`):
-//! - a block's Q4_K and Q6_K weights are held in lifeboat's 16-row tiles
-//!   (`kquant_rows::tiles`, the stored size) and every multiplication goes through them;
-//! - weights kept as stored (the output layer, which the tied embedding table shares) take
-//!   the stored-block kernels: Q4_K and Q6_K for any number of rows, Q8_0 for decode steps
-//!   of up to [`QLinear::FEW_ROWS`] rows;
+//! - Q4_K and Q6_K weights (and a tied embedding table of those types, which the output
+//!   layer shares) are held in lifeboat's 16-row tiles (`kquant_rows::tiles`, about the
+//!   stored size) and every multiplication goes through them;
+//! - weights kept as stored take the stored-block kernels: Q4_K and Q6_K of a shape the
+//!   tiles do not fit for any number of rows, Q8_0 for decode steps of up to
+//!   [`QLinear::FEW_ROWS`] rows;
 //! - everything else goes through candle's `QMatMul`: its repacked tiles for prompts (Q8_0,
 //!   about 5× faster than per-row dot products) and per-row dot products for one row.
 //!
@@ -18,6 +19,8 @@ use candle_core::{
         k_quants::{self, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0},
     },
 };
+
+use std::sync::Arc;
 
 use super::kquant_rows::{self, TiledWeight};
 
@@ -35,7 +38,7 @@ enum Weight {
     Stored(QMatMul),
     /// Q4_K or Q6_K in lifeboat's 16-row tiles (CPUs with the kernels): every number of
     /// rows goes through them, and the stored blocks are gone.
-    Tiled(TiledWeight),
+    Tiled(Arc<TiledWeight>),
 }
 
 impl QLinear {
@@ -50,8 +53,9 @@ impl QLinear {
         }
     }
 
-    /// A Q4_K or Q6_K weight in tiles (see `kquant_rows::tiles`).
-    pub(crate) fn tiled(weight: TiledWeight) -> QLinear {
+    /// A Q4_K or Q6_K weight in tiles (see `kquant_rows::tiles`), possibly shared with the
+    /// tied embedding table.
+    pub(crate) fn tiled(weight: Arc<TiledWeight>) -> QLinear {
         QLinear {
             weight: Weight::Tiled(weight),
             inputs: None,

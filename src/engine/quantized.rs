@@ -21,6 +21,7 @@ use candle_nn::Embedding;
 
 use super::{
     decode_attention::{self, CachedKv, Heads, rope_token},
+    kquant_rows::TiledWeight,
     models::{Arch, CausalLm, SlotStep},
     qlinear::QLinear,
 };
@@ -66,8 +67,17 @@ pub struct BlockWeights {
 #[derive(Debug)]
 pub enum TokenEmbedding {
     Dense(Embedding),
-    Quantized { table: Arc<QTensor>, hidden: usize },
+    Quantized {
+        table: Arc<QTensor>,
+        hidden: usize,
+    },
+    /// A tied table in lifeboat's tiles (shared with the output layer).
+    Tiled(TiledTable),
 }
+
+/// A tied embedding table in lifeboat's tiles (CPU).
+#[derive(Debug)]
+pub struct TiledTable(Arc<TiledWeight>);
 
 impl TokenEmbedding {
     /// The table `[vocab, hidden]`, kept quantized on the CPU.
@@ -83,11 +93,17 @@ impl TokenEmbedding {
         }
     }
 
+    /// A tied table held in tiles for the output layer (CPU only).
+    pub(crate) fn tiled(table: Arc<TiledWeight>) -> TokenEmbedding {
+        TokenEmbedding::Tiled(TiledTable(table))
+    }
+
     /// `[b, t]` token ids → `[b, t, hidden]` f32.
     pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (table, hidden) = match self {
             TokenEmbedding::Dense(embedding) => return embedding.forward(ids),
             TokenEmbedding::Quantized { table, hidden } => (table, *hidden),
+            TokenEmbedding::Tiled(TiledTable(table)) => return Self::from_tiles(table, ids),
         };
         let dtype = table.dtype();
         let row_bytes = hidden / dtype.block_size() * dtype.type_size();
@@ -101,6 +117,23 @@ impl TokenEmbedding {
             }
             let raw = &data[id * row_bytes..(id + 1) * row_bytes];
             rows.push(qtensor_from_ggml(dtype, raw, vec![hidden], &Device::Cpu)?.dequantize(&Device::Cpu)?);
+        }
+        let mut shape = ids.dims().to_vec();
+        shape.push(hidden);
+        Tensor::stack(&rows, 0)?.reshape(shape)
+    }
+
+    fn from_tiles(table: &TiledWeight, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (vocab, hidden) = table.dims();
+        let mut rows = Vec::with_capacity(ids.elem_count());
+        for id in ids.flatten_all()?.to_vec1::<u32>()? {
+            let Some(raw) = table.stored_row(id as usize) else {
+                candle_core::bail!("token id {id} is outside the vocabulary of {vocab}");
+            };
+            rows.push(
+                qtensor_from_ggml(table.dtype(), &raw, vec![hidden], &Device::Cpu)?
+                    .dequantize(&Device::Cpu)?,
+            );
         }
         let mut shape = ids.dims().to_vec();
         shape.push(hidden);

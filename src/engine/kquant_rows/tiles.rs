@@ -9,7 +9,8 @@
 //! the 1.5B, and their building was most of the time to ready). Here each 32-bit lane of a
 //! vector is one of 16 weight rows: a lane sums a whole sub-block before its scale is
 //! applied once, in f32, for all 16 rows, and the scales stay 6 bits wide packed as bytes.
-//! One layout serves prompts and decode, and the stored blocks are dropped after tiling.
+//! One layout serves prompts and decode, and the stored blocks are dropped after tiling (a
+//! tied embedding table is looked up in the tiles: `TiledWeight::stored_row`).
 //!
 //! Layouts, per tile of 16 rows and block of 256 columns (`R` = the 16 rows, 4-byte words
 //! taken from each row's stored bytes, so tiling is a copy of words and scale bytes):
@@ -71,6 +72,18 @@ impl TiledWeight {
     /// `(n, k)`: output and input width.
     pub(crate) fn dims(&self) -> (usize, usize) {
         (self.n, self.k)
+    }
+
+    /// Weight row `row` as its stored blocks (for an embedding lookup in a tied table);
+    /// `None` past the last row.
+    pub(crate) fn stored_row(&self, row: usize) -> Option<Vec<u8>> {
+        if row >= self.n {
+            return None;
+        }
+        let tile_len = (self.k / QK_K) * self.tile_bytes();
+        let t = row / TILE_ROWS;
+        let tile = &self.bytes[t * tile_len..(t + 1) * tile_len];
+        Some(untile_row(self.dtype, tile, row % TILE_ROWS, self.k))
     }
 
     fn tile_bytes(&self) -> usize {
@@ -248,55 +261,61 @@ fn tile_q6k<'a>(source: impl Fn(usize) -> &'a [u8], target: &mut [u8]) {
     }
 }
 
-/// The stored blocks of a tile's `rows` rows back from the tiled layout (`k` columns): tests
-/// and the reference multiply use it to check the layout against the stored definition.
+/// The stored blocks of a tile's first `rows` rows back from the tiled layout (`k`
+/// columns): tests and the reference multiply check the layout against the stored
+/// definition with it.
 fn untile(dtype: GgmlDType, tile: &[u8], rows: usize, k: usize) -> Vec<u8> {
+    (0..rows)
+        .flat_map(|row| untile_row(dtype, tile, row, k))
+        .collect()
+}
+
+/// Row `row` (of 16) of a tile as its stored blocks (`k` columns).
+fn untile_row(dtype: GgmlDType, tile: &[u8], row: usize, k: usize) -> Vec<u8> {
     let (block_bytes, tile_bytes) = match dtype {
         GgmlDType::Q4K => (Q4K_BYTES, Q4K_TILE_BYTES),
         _ => (Q6K_BYTES, Q6K_TILE_BYTES),
     };
-    let blocks = k / QK_K;
-    let mut out = vec![0u8; rows * blocks * block_bytes];
-    for (b, source) in tile.chunks_exact(tile_bytes).enumerate() {
-        for row in 0..rows {
-            let at = (row * blocks + b) * block_bytes;
-            let block = &mut out[at..at + block_bytes];
-            let word = |at: usize| &source[at + 4 * row..at + 4 * row + 4];
-            match dtype {
-                GgmlDType::Q4K => {
-                    use q4k_at::*;
-                    block[0..2].copy_from_slice(&source[D + 2 * row..D + 2 * row + 2]);
-                    block[2..4].copy_from_slice(&source[DMIN + 2 * row..DMIN + 2 * row + 2]);
-                    let scales: [u8; 8] = std::array::from_fn(|s| source[SCALES + s * TILE_ROWS + row]);
-                    let mins: [u8; 8] = std::array::from_fn(|s| source[MINS + s * TILE_ROWS + row]);
-                    block[4..16].copy_from_slice(&pack_scales_mins(&scales, &mins));
-                    for chunk in 0..4 {
-                        for w in 0..8 {
-                            let from = QS + (chunk * 8 + w) * TILE_ROWS * 4;
-                            let to = 16 + 32 * chunk + 4 * w;
-                            block[to..to + 4].copy_from_slice(word(from));
-                        }
+    let mut out = vec![0u8; (k / QK_K) * block_bytes];
+    for (source, block) in tile
+        .chunks_exact(tile_bytes)
+        .zip(out.chunks_exact_mut(block_bytes))
+    {
+        let word = |at: usize| &source[at + 4 * row..at + 4 * row + 4];
+        match dtype {
+            GgmlDType::Q4K => {
+                use q4k_at::*;
+                block[0..2].copy_from_slice(&source[D + 2 * row..D + 2 * row + 2]);
+                block[2..4].copy_from_slice(&source[DMIN + 2 * row..DMIN + 2 * row + 2]);
+                let scales: [u8; 8] = std::array::from_fn(|s| source[SCALES + s * TILE_ROWS + row]);
+                let mins: [u8; 8] = std::array::from_fn(|s| source[MINS + s * TILE_ROWS + row]);
+                block[4..16].copy_from_slice(&pack_scales_mins(&scales, &mins));
+                for chunk in 0..4 {
+                    for w in 0..8 {
+                        let from = QS + (chunk * 8 + w) * TILE_ROWS * 4;
+                        let to = 16 + 32 * chunk + 4 * w;
+                        block[to..to + 4].copy_from_slice(word(from));
                     }
                 }
-                _ => {
-                    use q6k_at::*;
-                    block[208..210].copy_from_slice(&source[D + 2 * row..D + 2 * row + 2]);
-                    for group in 0..16 {
-                        block[192 + group] = source[SCALES + group * TILE_ROWS + row];
-                    }
-                    for half in 0..2 {
-                        for part in 0..2 {
-                            for w in 0..8 {
-                                let from = QL + ((half * 2 + part) * 8 + w) * TILE_ROWS * 4;
-                                let to = 64 * half + 32 * part + 4 * w;
-                                block[to..to + 4].copy_from_slice(word(from));
-                            }
-                        }
+            }
+            _ => {
+                use q6k_at::*;
+                block[208..210].copy_from_slice(&source[D + 2 * row..D + 2 * row + 2]);
+                for group in 0..16 {
+                    block[192 + group] = source[SCALES + group * TILE_ROWS + row];
+                }
+                for half in 0..2 {
+                    for part in 0..2 {
                         for w in 0..8 {
-                            let from = QH + (half * 8 + w) * TILE_ROWS * 4;
-                            let to = 128 + 32 * half + 4 * w;
+                            let from = QL + ((half * 2 + part) * 8 + w) * TILE_ROWS * 4;
+                            let to = 64 * half + 32 * part + 4 * w;
                             block[to..to + 4].copy_from_slice(word(from));
                         }
+                    }
+                    for w in 0..8 {
+                        let from = QH + (half * 8 + w) * TILE_ROWS * 4;
+                        let to = 128 + 32 * half + 4 * w;
+                        block[to..to + 4].copy_from_slice(word(from));
                     }
                 }
             }
@@ -346,6 +365,19 @@ mod tests {
                 .flat_map(|t| untile(dtype, t, TILE_ROWS, k))
                 .collect();
             assert_eq!(back, stored, "{dtype:?}");
+            if available() {
+                let tiled = TiledWeight::new(dtype, &stored, n, k).expect("tiles");
+                let row_bytes = stored.len() / n;
+                for row in [0, 17, n - 1] {
+                    let bytes = tiled.stored_row(row).expect("a row");
+                    assert_eq!(
+                        bytes,
+                        stored[row * row_bytes..(row + 1) * row_bytes],
+                        "{dtype:?} row {row}"
+                    );
+                }
+                assert!(tiled.stored_row(n).is_none());
+            }
         }
     }
 
