@@ -13,6 +13,7 @@ use lifeboat::cli::{self, Cli};
 static ALLOCATOR: lifeboat::huge_pages::HugePageAlloc = lifeboat::huge_pages::HugePageAlloc;
 
 fn main() {
+    lifeboat::huge_pages::limit_malloc_arenas();
     // SAFETY: the first thing the process does, before any thread starts.
     #[allow(unsafe_code)]
     unsafe {

@@ -9,6 +9,7 @@ use tracing_subscriber::EnvFilter;
 static ALLOCATOR: lifeboat::huge_pages::HugePageAlloc = lifeboat::huge_pages::HugePageAlloc;
 
 fn main() {
+    lifeboat::huge_pages::limit_malloc_arenas();
     // SAFETY: the first thing the process does, before the runtime starts its threads.
     #[allow(unsafe_code)]
     unsafe {

@@ -591,7 +591,7 @@ impl TensorReader<'_> {
             .map_err(|e| self.err(name, e))
     }
 
-    /// A block's weight matrix: on the CPU, Q4_K and Q6_K go straight from the map into
+    /// A block's weight matrix: on the CPU, Q4_K, Q6_K and Q5_0 go straight from the map into
     /// lifeboat's 16-row tiles (`kquant_rows::tiles`: prompts and decode steps, the stored
     /// size); anything else as [`TensorReader::matmul`].
     fn block_matmul(&self, name: &str) -> Result<QLinear, EngineError> {
@@ -623,6 +623,8 @@ impl TensorReader<'_> {
     /// they are requantized to Q8_0 at load, which has SIMD kernels. Q8_0 keeps 8 bits
     /// per weight where these keep 4–5, so the rounding it adds is far below theirs; the
     /// cost is memory (8.5 instead of 5–6 bits per weight for those tensors) and load time.
+    /// (Q5_0 block weights whose shape fits lifeboat's tiles never get here: see
+    /// [`TensorReader::block_matmul`].)
     fn weight(&self, name: &str) -> Result<QTensor, EngineError> {
         let q = self.qtensor(name)?;
         let row = q.shape().dims().last().copied().unwrap_or(0);
@@ -735,7 +737,13 @@ fn build_decoder(
             (TokenEmbedding::tiled(tiles.clone()), QLinear::tiled(tiles))
         }
         None => {
-            let table = Arc::new(tensors.weight("token_embd.weight")?);
+            // Untied, the table is only looked up (a few rows dequantized per step): as stored,
+            // never requantized (the 0.5B's Q5_0 table went through 0.5 GB of f32 for it).
+            let table = Arc::new(if tied {
+                tensors.weight("token_embd.weight")?
+            } else {
+                tensors.qtensor("token_embd.weight")?
+            });
             let embeddings = TokenEmbedding::new(table.clone(), device)
                 .map_err(|e| tensors.err("token_embd.weight", e))?;
             // Tied embeddings: the output layer multiplies by the same quantized table.

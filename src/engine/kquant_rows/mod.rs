@@ -382,6 +382,7 @@ mod reference {
 
 pub(crate) mod q8_0;
 mod tiles;
+mod tiles_q5_0;
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod tiles_x86;

@@ -1,5 +1,6 @@
-//! Q4_K and Q6_K weights rearranged at load into tiles of 16 rows, the same size as the
+//! Q4_K, Q6_K and Q5_0 weights rearranged at load into tiles of 16 rows, the size of the
 //! stored blocks, multiplied by any number of activation rows (prompts and decode steps).
+//! Q5_0's layout and activations are in `tiles_q5_0`.
 //!
 //! Why: with one weight row per vector (the stored layout, [`super`]), every 32-value
 //! sub-block needs its scale applied inside the row's vector, which costs as much as the
@@ -21,7 +22,10 @@
 //! - Q6_K (3360 bytes = 16 × 210): `d[R]` f16, `scales[16][R]` i8,
 //!   `ql[2 halves][2][8 words][R][4]`, `qh[2 halves][8 words][R][4]` (see the kernel).
 
-use super::{Q4K_BYTES, Q6K_BYTES, Q8kRows, QK_K, SharedOut, available};
+use super::{
+    Q4K_BYTES, Q6K_BYTES, Q8kRows, QK_K, SharedOut, available,
+    tiles_q5_0::{self as q5_0, Q8Rows32},
+};
 use candle_core::quantized::GgmlDType;
 
 /// Weight rows per tile: one per 32-bit lane of a 512-bit vector.
@@ -30,6 +34,24 @@ pub(super) const Q4K_TILE_BYTES: usize = TILE_ROWS * Q4K_BYTES + 4 * TILE_ROWS;
 pub(super) const Q6K_TILE_BYTES: usize = TILE_ROWS * Q6K_BYTES;
 /// Activation rows a kernel call multiplies with a tile (one accumulator each).
 pub(super) const GROUP_ROWS: usize = 4;
+
+/// A tiled type's values per block, stored bytes per block and bytes per tile-block.
+fn layout(dtype: GgmlDType) -> Option<(usize, usize, usize)> {
+    match dtype {
+        GgmlDType::Q4K => Some((QK_K, Q4K_BYTES, Q4K_TILE_BYTES)),
+        GgmlDType::Q6K => Some((QK_K, Q6K_BYTES, Q6K_TILE_BYTES)),
+        GgmlDType::Q5_0 => Some((q5_0::BLOCK, q5_0::BLOCK_BYTES, q5_0::TILE_BYTES)),
+        _ => None,
+    }
+}
+
+/// Activation rows quantized the way a tiled type's kernel takes them.
+pub(super) enum Activations {
+    /// Per 256 values (Q4_K, Q6_K).
+    K(Q8kRows),
+    /// Per 32 values (Q5_0).
+    Blocks32(Q8Rows32),
+}
 
 /// A `[n, k]` weight in the tiled layout.
 #[derive(Debug)]
@@ -41,19 +63,17 @@ pub(crate) struct TiledWeight {
 }
 
 impl TiledWeight {
-    /// Tile `n × k` weights stored as `dtype` blocks; `None` for another type, a shape the
-    /// tiles do not fit (`n` a multiple of 16, `k` of 256) or a CPU without the kernels.
+    /// Tile `n × k` weights stored as `dtype` blocks (Q4_K, Q6_K, Q5_0); `None` for another
+    /// type, a shape the tiles do not fit (`n` a multiple of 16, `k` of the block size) or a
+    /// CPU without the kernels.
     pub(crate) fn new(dtype: GgmlDType, stored: &[u8], n: usize, k: usize) -> Option<TiledWeight> {
-        let block_bytes = match dtype {
-            GgmlDType::Q4K => Q4K_BYTES,
-            GgmlDType::Q6K => Q6K_BYTES,
-            _ => return None,
-        };
+        let (per_block, block_bytes, _) = layout(dtype)?;
         if !available()
             || n == 0
+            || k == 0
             || !n.is_multiple_of(TILE_ROWS)
-            || !k.is_multiple_of(QK_K)
-            || stored.len() != n * (k / QK_K) * block_bytes
+            || !k.is_multiple_of(per_block)
+            || stored.len() != n * (k / per_block) * block_bytes
         {
             return None;
         }
@@ -80,17 +100,16 @@ impl TiledWeight {
         if row >= self.n {
             return None;
         }
-        let tile_len = (self.k / QK_K) * self.tile_bytes();
+        let tile_len = self.tile_len();
         let t = row / TILE_ROWS;
         let tile = &self.bytes[t * tile_len..(t + 1) * tile_len];
         Some(untile_row(self.dtype, tile, row % TILE_ROWS, self.k))
     }
 
-    fn tile_bytes(&self) -> usize {
-        match self.dtype {
-            GgmlDType::Q4K => Q4K_TILE_BYTES,
-            _ => Q6K_TILE_BYTES,
-        }
+    /// Bytes of one tile (16 rows, all blocks).
+    fn tile_len(&self) -> usize {
+        let (per_block, _, tile_bytes) = layout(self.dtype).unwrap_or((QK_K, 0, 0));
+        (self.k / per_block) * tile_bytes
     }
 
     /// `lhs` (`rows × k`) times the weight, as `rows × n` values; `None` when the sizes do
@@ -99,13 +118,16 @@ impl TiledWeight {
         if rows == 0 || lhs.len() != rows * self.k {
             return None;
         }
-        let x = Q8kRows::quantize(lhs, rows, self.k);
+        let x = match self.dtype {
+            GgmlDType::Q5_0 => Activations::Blocks32(Q8Rows32::quantize(lhs, rows, self.k)),
+            _ => Activations::K(Q8kRows::quantize(lhs, rows, self.k)),
+        };
         let mut out = vec![0f32; rows * self.n];
         let shared = SharedOut {
             ptr: out.as_mut_ptr(),
             len: out.len(),
         };
-        let tile_len = (self.k / QK_K) * self.tile_bytes();
+        let tile_len = self.tile_len();
         let tiles = self.n / TILE_ROWS;
         candle_core::utils::barrier_pool().execute_chunked(tiles, |range| {
             let shared = &shared;
@@ -127,7 +149,7 @@ impl TiledWeight {
 
 /// The 16 weight rows of `tile` (all its blocks) dotted with activation rows
 /// `first..first + sums.len()`.
-fn dot_tile(dtype: GgmlDType, tile: &[u8], x: &Q8kRows, first: usize, sums: &mut [[f32; TILE_ROWS]]) {
+fn dot_tile(dtype: GgmlDType, tile: &[u8], x: &Activations, first: usize, sums: &mut [[f32; TILE_ROWS]]) {
     #[cfg(target_arch = "x86_64")]
     if available() {
         super::tiles_x86::dot_tile(dtype, tile, x, first, sums);
@@ -138,21 +160,27 @@ fn dot_tile(dtype: GgmlDType, tile: &[u8], x: &Q8kRows, first: usize, sums: &mut
 
 /// Plain-Rust multiplication of the tiled layout: the definition the kernels are tested
 /// against (the layout itself is tested against the stored blocks' reference).
-fn reference_dot_tile(
+pub(super) fn reference_dot_tile(
     dtype: GgmlDType,
     tile: &[u8],
-    x: &Q8kRows,
+    x: &Activations,
     first: usize,
     sums: &mut [[f32; TILE_ROWS]],
 ) {
-    let stored = untile(dtype, tile, TILE_ROWS, x.blocks * QK_K);
+    let k = match x {
+        Activations::K(x) => x.blocks * QK_K,
+        Activations::Blocks32(x) => x.blocks * q5_0::BLOCK,
+    };
+    let stored = untile(dtype, tile, TILE_ROWS, k);
     let row_bytes = stored.len() / TILE_ROWS;
     for (r, row_sums) in sums.iter_mut().enumerate() {
         for (j, sum) in row_sums.iter_mut().enumerate() {
             let blocks = &stored[j * row_bytes..(j + 1) * row_bytes];
-            *sum = match dtype {
-                GgmlDType::Q4K => super::reference::q4k(blocks, x, first + r),
-                _ => super::reference::q6k(blocks, x, first + r),
+            *sum = match (dtype, x) {
+                (GgmlDType::Q4K, Activations::K(x)) => super::reference::q4k(blocks, x, first + r),
+                (GgmlDType::Q6K, Activations::K(x)) => super::reference::q6k(blocks, x, first + r),
+                (_, Activations::Blocks32(x)) => q5_0::reference(blocks, x, first + r),
+                _ => f32::NAN,
             };
         }
     }
@@ -160,11 +188,10 @@ fn reference_dot_tile(
 
 /// The tiled bytes of `n × k` stored weights (sizes checked by the caller).
 fn tile(dtype: GgmlDType, stored: &[u8], n: usize, k: usize) -> Vec<u8> {
-    let (block_bytes, tile_bytes) = match dtype {
-        GgmlDType::Q4K => (Q4K_BYTES, Q4K_TILE_BYTES),
-        _ => (Q6K_BYTES, Q6K_TILE_BYTES),
+    let Some((per_block, block_bytes, tile_bytes)) = layout(dtype) else {
+        return Vec::new();
     };
-    let blocks = k / QK_K;
+    let blocks = k / per_block;
     let mut out = vec![0u8; (n / TILE_ROWS) * blocks * tile_bytes];
     for (t, tile) in out.chunks_exact_mut(blocks * tile_bytes).enumerate() {
         for (b, target) in tile.chunks_exact_mut(tile_bytes).enumerate() {
@@ -174,6 +201,7 @@ fn tile(dtype: GgmlDType, stored: &[u8], n: usize, k: usize) -> Vec<u8> {
             };
             match dtype {
                 GgmlDType::Q4K => tile_q4k(source, target),
+                GgmlDType::Q5_0 => q5_0::tile_block(source, target),
                 _ => tile_q6k(source, target),
             }
         }
@@ -272,17 +300,17 @@ fn untile(dtype: GgmlDType, tile: &[u8], rows: usize, k: usize) -> Vec<u8> {
 
 /// Row `row` (of 16) of a tile as its stored blocks (`k` columns).
 fn untile_row(dtype: GgmlDType, tile: &[u8], row: usize, k: usize) -> Vec<u8> {
-    let (block_bytes, tile_bytes) = match dtype {
-        GgmlDType::Q4K => (Q4K_BYTES, Q4K_TILE_BYTES),
-        _ => (Q6K_BYTES, Q6K_TILE_BYTES),
+    let Some((per_block, block_bytes, tile_bytes)) = layout(dtype) else {
+        return Vec::new();
     };
-    let mut out = vec![0u8; (k / QK_K) * block_bytes];
+    let mut out = vec![0u8; (k / per_block) * block_bytes];
     for (source, block) in tile
         .chunks_exact(tile_bytes)
         .zip(out.chunks_exact_mut(block_bytes))
     {
         let word = |at: usize| &source[at + 4 * row..at + 4 * row + 4];
         match dtype {
+            GgmlDType::Q5_0 => q5_0::untile_block(source, row, block),
             GgmlDType::Q4K => {
                 use q4k_at::*;
                 block[0..2].copy_from_slice(&source[D + 2 * row..D + 2 * row + 2]);
@@ -355,7 +383,7 @@ mod tests {
     #[test]
     fn tiling_keeps_every_stored_byte() {
         let (n, k) = (32, 512);
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5_0] {
             let q = QTensor::quantize(&matrix(n, k), dtype).expect("quantize");
             let stored = q.data().expect("data").to_vec();
             let tiled = tile(dtype, &stored, n, k);
@@ -386,8 +414,12 @@ mod tests {
         if !available() {
             return;
         }
-        let (n, k) = (48, 768);
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        for (dtype, k) in [
+            (GgmlDType::Q4K, 768),
+            (GgmlDType::Q6K, 768),
+            (GgmlDType::Q5_0, 896),
+        ] {
+            let n = 48;
             let q = QTensor::quantize(&matrix(n, k), dtype).expect("quantize");
             let stored = q.data().expect("data").to_vec();
             let tiled = TiledWeight::new(dtype, &stored, n, k).expect("tiles");
@@ -396,7 +428,10 @@ mod tests {
             let ours = tiled.multiply(&lhs, rows).expect("multiply");
 
             // The plain-Rust reference on the tiled bytes.
-            let x = Q8kRows::quantize(&lhs, rows, k);
+            let x = match dtype {
+                GgmlDType::Q5_0 => Activations::Blocks32(Q8Rows32::quantize(&lhs, rows, k)),
+                _ => Activations::K(Q8kRows::quantize(&lhs, rows, k)),
+            };
             let tile_len = tiled.bytes.len() / (n / TILE_ROWS);
             for (t, tile) in tiled.bytes.chunks_exact(tile_len).enumerate() {
                 let mut sums = vec![[0f32; TILE_ROWS]; rows];

@@ -5,19 +5,21 @@ use std::arch::x86_64::*;
 
 use super::{
     Q8kRows, QK_K,
-    tiles::{GROUP_ROWS, Q4K_TILE_BYTES, Q6K_TILE_BYTES, TILE_ROWS},
+    tiles::{Activations, GROUP_ROWS, Q4K_TILE_BYTES, Q6K_TILE_BYTES, TILE_ROWS},
+    tiles_q5_0::{self as q5_0, Q8Rows32},
 };
 use candle_core::quantized::GgmlDType;
 
 pub(super) fn dot_tile(
     dtype: GgmlDType,
     tile: &[u8],
-    x: &Q8kRows,
+    x: &Activations,
     first: usize,
     sums: &mut [[f32; TILE_ROWS]],
 ) {
     macro_rules! rows {
-        ($kernel:ident, $bytes:expr) => {{
+        ($kernel:ident, $x:expr, $bytes:expr) => {{
+            let x = $x;
             debug_assert_eq!(tile.len(), x.blocks * $bytes);
             debug_assert!(first + sums.len() <= x.rows);
             // SAFETY: callers checked `available()` (AVX-512F/BW/VNNI); `tile` holds
@@ -34,9 +36,13 @@ pub(super) fn dot_tile(
             }
         }};
     }
-    match dtype {
-        GgmlDType::Q4K => rows!(q4k, Q4K_TILE_BYTES),
-        _ => rows!(q6k, Q6K_TILE_BYTES),
+    match (dtype, x) {
+        (GgmlDType::Q4K, Activations::K(x)) => rows!(q4k, x, Q4K_TILE_BYTES),
+        (GgmlDType::Q6K, Activations::K(x)) => rows!(q6k, x, Q6K_TILE_BYTES),
+        (GgmlDType::Q5_0, Activations::Blocks32(x)) => rows!(q5_0, x, q5_0::TILE_BYTES),
+        // `TiledWeight::multiply` pairs each type with its activations; anything else
+        // takes the plain definition.
+        _ => super::tiles::reference_dot_tile(dtype, tile, x, first, sums),
     }
 }
 
@@ -223,6 +229,50 @@ unsafe fn q6k<const R: usize>(tile: &[u8], x: &Q8kRows, first: usize, sums: &mut
         for r in 0..R {
             let d_a = x.d[(first + r) * x.blocks + b];
             totals[r] = _mm512_fmadd_ps(block[r], _mm512_set1_ps(d_a), totals[r]);
+        }
+    }
+    for r in 0..R {
+        // SAFETY: `sums[r]` holds 16 f32.
+        unsafe { _mm512_storeu_ps(sums[r].as_mut_ptr(), totals[r]) };
+    }
+}
+
+/// Q5_0: values are (4 low bits | 5th bit << 4) − 16; the products use the unsigned 5-bit
+/// value and each block takes off 16·Σa (the activations' block sums).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn q5_0<const R: usize>(tile: &[u8], x: &Q8Rows32, first: usize, sums: &mut [[f32; TILE_ROWS]]) {
+    use q5_0::at::*;
+    let k = x.blocks * q5_0::BLOCK;
+    let nibble = _mm512_set1_epi8(0x0F);
+    let fifth = _mm512_set1_epi8(0x10);
+    let mut totals = [_mm512_setzero_ps(); R];
+    for b in 0..x.blocks {
+        let p = unsafe { tile.as_ptr().add(b * q5_0::TILE_BYTES) };
+        prefetch(p.wrapping_add(PREFETCH_AHEAD), q5_0::TILE_BYTES);
+        let acts: [*const i8; R] =
+            std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((first + r) * k + b * q5_0::BLOCK) });
+        let d = unsafe { halfs_to_f32(p.add(D)) };
+        let qh = unsafe { _mm512_loadu_si512(p.add(QH).cast()) };
+        let mut isum = [_mm512_setzero_si512(); R];
+        for w in 0..4 {
+            let q = unsafe { _mm512_loadu_si512(p.add(QS + w * 64).cast()) };
+            // Byte i of a lane: bit w is value 4w + i's 5th bit, bit 4 + w value 16 + 4w + i's.
+            let low_fifth = _mm512_and_si512(_mm512_sllv_epi32(qh, _mm512_set1_epi32(4 - w as i32)), fifth);
+            let high_fifth = _mm512_and_si512(_mm512_srlv_epi32(qh, _mm512_set1_epi32(w as i32)), fifth);
+            // (a & nibble) | b in one instruction.
+            let low = _mm512_ternarylogic_epi32::<0xEC>(q, low_fifth, nibble);
+            let high = _mm512_ternarylogic_epi32::<0xEC>(_mm512_srli_epi16(q, 4), high_fifth, nibble);
+            for r in 0..R {
+                let a = unsafe { acts[r].add(4 * w) };
+                isum[r] = _mm512_dpbusd_epi32(isum[r], low, unsafe { broadcast4(a) });
+                isum[r] = _mm512_dpbusd_epi32(isum[r], high, unsafe { broadcast4(a.add(16)) });
+            }
+        }
+        for r in 0..R {
+            let index = (first + r) * x.blocks + b;
+            let centred = _mm512_sub_epi32(isum[r], _mm512_set1_epi32(16 * x.sums[index]));
+            let scale = _mm512_mul_ps(d, _mm512_set1_ps(x.d[index]));
+            totals[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(centred), scale, totals[r]);
         }
     }
     for r in 0..R {
