@@ -57,6 +57,20 @@ pub struct EngineBenchReport {
     pub decode_tokens_per_second: f64,
     pub streams: Vec<StreamFigures>,
     pub peak_rss_bytes: u64,
+    /// The machine's memory read rate with the engine's threads (see `bandwidth`).
+    pub memory_read_bytes_per_second: f64,
+    /// Weight bytes a one-sequence decode step reads (GGUF models).
+    pub weight_bytes_per_token: Option<u64>,
+}
+
+impl EngineBenchReport {
+    /// The share of the measured memory bandwidth that single-stream decode uses (the
+    /// weights it reads per token times tokens per second).
+    pub fn decode_bandwidth_share(&self) -> Option<f64> {
+        let bytes = self.weight_bytes_per_token? as f64;
+        (self.memory_read_bytes_per_second > 0.0)
+            .then(|| bytes * self.decode_tokens_per_second / self.memory_read_bytes_per_second)
+    }
 }
 
 /// `concurrency` requests started together.
@@ -224,6 +238,12 @@ pub async fn run(options: &EngineBenchOptions, progress: impl Fn(&str)) -> Resul
     let long_prompt = prompt_of_length(&tokenizer, options.prompt_tokens)?;
     let short_prompt = prompt_of_length(&tokenizer, options.stream_prompt_tokens)?;
 
+    // Before the model loads, so that the probe's buffer never adds to the peak RSS.
+    progress("memory bandwidth");
+    let memory_read_bytes_per_second =
+        super::bandwidth::read_bytes_per_second(candle_core::utils::get_num_threads());
+    let weight_bytes_per_token = super::bandwidth::weight_bytes_per_token(&options.model);
+
     progress("loading");
     let start = Instant::now();
     let largest = options.concurrency.iter().copied().max().unwrap_or(1);
@@ -282,6 +302,8 @@ pub async fn run(options: &EngineBenchOptions, progress: impl Fn(&str)) -> Resul
         decode_tokens_per_second,
         streams,
         peak_rss_bytes: peak_rss_bytes(),
+        memory_read_bytes_per_second,
+        weight_bytes_per_token,
     })
 }
 
@@ -299,6 +321,22 @@ impl std::fmt::Display for EngineBenchReport {
             "decode           {:.2} tok/s ({} tokens, one stream)",
             self.decode_tokens_per_second, self.decode_tokens
         )?;
+        write!(
+            f,
+            "bandwidth        {:.1} GB/s read ({} threads)",
+            self.memory_read_bytes_per_second / 1e9,
+            candle_core::utils::get_num_threads()
+        )?;
+        match (self.weight_bytes_per_token, self.decode_bandwidth_share()) {
+            (Some(bytes), Some(share)) => writeln!(
+                f,
+                "; decode reads {:.2} GB of weights a token: {:.1} GB/s, {:.0} % of it",
+                bytes as f64 / 1e9,
+                bytes as f64 * self.decode_tokens_per_second / 1e9,
+                share * 100.0
+            )?,
+            _ => writeln!(f)?,
+        }
         writeln!(
             f,
             "streams  TTFT median  TTFT max  aggregate tok/s  decode tok/s (sum)  all decoding tok/s"

@@ -4,6 +4,7 @@
 //! Prompt rendering and tokenization run on tokio's blocking pool; the engine thread only
 //! runs the model. `/ready` reports the load phase until the model is warm.
 
+pub mod bandwidth;
 pub mod bench;
 pub mod chat_template;
 mod decode_attention;
