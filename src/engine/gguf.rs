@@ -591,7 +591,7 @@ impl TensorReader<'_> {
             .map_err(|e| self.err(name, e))
     }
 
-    /// A block's weight matrix: on the CPU, Q4_K, Q6_K and Q5_0 go straight from the map into
+    /// A weight matrix: on the CPU, Q4_K, Q6_K, Q5_0 and Q8_0 go straight from the map into
     /// lifeboat's 16-row tiles (`kquant_rows::tiles`: prompts and decode steps, the stored
     /// size); anything else as [`TensorReader::matmul`].
     fn block_matmul(&self, name: &str) -> Result<QLinear, EngineError> {

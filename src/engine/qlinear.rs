@@ -1,7 +1,7 @@
 //! A quantized linear layer, with lifeboat's CPU kernels where they beat candle's.
 //!
 //! On CPUs with AVX-512 VNNI (`kquant_rows::available`):
-//! - Q4_K, Q6_K and Q5_0 weights (and a tied embedding table of those types, which the output
+//! - Q4_K, Q6_K, Q5_0 and Q8_0 weights (and a tied embedding table of those types, which the output
 //!   layer shares) are held in lifeboat's 16-row tiles (`kquant_rows::tiles`, about the
 //!   stored size) and every multiplication goes through them;
 //! - weights kept as stored take the stored-block kernels: Q4_K and Q6_K of a shape the
@@ -36,7 +36,7 @@ pub struct QLinear {
 enum Weight {
     /// candle's quantized (or dense) matmul over the weight as stored.
     Stored(QMatMul),
-    /// Q4_K, Q6_K or Q5_0 in lifeboat's 16-row tiles (CPUs with the kernels): every number of
+    /// Q4_K, Q6_K, Q5_0 or Q8_0 in lifeboat's 16-row tiles (CPUs with the kernels): every number of
     /// rows goes through them, and the stored blocks are gone.
     Tiled(Arc<TiledWeight>),
 }

@@ -1,6 +1,6 @@
-//! Q4_K, Q6_K and Q5_0 weights rearranged at load into tiles of 16 rows, the size of the
-//! stored blocks, multiplied by any number of activation rows (prompts and decode steps).
-//! Q5_0's layout and activations are in `tiles_q5_0`.
+//! Q4_K, Q6_K, Q5_0 and Q8_0 weights rearranged at load into tiles of 16 rows, the size of
+//! the stored blocks, multiplied by any number of activation rows (prompts and decode
+//! steps). Q5_0's and Q8_0's layouts and activations are in `tiles_q5_0`.
 //!
 //! Why: with one weight row per vector (the stored layout, [`super`]), every 32-value
 //! sub-block needs its scale applied inside the row's vector, which costs as much as the
@@ -41,6 +41,7 @@ fn layout(dtype: GgmlDType) -> Option<(usize, usize, usize)> {
         GgmlDType::Q4K => Some((QK_K, Q4K_BYTES, Q4K_TILE_BYTES)),
         GgmlDType::Q6K => Some((QK_K, Q6K_BYTES, Q6K_TILE_BYTES)),
         GgmlDType::Q5_0 => Some((q5_0::BLOCK, q5_0::BLOCK_BYTES, q5_0::TILE_BYTES)),
+        GgmlDType::Q8_0 => Some((q5_0::BLOCK, q5_0::q8_0::BLOCK_BYTES, q5_0::q8_0::TILE_BYTES)),
         _ => None,
     }
 }
@@ -49,7 +50,7 @@ fn layout(dtype: GgmlDType) -> Option<(usize, usize, usize)> {
 pub(super) enum Activations {
     /// Per 256 values (Q4_K, Q6_K).
     K(Q8kRows),
-    /// Per 32 values (Q5_0).
+    /// Per 32 values (Q5_0, Q8_0).
     Blocks32(Q8Rows32),
 }
 
@@ -63,7 +64,7 @@ pub(crate) struct TiledWeight {
 }
 
 impl TiledWeight {
-    /// Tile `n × k` weights stored as `dtype` blocks (Q4_K, Q6_K, Q5_0); `None` for another
+    /// Tile `n × k` weights stored as `dtype` blocks (Q4_K, Q6_K, Q5_0, Q8_0); `None` for another
     /// type, a shape the tiles do not fit (`n` a multiple of 16, `k` of the block size) or a
     /// CPU without the kernels.
     pub(crate) fn new(dtype: GgmlDType, stored: &[u8], n: usize, k: usize) -> Option<TiledWeight> {
@@ -119,7 +120,7 @@ impl TiledWeight {
             return None;
         }
         let x = match self.dtype {
-            GgmlDType::Q5_0 => Activations::Blocks32(Q8Rows32::quantize(lhs, rows, self.k)),
+            GgmlDType::Q5_0 | GgmlDType::Q8_0 => Activations::Blocks32(Q8Rows32::quantize(lhs, rows, self.k)),
             _ => Activations::K(Q8kRows::quantize(lhs, rows, self.k)),
         };
         let mut out = vec![0f32; rows * self.n];
@@ -179,6 +180,7 @@ pub(super) fn reference_dot_tile(
             *sum = match (dtype, x) {
                 (GgmlDType::Q4K, Activations::K(x)) => super::reference::q4k(blocks, x, first + r),
                 (GgmlDType::Q6K, Activations::K(x)) => super::reference::q6k(blocks, x, first + r),
+                (GgmlDType::Q8_0, Activations::Blocks32(x)) => q5_0::q8_0::reference(blocks, x, first + r),
                 (_, Activations::Blocks32(x)) => q5_0::reference(blocks, x, first + r),
                 _ => f32::NAN,
             };
@@ -202,6 +204,7 @@ fn tile(dtype: GgmlDType, stored: &[u8], n: usize, k: usize) -> Vec<u8> {
             match dtype {
                 GgmlDType::Q4K => tile_q4k(source, target),
                 GgmlDType::Q5_0 => q5_0::tile_block(source, target),
+                GgmlDType::Q8_0 => q5_0::q8_0::tile_block(source, target),
                 _ => tile_q6k(source, target),
             }
         }
@@ -311,6 +314,7 @@ fn untile_row(dtype: GgmlDType, tile: &[u8], row: usize, k: usize) -> Vec<u8> {
         let word = |at: usize| &source[at + 4 * row..at + 4 * row + 4];
         match dtype {
             GgmlDType::Q5_0 => q5_0::untile_block(source, row, block),
+            GgmlDType::Q8_0 => q5_0::q8_0::untile_block(source, row, block),
             GgmlDType::Q4K => {
                 use q4k_at::*;
                 block[0..2].copy_from_slice(&source[D + 2 * row..D + 2 * row + 2]);
@@ -383,7 +387,7 @@ mod tests {
     #[test]
     fn tiling_keeps_every_stored_byte() {
         let (n, k) = (32, 512);
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5_0] {
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5_0, GgmlDType::Q8_0] {
             let q = QTensor::quantize(&matrix(n, k), dtype).expect("quantize");
             let stored = q.data().expect("data").to_vec();
             let tiled = tile(dtype, &stored, n, k);
@@ -418,6 +422,7 @@ mod tests {
             (GgmlDType::Q4K, 768),
             (GgmlDType::Q6K, 768),
             (GgmlDType::Q5_0, 896),
+            (GgmlDType::Q8_0, 896),
         ] {
             let n = 48;
             let q = QTensor::quantize(&matrix(n, k), dtype).expect("quantize");
@@ -429,7 +434,7 @@ mod tests {
 
             // The plain-Rust reference on the tiled bytes.
             let x = match dtype {
-                GgmlDType::Q5_0 => Activations::Blocks32(Q8Rows32::quantize(&lhs, rows, k)),
+                GgmlDType::Q5_0 | GgmlDType::Q8_0 => Activations::Blocks32(Q8Rows32::quantize(&lhs, rows, k)),
                 _ => Activations::K(Q8kRows::quantize(&lhs, rows, k)),
             };
             let tile_len = tiled.bytes.len() / (n / TILE_ROWS);

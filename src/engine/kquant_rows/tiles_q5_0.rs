@@ -1,5 +1,5 @@
-//! Q5_0 in the 16-row tiles of [`super::tiles`]: the layout, its activations (8-bit per
-//! 32 values) and the plain-Rust definition the kernel is tested against.
+//! Q5_0 and Q8_0 in the 16-row tiles of [`super::tiles`]: the layouts, their activations
+//! (8-bit per 32 values) and the plain-Rust definitions the kernels are tested against.
 //!
 //! Why: Qwen2.5-0.5B's weights are mostly Q5_0, which candle multiplies with scalar code;
 //! lifeboat used to requantize them to Q8_0 at load (8.5 bits per weight instead of 5.5,
@@ -123,6 +123,57 @@ pub(super) fn reference(blocks: &[u8], x: &Q8Rows32, r: usize) -> f32 {
         total += d * x.d[index] * (isum - 16 * x.sums[index]) as f32;
     }
     total
+}
+
+/// Q8_0 in the same tiles: its blocks (`d` f16, 32 × i8) become `d[R]` f16 and
+/// `qs[8 words][R][4]` with every weight offset by +128 (stored unsigned: the kernel's
+/// `vpdpbusd` takes one unsigned operand; it takes 128·Σa back off). 544 bytes = 16 × 34.
+pub(super) mod q8_0 {
+    use super::TILE_ROWS;
+
+    pub(crate) const BLOCK_BYTES: usize = 34;
+    pub(crate) const TILE_BYTES: usize = TILE_ROWS * BLOCK_BYTES;
+    pub(crate) const D: usize = 0;
+    pub(crate) const QS: usize = 32;
+
+    pub(crate) fn tile_block<'a>(source: impl Fn(usize) -> &'a [u8], target: &mut [u8]) {
+        for row in 0..TILE_ROWS {
+            let block = source(row);
+            target[D + 2 * row..D + 2 * row + 2].copy_from_slice(&block[0..2]);
+            for w in 0..8 {
+                let at = QS + (w * TILE_ROWS + row) * 4;
+                for i in 0..4 {
+                    target[at + i] = block[2 + 4 * w + i] ^ 0x80;
+                }
+            }
+        }
+    }
+
+    pub(crate) fn untile_block(source: &[u8], row: usize, block: &mut [u8]) {
+        block[0..2].copy_from_slice(&source[D + 2 * row..D + 2 * row + 2]);
+        for w in 0..8 {
+            let at = QS + (w * TILE_ROWS + row) * 4;
+            for i in 0..4 {
+                block[2 + 4 * w + i] = source[at + i] ^ 0x80;
+            }
+        }
+    }
+
+    /// Row `r` of `x` times one weight row's stored Q8_0 blocks.
+    pub(crate) fn reference(blocks: &[u8], x: &super::Q8Rows32, r: usize) -> f32 {
+        let mut total = 0f32;
+        for (b, block) in blocks.chunks_exact(BLOCK_BYTES).enumerate() {
+            let index = r * x.blocks + b;
+            let a = &x.qs[index * super::BLOCK..(index + 1) * super::BLOCK];
+            let isum: i32 = block[2..]
+                .iter()
+                .zip(a)
+                .map(|(&w, &a)| i32::from(w as i8) * i32::from(a))
+                .sum();
+            total += super::super::f16(block, 0) * x.d[index] * isum as f32;
+        }
+        total
+    }
 }
 
 #[cfg(test)]

@@ -40,6 +40,7 @@ pub(super) fn dot_tile(
         (GgmlDType::Q4K, Activations::K(x)) => rows!(q4k, x, Q4K_TILE_BYTES),
         (GgmlDType::Q6K, Activations::K(x)) => rows!(q6k, x, Q6K_TILE_BYTES),
         (GgmlDType::Q5_0, Activations::Blocks32(x)) => rows!(q5_0, x, q5_0::TILE_BYTES),
+        (GgmlDType::Q8_0, Activations::Blocks32(x)) => rows!(q8_0, x, q5_0::q8_0::TILE_BYTES),
         // `TiledWeight::multiply` pairs each type with its activations; anything else
         // takes the plain definition.
         _ => super::tiles::reference_dot_tile(dtype, tile, x, first, sums),
@@ -271,6 +272,38 @@ unsafe fn q5_0<const R: usize>(tile: &[u8], x: &Q8Rows32, first: usize, sums: &m
         for r in 0..R {
             let index = (first + r) * x.blocks + b;
             let centred = _mm512_sub_epi32(isum[r], _mm512_set1_epi32(16 * x.sums[index]));
+            let scale = _mm512_mul_ps(d, _mm512_set1_ps(x.d[index]));
+            totals[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(centred), scale, totals[r]);
+        }
+    }
+    for r in 0..R {
+        // SAFETY: `sums[r]` holds 16 f32.
+        unsafe { _mm512_storeu_ps(sums[r].as_mut_ptr(), totals[r]) };
+    }
+}
+
+/// Q8_0: weights stored as w + 128 (unsigned for `vpdpbusd`); each block takes 128·Σa off.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn q8_0<const R: usize>(tile: &[u8], x: &Q8Rows32, first: usize, sums: &mut [[f32; TILE_ROWS]]) {
+    use q5_0::q8_0::*;
+    let k = x.blocks * q5_0::BLOCK;
+    let mut totals = [_mm512_setzero_ps(); R];
+    for b in 0..x.blocks {
+        let p = unsafe { tile.as_ptr().add(b * TILE_BYTES) };
+        prefetch(p.wrapping_add(PREFETCH_AHEAD), TILE_BYTES);
+        let acts: [*const i8; R] =
+            std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((first + r) * k + b * q5_0::BLOCK) });
+        let d = unsafe { halfs_to_f32(p.add(D)) };
+        let mut isum = [_mm512_setzero_si512(); R];
+        for w in 0..8 {
+            let q = unsafe { _mm512_loadu_si512(p.add(QS + w * 64).cast()) };
+            for r in 0..R {
+                isum[r] = _mm512_dpbusd_epi32(isum[r], q, unsafe { broadcast4(acts[r].add(4 * w)) });
+            }
+        }
+        for r in 0..R {
+            let index = (first + r) * x.blocks + b;
+            let centred = _mm512_sub_epi32(isum[r], _mm512_set1_epi32(128 * x.sums[index]));
             let scale = _mm512_mul_ps(d, _mm512_set1_ps(x.d[index]));
             totals[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(centred), scale, totals[r]);
         }
