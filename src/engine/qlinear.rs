@@ -100,6 +100,46 @@ impl QLinear {
         matmul.forward(x)
     }
 
+    /// `x` times each of `linears` (one input width): when all are tiled, in one pass over
+    /// the thread pool with the input quantized once (`kquant_rows::multiply_group`);
+    /// otherwise one by one.
+    pub fn forward_group<const N: usize>(
+        linears: [&QLinear; N],
+        x: &Tensor,
+    ) -> candle_core::Result<[Tensor; N]> {
+        let tiled: Option<Vec<&TiledWeight>> = linears
+            .iter()
+            .map(|linear| match &linear.weight {
+                Weight::Tiled(tiles) => Some(tiles.as_ref()),
+                Weight::Stored(_) => None,
+            })
+            .collect();
+        let mut outs = Vec::with_capacity(N);
+        match tiled {
+            Some(tiled) if x.device().is_cpu() && !tiled.is_empty() => {
+                let k = tiled[0].dims().1;
+                let rows = x.elem_count() / k.max(1);
+                let lhs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let Some(products) = kquant_rows::multiply_group(&tiled, &lhs, rows) else {
+                    candle_core::bail!(
+                        "weights of {k} inputs cannot multiply an input of shape {:?}",
+                        x.dims()
+                    );
+                };
+                for (out, weight) in products.into_iter().zip(&tiled) {
+                    outs.push(Self::shaped(x, out, weight.dims().0)?);
+                }
+            }
+            _ => {
+                for linear in linears {
+                    outs.push(linear.forward(x)?);
+                }
+            }
+        }
+        outs.try_into()
+            .map_err(|_| candle_core::Error::Msg("a group of linear layers lost an output".into()))
+    }
+
     fn through_tiles(tiles: &TiledWeight, x: &Tensor) -> candle_core::Result<Tensor> {
         let (n, k) = tiles.dims();
         let rows = x.elem_count() / k.max(1);

@@ -312,9 +312,7 @@ impl QuantizedDecoder {
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let block = &self.blocks[index];
-        let mut q = block.q.forward(x)?;
-        let mut k = block.k.forward(x)?;
-        let mut v = block.v.forward(x)?;
+        let [mut q, mut k, mut v] = QLinear::forward_group([&block.q, &block.k, &block.v], x)?;
         if let Some((qb, kb, vb)) = &block.qkv_bias {
             q = q.broadcast_add(qb)?;
             k = k.broadcast_add(kb)?;
@@ -580,7 +578,8 @@ impl CausalLm for QuantizedDecoder {
             x = (x + self.attention(index, &h, steps, &masks)?)?;
             let block = &self.blocks[index];
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
-            let gated = (candle_nn::ops::silu(&block.gate.forward(&h)?)? * block.up.forward(&h)?)?;
+            let [gate, up] = QLinear::forward_group([&block.gate, &block.up], &h)?;
+            let gated = (candle_nn::ops::silu(&gate)? * up)?;
             x = (x + block.down.forward(&gated)?)?;
         }
         // Only each step's last position needs logits.

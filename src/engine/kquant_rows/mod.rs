@@ -390,7 +390,7 @@ mod tiles_x86;
 #[allow(unsafe_code)]
 mod x86;
 
-pub(crate) use tiles::TiledWeight;
+pub(crate) use tiles::{TiledWeight, multiply_group};
 
 #[cfg(test)]
 mod tests {
