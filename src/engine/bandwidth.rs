@@ -8,7 +8,7 @@ use std::{path::Path, time::Instant};
 const PROBE_BYTES: usize = 256 << 20;
 const PASSES: usize = 5;
 
-/// The best read rate (bytes per second) of [`PASSES`] passes over a fresh 256 MiB buffer,
+/// The best read rate (bytes per second) of five passes over a fresh 256 MiB buffer,
 /// split across `threads` threads. The buffer is freed before returning.
 pub fn read_bytes_per_second(threads: usize) -> f64 {
     let threads = threads.max(1);
