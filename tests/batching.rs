@@ -1,13 +1,22 @@
 //! Continuous batching on tiny GGUF models: sequences decoded together give exactly the
 //! text they give alone (greedy and seeded), also when the KV budget preempts some and
-//! they resume by recomputing, when prompts arrive while others decode, and for `n` > 1.
+//! they resume by recomputing, when prompts arrive while others decode, and for `n` > 1 —
+//! with f32 weights and with quantized ones (Q8_0 and Q5_0, which the CPU engine multiplies
+//! through lifeboat's tiles).
 
 use std::{path::Path, sync::Arc};
 
+use candle_core::{
+    Device,
+    quantized::{GgmlDType, QTensor},
+};
 use futures_util::StreamExt;
 use lifeboat::{
     backend::{Backend, BackendRequest, GenerationEvent, GenerationRequest, SamplingParams},
-    engine::{Arch, LocalBackend, LocalSettings, tiny_gguf::make_tiny_gguf},
+    engine::{
+        Arch, LocalBackend, LocalSettings,
+        tiny_gguf::{make_tiny_gguf, tiny_gguf_parts, write_gguf},
+    },
 };
 
 /// Requests of different lengths and sampling settings.
@@ -143,5 +152,44 @@ async fn batched_outputs_equal_unbatched_outputs() {
             expected,
             "{arch:?}: preempted differs from alone"
         );
+    }
+}
+
+/// The tiny model with its matrices quantized: Q5_0 for the feed-forward layers, Q8_0 for
+/// the rest (the norms stay f32).
+fn quantized_tiny_gguf(arch: Arch, path: &Path) {
+    let mut parts = tiny_gguf_parts(arch, 7).expect("tiny parts");
+    for (name, tensor) in &mut parts.tensors {
+        if tensor.shape().dims().len() != 2 {
+            continue;
+        }
+        let dtype = if name.contains("ffn") {
+            GgmlDType::Q5_0
+        } else {
+            GgmlDType::Q8_0
+        };
+        let dense = tensor.dequantize(&Device::Cpu).expect("dense");
+        *tensor = QTensor::quantize(&dense, dtype).expect("quantize");
+    }
+    write_gguf(path, &parts).expect("write");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_outputs_equal_unbatched_outputs_with_quantized_weights() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for arch in [Arch::Qwen2, Arch::Llama] {
+        let model = dir.path().join(format!("tiny-{}-q8-q5.gguf", arch.short_name()));
+        quantized_tiny_gguf(arch, &model);
+        let expected = alone(&model).await;
+        for (choices, completion) in &expected {
+            assert!(*completion > 0 && choices.iter().all(|(_, reason)| !reason.is_empty()));
+        }
+        let batched = backend(&model, 8, u64::MAX).await;
+        assert_eq!(
+            together(&batched).await,
+            expected,
+            "{arch:?}: batched differs from alone"
+        );
+        assert!(batched.peak_batch() >= 2, "{arch:?}: nothing ran together");
     }
 }
