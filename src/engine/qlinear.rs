@@ -1,12 +1,12 @@
 //! A quantized linear layer, with lifeboat's CPU kernels where they beat candle's.
 //!
 //! On CPUs with AVX-512 VNNI (`kquant_rows::available`):
-//! - Q4_K, Q6_K, Q5_0 and Q8_0 weights (and a tied embedding table of those types, which the output
-//!   layer shares) are held in lifeboat's 16-row tiles (`kquant_rows::tiles`, about the
-//!   stored size) and every multiplication goes through them;
-//! - weights kept as stored take the stored-block kernels: Q4_K and Q6_K of a shape the
-//!   tiles do not fit for any number of rows, Q8_0 for decode steps of up to
-//!   [`QLinear::FEW_ROWS`] rows;
+//! - Q4_K, Q6_K, Q5_0 and Q8_0 weights (and a tied embedding table of those types, which
+//!   the output layer shares) are held in lifeboat's 16-row tiles (`kquant_rows::tiles`,
+//!   about the stored size) and every multiplication goes through them;
+//! - weights of those types in a shape the tiles do not fit (rows not a multiple of 16)
+//!   stay as stored and take the stored-block kernels: Q4_K and Q6_K for any number of
+//!   rows, Q8_0 for decode steps of up to [`QLinear::FEW_ROWS`] rows;
 //! - everything else goes through candle's `QMatMul`: its repacked tiles for prompts (Q8_0,
 //!   about 5× faster than per-row dot products) and per-row dot products for one row.
 //!
@@ -36,8 +36,8 @@ pub struct QLinear {
 enum Weight {
     /// candle's quantized (or dense) matmul over the weight as stored.
     Stored(QMatMul),
-    /// Q4_K, Q6_K, Q5_0 or Q8_0 in lifeboat's 16-row tiles (CPUs with the kernels): every number of
-    /// rows goes through them, and the stored blocks are gone.
+    /// Q4_K, Q6_K, Q5_0 or Q8_0 in lifeboat's 16-row tiles (CPUs with the kernels): every
+    /// number of rows goes through them, and the stored blocks are gone.
     Tiled(Arc<TiledWeight>),
 }
 
@@ -53,8 +53,8 @@ impl QLinear {
         }
     }
 
-    /// A Q4_K or Q6_K weight in tiles (see `kquant_rows::tiles`), possibly shared with the
-    /// tied embedding table.
+    /// A weight in tiles (see `kquant_rows::tiles`), possibly shared with the tied
+    /// embedding table.
     pub(crate) fn tiled(weight: Arc<TiledWeight>) -> QLinear {
         QLinear {
             weight: Weight::Tiled(weight),
