@@ -12,6 +12,8 @@
 
 use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, Tensor};
 
+use super::shared_out::SharedOut;
+
 /// The attention heads of a block.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Heads {
@@ -67,10 +69,7 @@ pub(crate) fn attend(q: &[f32], caches: &[CachedKv<'_>], heads: Heads, scale: f3
     let items = caches.len() * kv_heads;
     debug_assert_eq!(q.len(), items * item_len);
     debug_assert_eq!(out.len(), items * item_len);
-    let out = SharedRuns {
-        ptr: out.as_mut_ptr(),
-        len: out.len(),
-    };
+    let out = SharedOut::new(out);
     candle_core::utils::barrier_pool().execute_chunked(items, |range| {
         let out = &out;
         let mut scores = Vec::new();
@@ -151,33 +150,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + tail
-}
-
-/// The output buffer shared by the pool's workers; each item writes only its own run.
-struct SharedRuns {
-    ptr: *mut f32,
-    len: usize,
-}
-
-// SAFETY: see `write_run`: items write disjoint runs and the buffer outlives the pool's
-// `execute_chunked`, which returns only when every worker is done.
-#[allow(unsafe_code)]
-unsafe impl Sync for SharedRuns {}
-
-impl SharedRuns {
-    #[allow(unsafe_code)]
-    fn write_run(&self, at: usize, values: &[f32]) {
-        assert!(
-            at + values.len() <= self.len,
-            "decode attention: run {at}+{} of {}",
-            values.len(),
-            self.len
-        );
-        // SAFETY: in bounds (checked above) of the buffer `attend` borrows mutably for the
-        // whole call; each item owns the run at `item · item_len`, so no two workers write
-        // one element.
-        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.add(at), values.len()) }
-    }
 }
 
 /// The f32 values of a CPU tensor's buffer from its layout's start (the KV cache and RoPE

@@ -23,6 +23,7 @@ pub mod reasoning;
 pub mod requant;
 pub mod sampler;
 mod scheduler;
+mod shared_out;
 pub mod stop;
 pub mod tiny;
 pub mod tiny_gguf;

@@ -144,13 +144,7 @@ pub(crate) fn multiply_group(weights: &[&TiledWeight], lhs: &[f32], rows: usize)
         .any(|w| !per_32(w.dtype))
         .then(|| Activations::K(Q8kRows::quantize(lhs, rows, k)));
     let mut outs: Vec<Vec<f32>> = weights.iter().map(|w| vec![0f32; rows * w.n]).collect();
-    let shared: Vec<SharedOut> = outs
-        .iter_mut()
-        .map(|out| SharedOut {
-            ptr: out.as_mut_ptr(),
-            len: out.len(),
-        })
-        .collect();
+    let shared: Vec<SharedOut> = outs.iter_mut().map(|out| SharedOut::new(out)).collect();
     // Work item i is a tile of the first weight, then of the next, and so on.
     let mut starts = Vec::with_capacity(weights.len());
     let mut total = 0;
@@ -230,6 +224,7 @@ fn tile(dtype: GgmlDType, stored: &[u8], n: usize, k: usize) -> Vec<u8> {
         return Vec::new();
     };
     let blocks = k / per_block;
+    let words = word_map(dtype);
     let mut out = vec![0u8; (n / TILE_ROWS) * blocks * tile_bytes];
     for (t, tile) in out.chunks_exact_mut(blocks * tile_bytes).enumerate() {
         for (b, target) in tile.chunks_exact_mut(tile_bytes).enumerate() {
@@ -238,10 +233,10 @@ fn tile(dtype: GgmlDType, stored: &[u8], n: usize, k: usize) -> Vec<u8> {
                 &stored[at..at + block_bytes]
             };
             match dtype {
-                GgmlDType::Q4K => tile_q4k(source, target),
+                GgmlDType::Q4K => tile_q4k(source, &words, target),
                 GgmlDType::Q5_0 => q5_0::tile_block(source, target),
                 GgmlDType::Q8_0 => q5_0::q8_0::tile_block(source, target),
-                _ => tile_q6k(source, target),
+                _ => tile_q6k(source, &words, target),
             }
         }
     }
@@ -265,14 +260,39 @@ pub(super) mod q6k_at {
     pub(crate) const QH: usize = 2336;
 }
 
-/// Word `w` (4 bytes) of every row, row-major: `[R][4]` at `target`.
-fn words<'a>(source: impl Fn(usize) -> &'a [u8], at: usize, target: &mut [u8]) {
-    for (row, word) in target.chunks_exact_mut(4).enumerate() {
-        word.copy_from_slice(&source(row)[at..at + 4]);
+/// Where the 4-byte words of a Q4_K or Q6_K block go (empty for other types): (offset of the word group in the
+/// tile-block, where row r's word sits 4·r further; offset of the word in the row's stored
+/// block). Tiling and untiling both follow this one map.
+fn word_map(dtype: GgmlDType) -> Vec<(usize, usize)> {
+    let group = TILE_ROWS * 4;
+    match dtype {
+        // qs: chunk c (64 values) holds word w at 16 + 32c + 4w.
+        GgmlDType::Q4K => (0..4)
+            .flat_map(|chunk| (0..8).map(move |w| (chunk, w)))
+            .map(|(chunk, w)| (q4k_at::QS + (chunk * 8 + w) * group, 16 + 32 * chunk + 4 * w))
+            .collect(),
+        // ql: half h, part p (32 bytes each) at 64h + 32p; qh: half h at 128 + 32h.
+        GgmlDType::Q6K => (0..2)
+            .flat_map(|half| {
+                let low = (0..2).flat_map(move |part| {
+                    (0..8).map(move |w| {
+                        (
+                            q6k_at::QL + ((half * 2 + part) * 8 + w) * group,
+                            64 * half + 32 * part + 4 * w,
+                        )
+                    })
+                });
+                let high =
+                    (0..8).map(move |w| (q6k_at::QH + (half * 8 + w) * group, 128 + 32 * half + 4 * w));
+                low.chain(high)
+            })
+            .collect(),
+        // Q5_0 and Q8_0 have their own layouts (`tiles_q5_0`).
+        _ => Vec::new(),
     }
 }
 
-fn tile_q4k<'a>(source: impl Fn(usize) -> &'a [u8], target: &mut [u8]) {
+fn tile_q4k<'a>(source: impl Fn(usize) -> &'a [u8], words: &[(usize, usize)], target: &mut [u8]) {
     use q4k_at::*;
     for row in 0..TILE_ROWS {
         let block = source(row);
@@ -284,19 +304,10 @@ fn tile_q4k<'a>(source: impl Fn(usize) -> &'a [u8], target: &mut [u8]) {
             target[MINS + sub * TILE_ROWS + row] = mins[sub];
         }
     }
-    for chunk in 0..4 {
-        for w in 0..8 {
-            let at = QS + (chunk * 8 + w) * TILE_ROWS * 4;
-            words(
-                &source,
-                16 + 32 * chunk + 4 * w,
-                &mut target[at..at + TILE_ROWS * 4],
-            );
-        }
-    }
+    tile_words(words, source, target);
 }
 
-fn tile_q6k<'a>(source: impl Fn(usize) -> &'a [u8], target: &mut [u8]) {
+fn tile_q6k<'a>(source: impl Fn(usize) -> &'a [u8], words: &[(usize, usize)], target: &mut [u8]) {
     use q6k_at::*;
     // Stored Q6_K: ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] i8, d f16.
     for row in 0..TILE_ROWS {
@@ -306,24 +317,14 @@ fn tile_q6k<'a>(source: impl Fn(usize) -> &'a [u8], target: &mut [u8]) {
             target[SCALES + group * TILE_ROWS + row] = block[192 + group];
         }
     }
-    for half in 0..2 {
-        for part in 0..2 {
-            for w in 0..8 {
-                let at = QL + ((half * 2 + part) * 8 + w) * TILE_ROWS * 4;
-                words(
-                    &source,
-                    64 * half + 32 * part + 4 * w,
-                    &mut target[at..at + TILE_ROWS * 4],
-                );
-            }
-        }
-        for w in 0..8 {
-            let at = QH + (half * 8 + w) * TILE_ROWS * 4;
-            words(
-                &source,
-                128 + 32 * half + 4 * w,
-                &mut target[at..at + TILE_ROWS * 4],
-            );
+    tile_words(words, source, target);
+}
+
+/// Every row's quant words into their groups (see [`word_map`]).
+fn tile_words<'a>(words: &[(usize, usize)], source: impl Fn(usize) -> &'a [u8], target: &mut [u8]) {
+    for &(at, from) in words {
+        for row in 0..TILE_ROWS {
+            target[at + 4 * row..at + 4 * row + 4].copy_from_slice(&source(row)[from..from + 4]);
         }
     }
 }
@@ -342,12 +343,12 @@ fn untile_row(dtype: GgmlDType, tile: &[u8], row: usize, k: usize) -> Vec<u8> {
     let Some((per_block, block_bytes, tile_bytes)) = layout(dtype) else {
         return Vec::new();
     };
+    let words = word_map(dtype);
     let mut out = vec![0u8; (k / per_block) * block_bytes];
     for (source, block) in tile
         .chunks_exact(tile_bytes)
         .zip(out.chunks_exact_mut(block_bytes))
     {
-        let word = |at: usize| &source[at + 4 * row..at + 4 * row + 4];
         match dtype {
             GgmlDType::Q5_0 => q5_0::untile_block(source, row, block),
             GgmlDType::Q8_0 => q5_0::q8_0::untile_block(source, row, block),
@@ -358,13 +359,7 @@ fn untile_row(dtype: GgmlDType, tile: &[u8], row: usize, k: usize) -> Vec<u8> {
                 let scales: [u8; 8] = std::array::from_fn(|s| source[SCALES + s * TILE_ROWS + row]);
                 let mins: [u8; 8] = std::array::from_fn(|s| source[MINS + s * TILE_ROWS + row]);
                 block[4..16].copy_from_slice(&pack_scales_mins(&scales, &mins));
-                for chunk in 0..4 {
-                    for w in 0..8 {
-                        let from = QS + (chunk * 8 + w) * TILE_ROWS * 4;
-                        let to = 16 + 32 * chunk + 4 * w;
-                        block[to..to + 4].copy_from_slice(word(from));
-                    }
-                }
+                untile_words(&words, source, row, block);
             }
             _ => {
                 use q6k_at::*;
@@ -372,24 +367,18 @@ fn untile_row(dtype: GgmlDType, tile: &[u8], row: usize, k: usize) -> Vec<u8> {
                 for group in 0..16 {
                     block[192 + group] = source[SCALES + group * TILE_ROWS + row];
                 }
-                for half in 0..2 {
-                    for part in 0..2 {
-                        for w in 0..8 {
-                            let from = QL + ((half * 2 + part) * 8 + w) * TILE_ROWS * 4;
-                            let to = 64 * half + 32 * part + 4 * w;
-                            block[to..to + 4].copy_from_slice(word(from));
-                        }
-                    }
-                    for w in 0..8 {
-                        let from = QH + (half * 8 + w) * TILE_ROWS * 4;
-                        let to = 128 + 32 * half + 4 * w;
-                        block[to..to + 4].copy_from_slice(word(from));
-                    }
-                }
+                untile_words(&words, source, row, block);
             }
         }
     }
     out
+}
+
+/// Row `row`'s quant words back from their groups (see [`word_map`]).
+fn untile_words(words: &[(usize, usize)], source: &[u8], row: usize, block: &mut [u8]) {
+    for &(at, to) in words {
+        block[to..to + 4].copy_from_slice(&source[at + 4 * row..at + 4 * row + 4]);
+    }
 }
 
 /// Q4_K's 12-byte packing of eight 6-bit scales and mins (the inverse of
