@@ -504,6 +504,65 @@ async fn the_binary_writes_every_file() {
 }
 
 #[test]
+fn a_local_model_file_is_served_in_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("tiny");
+    lifeboat::engine::tiny::make_tiny(lifeboat::engine::Arch::Qwen2, &model, 1).expect("tiny model");
+    let out = dir.path().join("run");
+    let target = format!(
+        "name=box,kind=local,model=tiny,model_file={},gpu_usd_per_hour=1",
+        model.display()
+    );
+    let out_arg = out.display().to_string();
+    let (code, _, stderr) = bench_binary(
+        &[
+            "--target",
+            &target,
+            "--requests",
+            "2",
+            "--concurrency",
+            "2",
+            "--load-requests",
+            "2",
+            "--max-tokens",
+            "4",
+            "--out",
+            &out_arg,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("in-process as tiny"), "{stderr}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("bench.json")).expect("json")).expect("parses");
+    let t = &json["targets"][0];
+    assert_eq!(t["in_process"], true);
+    assert!(
+        t["url"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("http://127.0.0.1:")),
+        "{t}"
+    );
+    assert_eq!(t["stability"]["successes"], 2, "{t}");
+    assert_eq!(t["load"][0]["successes"], 2, "{t}");
+    assert!(
+        t["model_file"]["sha256"].as_str().is_some_and(|h| h.len() == 64),
+        "{t}"
+    );
+    let md = std::fs::read_to_string(out.join("report.md")).expect("md");
+    assert!(md.contains("(served in-process)"), "{md}");
+
+    // A broken model file is named, not hung on.
+    let broken = dir.path().join("broken.gguf");
+    std::fs::write(&broken, b"GGUF").expect("write");
+    let target = format!("kind=local,model=m,model_file={}", broken.display());
+    let (code, _, stderr) = bench_binary(&["--target", &target, "--requests", "1", "--no-load"], &[]);
+    assert_ne!(code, 0, "{stderr}");
+    assert!(stderr.contains("broken.gguf"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
 fn bench_engine_measures_a_tiny_model() {
     let dir = tempfile::tempdir().expect("tempdir");
     lifeboat::engine::tiny::make_tiny(lifeboat::engine::Arch::Qwen2, dir.path(), 1).expect("tiny model");

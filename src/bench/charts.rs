@@ -165,7 +165,7 @@ pub fn cost_chart(report: &BenchReport, path: &Path) -> Result<(), String> {
             (!points.is_empty()).then_some((t.name.as_str(), points))
         })
         .collect();
-    let flats: Vec<(&str, f64)> = report
+    let remote_prices: Vec<(&str, f64)> = report
         .targets
         .iter()
         .filter_map(|t| {
@@ -176,6 +176,17 @@ pub fn cost_chart(report: &BenchReport, path: &Path) -> Result<(), String> {
         })
         .filter(|(_, price)| *price > 0.0)
         .collect();
+    // Remotes at the same price (a gateway direct and through lifeboat) share one line.
+    let mut flats: Vec<(String, f64)> = Vec::new();
+    for (name, price) in &remote_prices {
+        match flats.iter_mut().find(|(_, p)| p == price) {
+            Some((names, _)) => {
+                names.push_str(", ");
+                names.push_str(name);
+            }
+            None => flats.push(((*name).to_string(), *price)),
+        }
+    }
     let values = curves
         .iter()
         .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
@@ -224,14 +235,16 @@ pub fn cost_chart(report: &BenchReport, path: &Path) -> Result<(), String> {
             .label(format!("{name} (remote, workload mix)"))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
     }
-    let remote_price = |name: &str| flats.iter().find(|(n, _)| *n == name).map(|(_, p)| *p);
+    let remote_price = |name: &str| remote_prices.iter().find(|(n, _)| *n == name).map(|(_, p)| *p);
+    let mut marked: Vec<(&str, f64, f64)> = Vec::new();
     for even in &report.break_even {
         let (Some(u), Some(price)) = (even.utilisation, remote_price(&even.remote)) else {
             continue;
         };
-        if u > 1.0 {
+        if u > 1.0 || marked.contains(&(even.local.as_str(), u, price)) {
             continue;
         }
+        marked.push((even.local.as_str(), u, price));
         let point = (u * 100.0, price);
         chart
             .draw_series([Circle::new(point, 6, BLACK.filled())])

@@ -74,19 +74,35 @@ pub struct ModelFile {
     pub sha256: String,
 }
 
-/// Hash a model file (streamed: GGUF files are gigabytes).
+/// Hash a model file (streamed: GGUF files are gigabytes). A model folder (safetensors,
+/// config, tokenizer) is hashed as one: each file's name and then its bytes, in name order.
 pub fn hash_model_file(path: &Path) -> std::io::Result<ModelFile> {
-    let mut file = std::fs::File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     let mut bytes = 0u64;
-    loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            break;
+    let mut add = |file: &Path, hasher: &mut Sha256| -> std::io::Result<()> {
+        let mut file = std::fs::File::open(file)?;
+        loop {
+            let n = file.read(&mut buffer)?;
+            if n == 0 {
+                return Ok(());
+            }
+            bytes += n as u64;
+            hasher.update(&buffer[..n]);
         }
-        bytes += n as u64;
-        hasher.update(&buffer[..n]);
+    };
+    if path.is_dir() {
+        let mut files: Vec<_> = std::fs::read_dir(path)?
+            .map(|entry| entry.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
+        files.retain(|f| f.is_file());
+        files.sort();
+        for file in files {
+            hasher.update(file.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+            add(&file, &mut hasher)?;
+        }
+    } else {
+        add(path, &mut hasher)?;
     }
     let sha256 = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
     Ok(ModelFile {
@@ -94,4 +110,32 @@ pub fn hash_model_file(path: &Path) -> std::io::Result<ModelFile> {
         bytes,
         sha256,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_hashes_to_its_sha256_and_a_folder_to_its_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("a.gguf");
+        std::fs::write(&file, b"abc").expect("write");
+        let hashed = hash_model_file(&file).expect("hash");
+        assert_eq!(
+            hashed.sha256,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(hashed.bytes, 3);
+
+        std::fs::write(dir.path().join("config.json"), b"{}").expect("write");
+        let folder = hash_model_file(dir.path()).expect("hash folder");
+        assert_eq!(folder.bytes, 5);
+        assert_eq!(folder.sha256, hash_model_file(dir.path()).expect("again").sha256);
+        std::fs::write(dir.path().join("config.json"), b"[]").expect("write");
+        assert_ne!(
+            folder.sha256,
+            hash_model_file(dir.path()).expect("changed").sha256
+        );
+    }
 }

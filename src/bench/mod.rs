@@ -196,6 +196,8 @@ pub struct TargetReport {
     pub name: String,
     pub kind: TargetKind,
     pub url: String,
+    /// Served by the bench itself from the model file (a local target without `url=`).
+    pub in_process: bool,
     pub model: String,
     pub key_env: Option<String>,
     pub pricing: Pricing,
@@ -328,6 +330,7 @@ pub async fn run(
             name: t.name.clone(),
             kind: t.kind,
             url: t.url.clone(),
+            in_process: t.in_process,
             model: t.model.clone(),
             key_env: t.key_env.clone(),
             pricing: t.pricing,

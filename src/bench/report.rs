@@ -152,7 +152,11 @@ fn write_run(md: &mut String, report: &BenchReport) {
             "| {} | {:?} | {} | {} | {} | {} | {} | {} | {file} | {size} | {sha} |",
             t.name,
             t.kind,
-            t.url,
+            if t.in_process {
+                format!("{} (served in-process)", t.url)
+            } else {
+                t.url.clone()
+            },
             t.model,
             t.settings.stability_requests,
             levels.join(", "),

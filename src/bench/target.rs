@@ -19,7 +19,8 @@ pub enum TargetKind {
     Remote,
     /// A lifeboat server (it may fail over, so costed as remote when prices are given).
     Lifeboat,
-    /// A local model (`lifeboat serve --model …`), costed by GPU-hours.
+    /// A local model (`lifeboat serve --model …`, or served in-process by the bench from
+    /// `model_file=` when no `url=` is given), costed by GPU-hours.
     Local,
 }
 
@@ -89,8 +90,11 @@ pub enum Pricing {
 pub struct TargetSpec {
     pub name: String,
     pub kind: TargetKind,
-    /// Base URL ending in `/v1` (`/chat/completions` is appended).
+    /// Base URL ending in `/v1` (`/chat/completions` is appended); empty until the bench
+    /// has started an in-process target.
     pub url: String,
+    /// A local target without `url=`: the bench serves `model_file` itself, in-process.
+    pub in_process: bool,
     pub model: String,
     /// Name of the environment variable holding the bearer key (never the key itself).
     pub key_env: Option<String>,
@@ -169,10 +173,27 @@ impl TargetSpec {
                 .transpose()
         };
         let kind = TargetKind::parse(fields.get("kind").map_or("remote", String::as_str)).map_err(bad)?;
-        let url = required("url")?.trim_end_matches('/').to_string();
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(bad(format!("url {url:?} must start with http:// or https://")));
-        }
+        let in_process =
+            kind == TargetKind::Local && !fields.contains_key("url") && fields.contains_key("model_file");
+        let url = if in_process {
+            String::new()
+        } else {
+            let url = required("url")
+                .map_err(|_| {
+                    bad(match kind {
+                        TargetKind::Local => {
+                            "missing url= (or model_file= alone, to serve the model in-process)".into()
+                        }
+                        _ => "missing url=".into(),
+                    })
+                })?
+                .trim_end_matches('/')
+                .to_string();
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(bad(format!("url {url:?} must start with http:// or https://")));
+            }
+            url
+        };
         let model = required("model")?;
         let name = fields.get("name").cloned().unwrap_or_else(|| model.clone());
         let key_env = fields.get("key_env").cloned();
@@ -285,6 +306,7 @@ impl TargetSpec {
             name,
             kind,
             url,
+            in_process,
             model,
             key_env,
             api_key,
@@ -356,5 +378,18 @@ mod tests {
         assert_eq!(spec.overrides.requests, Some(10));
         assert_eq!(spec.overrides.concurrency, Some(vec![1, 2, 4]));
         assert_eq!(spec.overrides.max_tokens, Some(32));
+    }
+
+    #[test]
+    fn a_local_model_file_without_url_is_served_in_process() {
+        let spec = TargetSpec::parse("kind=local,model=m,model_file=models/x.gguf", env).expect("parses");
+        assert!(spec.in_process && spec.url.is_empty());
+        let served =
+            TargetSpec::parse("kind=local,url=http://h/v1,model=m,model_file=x.gguf", env).expect("parses");
+        assert!(!served.in_process);
+        let remote = TargetSpec::parse("model=m,model_file=x.gguf,key_env=KEY", env)
+            .expect_err("a remote needs a url")
+            .to_string();
+        assert!(remote.contains("missing url="), "{remote}");
     }
 }

@@ -4,10 +4,14 @@
 //! The command takes its targets directly (`lifeboat bench --target … --target …`); the
 //! `engine` subcommand beside them (`bench_engine.rs`) measures the local engine alone.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::net::TcpListener;
 
 use super::CliError;
 use crate::bench::{
@@ -16,6 +20,10 @@ use crate::bench::{
     machine::{Machine, hash_model_file},
     prompts::{BuiltinPrompts, load_jsonl},
     target::TargetSpec,
+};
+use crate::{
+    app::{self, AppState},
+    config::{Config, ProcessEnv},
 };
 
 /// `lifeboat bench`: targets, or the `engine` subcommand.
@@ -39,7 +47,8 @@ pub enum BenchSubcommand {
 pub struct BenchArgs {
     /// A target to drive, repeatable: `name=NAME,kind=remote|lifeboat|local,url=BASE/v1,
     /// model=MODEL` plus `key_env=VAR` (required for remote), `model_file=PATH` (hashed into
-    /// the report), `price_in=USD,price_out=USD` per million tokens, or for a local target
+    /// the report; a local target with `model_file=` and no `url=` is loaded and served
+    /// in-process by the bench under the name `model=`), `price_in=USD,price_out=USD` per million tokens, or for a local target
     /// `gpu_usd_per_hour=USD` or `gpu_price_usd=USD,amortise_months=N,power_watts=W,
     /// usd_per_kwh=USD`; and per-target counts for a slow target: `requests=N,
     /// concurrency=1/2/4,load_requests=N,max_tokens=N`.
@@ -137,8 +146,66 @@ pub fn plan(args: &BenchArgs) -> Result<BenchPlan, CliError> {
     Ok(plan)
 }
 
+/// A local model the bench serves itself (a `kind=local` target with `model_file=` and no
+/// `url=`): the app `lifeboat serve --model` runs, on an ephemeral loopback port, so the
+/// figures are those of the API clients use. Stopped when dropped.
+struct InProcessServer {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for InProcessServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Load `model` in-process, serve it as `served_name` and wait until it is warm; returns
+/// the base URL (`http://127.0.0.1:PORT/v1`).
+async fn serve_in_process(model: &Path, served_name: &str) -> Result<(String, InProcessServer), CliError> {
+    let mut config = Config::default();
+    config.local.model = Some(model.to_path_buf());
+    config.local.served_model_name = Some(served_name.to_string());
+    let state = AppState::from_config(&config, &ProcessEnv).map_err(|e| CliError::Usage(e.to_string()))?;
+    let listener = TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .map_err(|e| CliError::Runtime(format!("cannot listen on loopback for the in-process model: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CliError::Runtime(format!("in-process server address: {e}")))?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let router = state.router();
+    tokio::spawn(app::run(
+        listener,
+        app::app(state),
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(1),
+    ));
+    let server = InProcessServer { stop: Some(stop) };
+    eprintln!("loading {} in-process as {served_name}…", model.display());
+    loop {
+        let statuses = router.backend_statuses();
+        if let Some(failed) = statuses
+            .iter()
+            .find_map(|(_, s)| s.detail.strip_prefix("failed: "))
+        {
+            // The engine's message names the file and the cause.
+            return Err(CliError::Runtime(format!(
+                "the in-process model failed to load: {failed}"
+            )));
+        }
+        if statuses.iter().all(|(_, s)| s.ready) {
+            return Ok((format!("http://{addr}/v1"), server));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn run(args: BenchArgs) -> Result<(), CliError> {
-    let plan = plan(&args)?;
+    let mut plan = plan(&args)?;
     let mut model_files = Vec::new();
     for target in &plan.targets {
         let digest = match target.model_file.clone() {
@@ -153,6 +220,14 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
             None => None,
         };
         model_files.push(digest);
+    }
+    // Served until the report is written (dropped at the end of this function).
+    let mut _in_process = Vec::new();
+    for target in plan.targets.iter_mut().filter(|t| t.in_process) {
+        let model = target.model_file.clone().unwrap_or_default();
+        let (url, server) = serve_in_process(&model, &target.model).await?;
+        target.url = url;
+        _in_process.push(server);
     }
     let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from("bench-results").join(chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string())
