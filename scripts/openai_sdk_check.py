@@ -123,8 +123,17 @@ def main():
         except Exception:  # noqa: BLE001 - 503 while the model loads
             time.sleep(0.05)
     expected = "Lifeboat keeps the lights on when the gateway goes dark."
-    gguf_server = gguf = None
+    gguf_server = gguf = coder_server = coder = None
     if os.environ.get("LIFEBOAT_SDK_GGUF"):
+        # The same weights with their own (Qwen) template, which offers tools to the model.
+        coder_server, m = start(
+            ["serve", "--listen", "127.0.0.1:0", "--model", os.environ["LIFEBOAT_SDK_GGUF"],
+             "--served-model-name", "coder-gguf"],
+            r"OpenAI base URL (http://\S+)",
+            "stderr",
+        )
+        wait_ready(m.group(1), 120)
+        coder = openai.OpenAI(base_url=m.group(1), api_key="unused", max_retries=0, timeout=300)
         template = r1_template_opening_think(os.environ["LIFEBOAT_SDK_TEMPLATE_FROM"])
         gguf_server, m = start(
             ["serve", "--listen", "127.0.0.1:0", "--model", os.environ["LIFEBOAT_SDK_GGUF"],
@@ -330,6 +339,46 @@ def main():
             r = gguf.completions.create(model="r1-gguf", prompt="def add(a, b):", max_tokens=8, temperature=0)
             assert r.choices[0].text and r.usage.completion_tokens == 8, r
 
+    if coder is not None:
+        weather_tool = {"type": "function", "function": {
+            "name": "get_weather", "description": "Current weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                           "required": ["city"]}}}
+        ask_tools = dict(model="coder-gguf", temperature=0, tools=[weather_tool],
+                         messages=[{"role": "user", "content": "What is the weather in Paris right now?"}])
+
+        @check
+        def gguf_tool_call_comes_back_as_tool_calls():
+            r = coder.chat.completions.create(**ask_tools)
+            choice = r.choices[0]
+            assert choice.finish_reason == "tool_calls", choice
+            assert choice.message.content is None, choice
+            call = choice.message.tool_calls[0]
+            assert call.id.startswith("call_") and call.type == "function", call
+            assert call.function.name == "get_weather", call
+            assert json.loads(call.function.arguments) == {"city": "Paris"}, call
+
+        @check
+        def gguf_tool_call_streams_as_tool_call_deltas():
+            calls, finish = {}, None
+            for chunk in coder.chat.completions.create(**ask_tools, stream=True):
+                for choice in chunk.choices:
+                    for delta in choice.delta.tool_calls or []:
+                        entry = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+                        entry["name"] += delta.function.name or ""
+                        entry["arguments"] += delta.function.arguments or ""
+                    finish = choice.finish_reason or finish
+            assert finish == "tool_calls", finish
+            assert [c["name"] for c in calls.values()] == ["get_weather"], calls
+            assert json.loads(calls[0]["arguments"]) == {"city": "Paris"}, calls
+
+        @check
+        def gguf_tool_choice_none_leaves_the_text_alone():
+            r = coder.chat.completions.create(**ask_tools, tool_choice="none")
+            choice = r.choices[0]
+            assert not choice.message.tool_calls and choice.finish_reason == "stop", choice
+            assert "get_weather" in (choice.message.content or ""), choice
+
     passed = failed = 0
     try:
         for fn in checks:
@@ -342,7 +391,7 @@ def main():
                 print(f"FAIL {fn.__name__}")
                 traceback.print_exc()
     finally:
-        for proc in (server, local_server, mock, gguf_server):
+        for proc in (server, local_server, mock, gguf_server, coder_server):
             if proc is None:
                 continue
             proc.terminate()

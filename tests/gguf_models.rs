@@ -106,3 +106,43 @@ async fn smollm2_greedy_answer_is_pinned() {
         .collect();
     assert_eq!(text, "The capital ");
 }
+
+/// DeepSeek's tool-call markup written by the real R1-Distill tokenizer (plain text there:
+/// its vocabulary has no `<｜tool▁…｜>` tokens, so the markup is many pieces) comes back
+/// through the incremental decoder and parses into the call.
+#[test]
+fn deepseek_tool_call_markup_is_decoded_and_parsed() {
+    use lifeboat::engine::{
+        tokenizer::IncrementalDecoder,
+        tool_calls::{ToolCallFormat, ToolCallParser},
+    };
+    let Some(model) = common::model_file("DeepSeek-R1-Distill-Qwen-7B.header.gguf") else {
+        return;
+    };
+    let tokenizer = gguf::read_tokenizer_only(&model).expect("tokenizer from GGUF");
+    let text = "Checking.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"東京\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+    let ids = tokenizer.encode(text, false).expect("encode");
+    let mut decoder = IncrementalDecoder::with_tool_markup();
+    let mut parser = ToolCallParser::new(ToolCallFormat::DeepSeek, vec!["get_weather".into()]);
+    let (mut content, mut calls) = (String::new(), Vec::new());
+    let pieces = ids
+        .iter()
+        .filter_map(|id| decoder.push(&tokenizer, *id).expect("decode"))
+        .collect::<Vec<_>>();
+    for piece in pieces
+        .iter()
+        .map(String::as_str)
+        .chain([decoder.finish(&tokenizer).expect("finish").as_str()])
+    {
+        let parsed = parser.push(piece);
+        content.push_str(&parsed.content);
+        calls.extend(parsed.calls);
+    }
+    let rest = parser.finish();
+    content.push_str(&rest.content);
+    calls.extend(rest.calls);
+    assert_eq!(content, "Checking.");
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].name, "get_weather");
+    assert_eq!(calls[0].arguments, "{\"city\": \"東京\"}");
+}

@@ -1,6 +1,7 @@
 //! Chat templates from `tokenizer_config.json`, rendered with minijinja plus the
 //! Python-compatible string methods (`.strip()`, `.split()`, …) that real templates use.
 
+use super::tool_calls::ToolCallFormat;
 use minijinja::{Environment, ErrorKind, Value as JinjaValue, context};
 use serde_json::{Map, Value};
 
@@ -17,6 +18,8 @@ pub struct ChatTemplate {
     eos_token: String,
     /// The template mentions `<think>`: output may hold R1-style reasoning.
     pub uses_think: bool,
+    /// The markup the template writes tool calls in, parsed back out of the output.
+    pub tool_calls: Option<ToolCallFormat>,
     source: String,
 }
 
@@ -53,6 +56,7 @@ impl ChatTemplate {
             eos_token: eos_token.to_string(),
             // `<think>` when the prompt opens it, `</think>` alone when the model does.
             uses_think: source.contains("think>"),
+            tool_calls: ToolCallFormat::detect(source),
             source: source.to_string(),
         })
     }

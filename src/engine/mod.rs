@@ -28,6 +28,7 @@ pub mod stop;
 pub mod tiny;
 pub mod tiny_gguf;
 pub mod tokenizer;
+pub mod tool_calls;
 mod worker;
 
 use std::{
@@ -273,6 +274,20 @@ fn continue_text(mut text: String, uses_think: bool, continuation: &Continuation
     text
 }
 
+/// The function names a request offers as `tools`, unless `tool_choice` is `"none"`.
+fn offered_tools(raw: &serde_json::Map<String, serde_json::Value>) -> Option<Vec<String>> {
+    if raw.get("tool_choice").and_then(serde_json::Value::as_str) == Some("none") {
+        return None;
+    }
+    let names: Vec<String> = raw
+        .get("tools")?
+        .as_array()?
+        .iter()
+        .filter_map(|tool| tool.pointer("/function/name")?.as_str().map(str::to_string))
+        .collect();
+    (!names.is_empty()).then_some(names)
+}
+
 /// Render and tokenize the prompt; returns ids and whether the prompt leaves `<think>`
 /// open (output starts as reasoning).
 fn prepare_prompt(
@@ -408,12 +423,14 @@ impl Backend for LocalBackend {
         let max_tokens = params.max_tokens.map_or(room, |m| m as usize);
         let seed = params.seed.unwrap_or_else(rand::random);
         let (events, receiver) = mpsc::channel(scheduler::EVENT_BUFFER);
+        let tool_names = offered_tools(&request.request.raw);
         let job = worker::Job {
             prompt,
             params,
             max_tokens,
             seed,
             think_opened,
+            tool_names,
             events,
         };
         let queue_full = || {

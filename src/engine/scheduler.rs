@@ -21,6 +21,7 @@ use super::{
     sampler::Sampler,
     stop::StopMatcher,
     tokenizer::IncrementalDecoder,
+    tool_calls::{self, ToolCall, ToolCallParser},
     worker::{EventSender, Job},
 };
 use crate::backend::{BackendError, ChoiceDelta, ErrorKind, GenerationEvent, Origin, Usage};
@@ -120,6 +121,8 @@ struct Sequence {
     decoder: IncrementalDecoder,
     stops: StopMatcher,
     splitter: ReasoningSplitter,
+    /// Present when the request offered tools and the template has a tool-call markup.
+    tool_calls: Option<ToolCallParser>,
     /// No delta has been sent yet (the first one carries the role).
     first: bool,
     out: Outbox,
@@ -313,15 +316,23 @@ impl Scheduler {
         let started = self.next_start;
         self.next_start += 1;
         let uses_think = self.info.template.as_ref().is_some_and(|t| t.uses_think);
+        let tool_format = self.info.template.as_ref().and_then(|t| t.tool_calls);
         self.running.push(Sequence {
             job_id,
             index,
             slot,
             started,
             sampler: Sampler::new(&job.params, job.seed.wrapping_add(u64::from(index)), &job.prompt),
-            decoder: IncrementalDecoder::new(),
+            decoder: if job.tool_names.is_some() && tool_format.is_some() {
+                IncrementalDecoder::with_tool_markup()
+            } else {
+                IncrementalDecoder::new()
+            },
             stops: StopMatcher::new(&job.params.stop.0),
             splitter: ReasoningSplitter::new(uses_think, job.think_opened),
+            tool_calls: tool_format
+                .zip(job.tool_names.clone())
+                .map(|(format, names)| ToolCallParser::new(format, names)),
             first: true,
             out: Outbox::new(job.events.clone()),
             pending: job.prompt.clone(),
@@ -480,8 +491,10 @@ impl Scheduler {
         };
         let mut delivered = true;
         if let Some(reason) = finish {
-            // After a stop string nothing more is said; otherwise the held text goes out.
+            // After a stop string nothing more is decoded, but what the splitter and the
+            // tool-call parser hold from before it goes out; otherwise all held text does.
             let flushed = if reason == STOP_STRING {
+                flush_split(&mut sequence, String::new());
                 Ok(Some("stop"))
             } else {
                 finish_text(&mut sequence, &self.info)
@@ -580,15 +593,36 @@ impl Scheduler {
     }
 }
 
-fn send_split(sequence: &mut Sequence, split: Split) -> bool {
-    if split.content.is_empty() && split.reasoning.is_empty() {
+/// Send released text; its answer part goes through the tool-call parser when there is
+/// one (`finished`: flush it).
+fn send_split(sequence: &mut Sequence, mut split: Split, finished: bool) -> bool {
+    let mut calls: Vec<ToolCall> = Vec::new();
+    let mut first_call = 0;
+    if let Some(parser) = &mut sequence.tool_calls {
+        first_call = parser.calls();
+        let mut parsed = parser.push(&split.content);
+        if finished {
+            let rest = parser.finish();
+            parsed.content.push_str(&rest.content);
+            parsed.calls.extend(rest.calls);
+        }
+        split.content = parsed.content;
+        calls = parsed.calls;
+    }
+    if split.content.is_empty() && split.reasoning.is_empty() && calls.is_empty() {
         return true;
     }
+    let entries: Vec<serde_json::Value> = calls
+        .iter()
+        .enumerate()
+        .map(|(n, call)| tool_calls::delta_entry(call, first_call + n))
+        .collect();
     let delta = ChoiceDelta {
         index: sequence.index,
         role: std::mem::take(&mut sequence.first).then(|| "assistant".to_string()),
         content: (!split.content.is_empty()).then_some(split.content),
         reasoning_content: (!split.reasoning.is_empty()).then_some(split.reasoning),
+        tool_calls: (!entries.is_empty()).then_some(entries),
         ..ChoiceDelta::default()
     };
     sequence.out.send(Ok(GenerationEvent::Delta(delta)))
@@ -604,7 +638,7 @@ fn advance(sequence: &mut Sequence, logits: &Tensor, info: &ModelInfo) -> Result
     if let Some(text) = sequence.decoder.push(&info.tokenizer, token)? {
         let released = sequence.stops.push(&text);
         let split = sequence.splitter.push(&released.text);
-        if !send_split(sequence, split) {
+        if !send_split(sequence, split, false) {
             return Ok(Outcome::Cancelled);
         }
         if released.stopped {
@@ -628,16 +662,28 @@ fn finish_text(sequence: &mut Sequence, info: &ModelInfo) -> Result<Option<&'sta
     if !stopped {
         text.push_str(&sequence.stops.finish());
     }
+    flush_split(sequence, text);
+    Ok(stopped.then_some("stop"))
+}
+
+/// Pass the last `text` and everything the reasoning splitter and tool-call parser hold.
+fn flush_split(sequence: &mut Sequence, text: String) {
     let mut split = sequence.splitter.push(&text);
     let rest = sequence.splitter.finish();
     split.reasoning.push_str(&rest.reasoning);
     split.content.push_str(&rest.content);
-    send_split(sequence, split);
-    Ok(stopped.then_some("stop"))
+    send_split(sequence, split, true);
 }
 
-/// The choice's last delta, with its finish reason.
+/// The choice's last delta, with its finish reason (`tool_calls` when the model ended
+/// its turn after calling tools, as OpenAI reports it).
 fn send_finish(sequence: &mut Sequence, reason: &'static str) -> bool {
+    let called = sequence.tool_calls.as_ref().is_some_and(|p| p.calls() > 0);
+    let reason = if reason == "stop" && called {
+        "tool_calls"
+    } else {
+        reason
+    };
     let first = sequence.first;
     let done = ChoiceDelta {
         index: sequence.index,

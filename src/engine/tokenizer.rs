@@ -1,7 +1,7 @@
 //! The model's tokenizer (`tokenizer.json`, Hugging Face `tokenizers`) and an incremental
 //! detokenizer that never splits a UTF-8 character across two streamed pieces.
 
-use std::path::Path;
+use std::{collections::HashSet, path::Path};
 
 use super::EngineError;
 
@@ -9,17 +9,42 @@ use super::EngineError;
 #[derive(Debug, Clone)]
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
+    /// Special tokens that write tool-call markup (DeepSeek's `<｜tool▁calls▁begin｜>`…):
+    /// kept in the text when the engine parses tool calls, dropped like other special
+    /// tokens otherwise.
+    tool_markup: HashSet<u32>,
+    /// Every special token, when there is tool markup to tell apart (else empty).
+    special: HashSet<u32>,
 }
 
 impl TextTokenizer {
     pub fn from_file(path: &Path) -> Result<TextTokenizer, EngineError> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|err| EngineError::load(path, format!("cannot load tokenizer: {err}")))?;
-        Ok(TextTokenizer { inner })
+        Ok(TextTokenizer::from_tokenizer(inner))
     }
 
     pub fn from_tokenizer(inner: tokenizers::Tokenizer) -> TextTokenizer {
-        TextTokenizer { inner }
+        let added = inner.get_added_tokens_decoder();
+        let special: HashSet<u32> = added
+            .iter()
+            .filter(|(_, token)| token.special)
+            .map(|(id, _)| *id)
+            .collect();
+        let tool_markup: HashSet<u32> = added
+            .iter()
+            .filter(|(id, token)| special.contains(id) && is_tool_markup(&token.content))
+            .map(|(id, _)| *id)
+            .collect();
+        TextTokenizer {
+            inner,
+            special: if tool_markup.is_empty() {
+                HashSet::new()
+            } else {
+                special
+            },
+            tool_markup,
+        }
     }
 
     /// Token ids of `text`. Special-token strings in `text` (from a chat template) are
@@ -35,6 +60,22 @@ impl TextTokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String, EngineError> {
         self.inner
             .decode(ids, true)
+            .map_err(|err| EngineError::Tokenizer(err.to_string()))
+    }
+
+    /// [`decode`](Self::decode), but special tokens that write tool-call markup stay in
+    /// the text (for the tool-call parser).
+    pub fn decode_with_tool_markup(&self, ids: &[u32]) -> Result<String, EngineError> {
+        if !ids.iter().any(|id| self.tool_markup.contains(id)) {
+            return self.decode(ids);
+        }
+        let kept: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|id| self.tool_markup.contains(id) || !self.special.contains(id))
+            .collect();
+        self.inner
+            .decode(&kept, false)
             .map_err(|err| EngineError::Tokenizer(err.to_string()))
     }
 
@@ -60,6 +101,13 @@ impl TextTokenizer {
     }
 }
 
+/// Tokens that write tool calls: DeepSeek's `<｜tool▁calls▁begin｜>`, `<｜tool▁call▁begin｜>`,
+/// `<｜tool▁sep｜>` and their ends, Hermes' `<tool_call>` (not special in Qwen's own files,
+/// but a converter may mark it so).
+fn is_tool_markup(token: &str) -> bool {
+    token.contains("tool▁call") || token.contains("tool▁sep") || token.contains("tool_call")
+}
+
 /// Turns a growing token sequence into text pieces, as candle's `TokenOutputStream`
 /// does: decode a window of recent tokens and release only text that is complete.
 #[derive(Debug, Default)]
@@ -69,6 +117,8 @@ pub struct IncrementalDecoder {
     prefix: usize,
     /// Tokens before this have been released as text.
     read: usize,
+    /// Keep tool-call markup tokens in the text (the request's tool calls are parsed).
+    tool_markup: bool,
 }
 
 impl IncrementalDecoder {
@@ -76,11 +126,27 @@ impl IncrementalDecoder {
         IncrementalDecoder::default()
     }
 
+    /// A decoder whose text keeps tool-call markup tokens, for the tool-call parser.
+    pub fn with_tool_markup() -> IncrementalDecoder {
+        IncrementalDecoder {
+            tool_markup: true,
+            ..IncrementalDecoder::default()
+        }
+    }
+
+    fn decode(&self, tokenizer: &TextTokenizer, ids: &[u32]) -> Result<String, EngineError> {
+        if self.tool_markup {
+            tokenizer.decode_with_tool_markup(ids)
+        } else {
+            tokenizer.decode(ids)
+        }
+    }
+
     /// Add a token; returns newly completed text, if any.
     pub fn push(&mut self, tokenizer: &TextTokenizer, token: u32) -> Result<Option<String>, EngineError> {
         self.ids.push(token);
-        let before = tokenizer.decode(&self.ids[self.prefix..self.read])?;
-        let after = tokenizer.decode(&self.ids[self.prefix..])?;
+        let before = self.decode(tokenizer, &self.ids[self.prefix..self.read])?;
+        let after = self.decode(tokenizer, &self.ids[self.prefix..])?;
         // A trailing U+FFFD means the last token ended inside a multi-byte character.
         if after.len() > before.len() && !after.ends_with('\u{fffd}') && after.is_char_boundary(before.len())
         {
@@ -95,9 +161,39 @@ impl IncrementalDecoder {
 
     /// Text of tokens not released yet (at the end of generation).
     pub fn finish(&mut self, tokenizer: &TextTokenizer) -> Result<String, EngineError> {
-        let before = tokenizer.decode(&self.ids[self.prefix..self.read])?;
-        let after = tokenizer.decode(&self.ids[self.prefix..])?;
+        let before = self.decode(tokenizer, &self.ids[self.prefix..self.read])?;
+        let after = self.decode(tokenizer, &self.ids[self.prefix..])?;
         self.read = self.ids.len();
         Ok(after.get(before.len()..).unwrap_or_default().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_markup_tokens_stay_only_when_asked() {
+        let mut inner = crate::engine::tiny::tiny_tokenizer().expect("trains");
+        inner.add_special_tokens(&[
+            tokenizers::AddedToken::from("<｜tool▁calls▁begin｜>", true),
+            tokenizers::AddedToken::from("<｜tool▁calls▁end｜>", true),
+        ]);
+        let tokenizer = TextTokenizer::from_tokenizer(inner);
+        let text = "<｜User｜>Hi<｜tool▁calls▁begin｜>x<｜tool▁calls▁end｜><｜tool▁output▁begin｜>";
+        let ids = tokenizer.encode(text, false).expect("encodes");
+        assert_eq!(tokenizer.decode(&ids).expect("decodes"), "Hix");
+        assert_eq!(
+            tokenizer.decode_with_tool_markup(&ids).expect("decodes"),
+            "Hi<｜tool▁calls▁begin｜>x<｜tool▁calls▁end｜>"
+        );
+
+        let mut decoder = IncrementalDecoder::with_tool_markup();
+        let mut streamed = String::new();
+        for id in ids {
+            streamed.push_str(&decoder.push(&tokenizer, id).expect("push").unwrap_or_default());
+        }
+        streamed.push_str(&decoder.finish(&tokenizer).expect("finish"));
+        assert_eq!(streamed, "Hi<｜tool▁calls▁begin｜>x<｜tool▁calls▁end｜>");
     }
 }

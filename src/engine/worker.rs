@@ -30,6 +30,9 @@ pub(super) struct Job {
     pub seed: u64,
     /// The prompt opened `<think>` (R1 template variant).
     pub think_opened: bool,
+    /// The names of the tools the request offered (unless it said `tool_choice: "none"`):
+    /// tool calls in the output become `tool_calls`.
+    pub tool_names: Option<Vec<String>>,
     pub events: EventSender,
 }
 
