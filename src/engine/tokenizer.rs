@@ -173,6 +173,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn streamed_pieces_never_split_a_character() {
+        let inner = crate::engine::tiny::tiny_tokenizer().expect("trains");
+        let tokenizer = TextTokenizer::from_tokenizer(inner);
+        let text = "東京は日本の首都です。 Emoji: 🚀🌍✨ zwj 👩‍💻 and é̂ done";
+        let ids = tokenizer.encode(text, false).expect("encodes");
+        // Byte-level BPE: a 4-byte emoji needs more than one token here.
+        assert!(ids.len() > text.chars().count() / 2, "{ids:?}");
+        let mut decoder = IncrementalDecoder::new();
+        let mut pieces = Vec::new();
+        for id in ids {
+            pieces.extend(decoder.push(&tokenizer, id).expect("push"));
+        }
+        pieces.push(decoder.finish(&tokenizer).expect("finish"));
+        assert!(pieces.iter().all(|p| !p.contains('\u{fffd}')), "{pieces:?}");
+        assert_eq!(pieces.concat(), text);
+    }
+
+    #[test]
     fn tool_markup_tokens_stay_only_when_asked() {
         let mut inner = crate::engine::tiny::tiny_tokenizer().expect("trains");
         inner.add_special_tokens(&[
