@@ -83,7 +83,7 @@ impl AppState {
             }
             None => None,
         };
-        let live = build_live(config, env, local.as_ref().map(|(_, b)| b.clone()))?;
+        let live = build_live(config, env, local.as_ref().map(|(_, b)| b.clone()), None)?;
         Ok(AppState {
             live: Arc::new(RwLock::new(Arc::new(live))),
             metrics: metrics::install(),
@@ -118,17 +118,25 @@ impl AppState {
                 message: "changing the local model needs a restart".into(),
             });
         }
-        let live = build_live(config, env, self.local.as_ref().map(|(_, b)| b.clone()))?;
+        let previous = self.router();
+        let live = build_live(
+            config,
+            env,
+            self.local.as_ref().map(|(_, b)| b.clone()),
+            Some(&previous),
+        )?;
         *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
         Ok(())
     }
 }
 
-/// Remotes (with their keys), the router over them and `local`, and the client keys.
+/// Remotes (with their keys), the router over them and `local`, and the client keys;
+/// after a reload the router carries on `previous`'s breaker and health state.
 fn build_live(
     config: &Config,
     env: &dyn EnvSource,
     local: Option<Arc<dyn Backend>>,
+    previous: Option<&Router>,
 ) -> Result<Live, ConfigError> {
     let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
     for (name, remote) in &config.remotes {
@@ -151,11 +159,15 @@ fn build_live(
         .enumerate()
         .map(|(i, var)| resolve_secret(env, &format!("server.client_api_key_envs[{i}]"), var))
         .collect::<Result<Vec<_>, _>>()?;
-    let router = Arc::new(Router::new(
+    let mut router = Router::new(
         RouteTable::from_config(config),
         backends,
         router_settings(config, env)?,
-    ));
+    );
+    if let Some(previous) = previous {
+        router.carry_state_from(previous);
+    }
+    let router = Arc::new(router);
     router.spawn_probes();
     Ok(Live {
         router,

@@ -360,6 +360,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     fn kind(&self) -> BackendKind;
 
+    /// Where requests go (a remote's base URL). A reload keeps a backend's breaker and
+    /// health history while its id and endpoint stay the same.
+    fn endpoint(&self) -> Option<&str> {
+        None
+    }
+
     /// Readiness for `/ready`; a remote is ready once configured (health tracking is the
     /// router's job).
     fn status(&self) -> BackendStatus {

@@ -1,6 +1,6 @@
 //! Reload (what SIGHUP does): routes and keys change for new requests, requests in flight
-//! finish under the old rules, a gateway key is rotated from its file, and a bad reload
-//! changes nothing.
+//! finish under the old rules, a gateway key is rotated from its file, a bad reload
+//! changes nothing, and breaker and health state carry over for an unchanged gateway.
 
 use crate::common;
 
@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use lifeboat::{
     app::{self, AppState},
     config::{Config, RouteConfig},
-    mock_upstream::{MockSettings, MockUpstream, mock_text},
+    mock_upstream::{FaultMode, MockSettings, MockUpstream, mock_text},
 };
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -154,4 +154,64 @@ async fn a_gateway_key_is_rotated_from_its_file() {
         app.mock.last_request().and_then(|r| r.authorization).as_deref(),
         Some("Bearer sk-two")
     );
+}
+
+/// A reload (say, to rotate a key) does not forget that a gateway is down: its breaker
+/// stays open and its health history stays; a remote moved to another URL starts afresh.
+#[tokio::test]
+async fn a_reload_keeps_an_open_breaker_and_the_health_history() {
+    let tweak = |config: &mut Config| {
+        config.router.failure_threshold = 2;
+        config.router.max_retries = 0;
+        config.router.cooldown = Duration::from_secs(600);
+        config.router.max_cooldown = Duration::from_secs(600);
+        config.router.probe_interval = Duration::ZERO;
+    };
+    let app = spawn_app_with(MockSettings::default(), tweak, HashMap::new()).await;
+    app.mock.set_fault(FaultMode::Http500).await.expect("fault");
+    for _ in 0..2 {
+        let failed = app.post_json("/v1/chat/completions", &chat_body(false)).await;
+        assert_eq!(failed.status(), 502);
+    }
+    let gateway_health = || async {
+        let health: serde_json::Value = app.get("/health").await.json().await.expect("json");
+        health["backends"]["gateway"].clone()
+    };
+    assert_eq!(gateway_health().await["breaker"], "open");
+
+    // The gateway recovers, the operator reloads: the breaker is still open (no call goes
+    // out before its cooldown) and the two failures are still in the record.
+    app.mock.set_fault(FaultMode::None).await.expect("fault");
+    let mut config = common::test_config(&app.mock);
+    tweak(&mut config);
+    app.state
+        .reload(&config, &HashMap::<String, String>::new())
+        .expect("reload");
+    let calls_before = app.mock.requests_in(FaultMode::None);
+    let skipped = app.post_json("/v1/chat/completions", &chat_body(false)).await;
+    assert_eq!(skipped.status(), 503);
+    assert_eq!(
+        app.mock.requests_in(FaultMode::None),
+        calls_before,
+        "no call while open"
+    );
+    let health = gateway_health().await;
+    assert_eq!(health["breaker"], "open", "{health}");
+    let failures = health["recent"]
+        .as_array()
+        .expect("recent")
+        .iter()
+        .filter(|e| e["outcome"] != "ok")
+        .count();
+    assert_eq!(failures, 2, "{health}");
+
+    // The same name at another URL is another gateway: a fresh breaker.
+    let moved = config.remotes.get_mut("gateway").expect("gateway");
+    moved.base_url = format!("http://localhost:{}/v1", app.mock.addr().port());
+    app.state
+        .reload(&config, &HashMap::<String, String>::new())
+        .expect("reload");
+    assert_eq!(gateway_health().await["breaker"], "closed");
+    let served = app.post_json("/v1/chat/completions", &chat_body(false)).await;
+    assert_eq!(served.status(), 200);
 }

@@ -126,6 +126,14 @@ fn public(state: State) -> BreakerState {
 }
 
 impl CircuitBreaker {
+    /// The same breaker (state, trips, error window) under new settings, for a reload.
+    pub fn with_config(&self, config: BreakerConfig) -> CircuitBreaker {
+        CircuitBreaker {
+            config,
+            inner: self.inner.clone(),
+        }
+    }
+
     pub fn new(config: BreakerConfig) -> CircuitBreaker {
         CircuitBreaker {
             config,

@@ -165,6 +165,28 @@ impl Router {
         }
     }
 
+    /// After a reload: take over `previous`'s breaker state and health history for every
+    /// backend that is still there under the same id and endpoint, so a SIGHUP (say, to
+    /// rotate a key) neither forgets that a gateway is down nor its availability figures.
+    /// A remote whose base URL changed starts afresh.
+    pub fn carry_state_from(&mut self, previous: &Router) {
+        for (id, backend) in &self.backends {
+            let Some(old) = previous.backends.get(id) else {
+                continue;
+            };
+            if old.kind() != backend.kind() || old.endpoint() != backend.endpoint() {
+                continue;
+            }
+            if let Some(record) = previous.health.get(id) {
+                self.health.insert(id.clone(), record.clone());
+            }
+            if let (Some(breaker), true) = (previous.breakers.get(id), self.breakers.contains_key(id)) {
+                self.breakers
+                    .insert(id.clone(), breaker.with_config(self.settings.breaker));
+            }
+        }
+    }
+
     /// Probe every remote in the background every `probe_interval`. A probe goes through
     /// the breaker like a request: it can open it, and when the cooldown is over it is
     /// the trial, so no client request has to be. Tasks end when the router is dropped.

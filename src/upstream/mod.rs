@@ -133,6 +133,10 @@ impl Backend for RemoteBackend {
         BackendKind::Remote
     }
 
+    fn endpoint(&self) -> Option<&str> {
+        Some(self.base_url.as_str())
+    }
+
     /// `GET {base}/models` by default: unbilled, and it exercises DNS, TLS, the key and the gateway's
     /// front end. Any non-2xx — a 400 or 401 included — is a failure, not "reachable". With
     /// `probe = "chat"`, a one-token chat completion instead (billed, but proves the model
