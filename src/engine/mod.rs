@@ -466,6 +466,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tools_are_parsed_only_when_offered_and_not_declined() {
+        let raw = |body: serde_json::Value| body.as_object().cloned().unwrap_or_default();
+        let tools = serde_json::json!([
+            {"type": "function", "function": {"name": "get_weather"}},
+            {"type": "function", "function": {"name": "get_time"}},
+        ]);
+        assert_eq!(
+            offered_tools(&raw(serde_json::json!({"tools": tools}))),
+            Some(vec!["get_weather".to_string(), "get_time".to_string()])
+        );
+        let forced = serde_json::json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "get_time"}}});
+        assert!(offered_tools(&raw(forced)).is_some());
+        assert_eq!(
+            offered_tools(&raw(serde_json::json!({"tools": tools, "tool_choice": "none"}))),
+            None
+        );
+        assert_eq!(offered_tools(&raw(serde_json::json!({"tools": []}))), None);
+        assert_eq!(offered_tools(&raw(serde_json::json!({}))), None);
+    }
+
+    #[test]
     fn continuation_prefills_in_the_r1_layout() {
         let opened = "<｜Assistant｜><think>\n".to_string();
         let both = Continuation {
