@@ -107,8 +107,9 @@ impl ReasoningSplitter {
     }
 }
 
-/// Bytes at the end of `text` that could begin `tag`.
-fn partial_tag(text: &str, tag: &str) -> usize {
+/// Bytes at the end of `text` that could begin `tag` (held back until the next piece
+/// says whether the tag follows; also used by the tool-call parser).
+pub(super) fn partial_tag(text: &str, tag: &str) -> usize {
     (1..tag.len().min(text.len() + 1))
         .rev()
         .find(|&n| text.is_char_boundary(text.len() - n) && tag.starts_with(&text[text.len() - n..]))

@@ -16,6 +16,8 @@
 
 use serde_json::{Value, json};
 
+use super::reasoning::partial_tag;
+
 /// How a model's template writes tool calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ToolCallFormat {
@@ -158,7 +160,7 @@ impl ToolCallParser {
                     self.release_content(&before, &mut out);
                     self.inside = true;
                 } else {
-                    let keep = partial_marker(&self.held, open);
+                    let keep = partial_tag(&self.held, open);
                     let ready: String = self.held.drain(..self.held.len() - keep).collect();
                     self.release_content(&ready, &mut out);
                     return out;
@@ -327,14 +329,6 @@ fn call_id() -> String {
         .map(char::from)
         .collect();
     format!("call_{suffix}")
-}
-
-/// Bytes at the end of `text` that could begin `marker`.
-fn partial_marker(text: &str, marker: &str) -> usize {
-    (1..marker.len().min(text.len() + 1))
-        .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && marker.starts_with(&text[text.len() - n..]))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
