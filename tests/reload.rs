@@ -215,3 +215,59 @@ async fn a_reload_keeps_an_open_breaker_and_the_health_history() {
     let served = app.post_json("/v1/chat/completions", &chat_body(false)).await;
     assert_eq!(served.status(), 200);
 }
+
+/// A canary's count carries over a reload, so its share stays exact: with a share of one
+/// half, the request after a reload goes where the next one would have gone anyway.
+#[tokio::test]
+async fn a_canary_keeps_its_count_across_a_reload() {
+    use lifeboat::config::{CanaryConfig, RemoteConfig};
+    let canary = MockUpstream::start(MockSettings::default())
+        .await
+        .expect("canary mock");
+    let canary_url = canary.url();
+    let with_canary = move |config: &mut Config| {
+        config.remotes.insert(
+            "canary".into(),
+            RemoteConfig {
+                base_url: canary_url.clone(),
+                ..RemoteConfig::default()
+            },
+        );
+        config.routes.push(RouteConfig {
+            name: "chat".into(),
+            remote: "gateway".into(),
+            remote_model: Some("deepseek-chat".into()),
+            canary: Some(CanaryConfig {
+                remote: "canary".into(),
+                remote_model: Some("deepseek-chat".into()),
+                share: 0.5,
+            }),
+            ..RouteConfig::default()
+        });
+    };
+    let app = spawn_app_with(MockSettings::default(), with_canary.clone(), HashMap::new()).await;
+    let body = json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
+    let backend = |response: reqwest::Response| {
+        response.headers()["x-lifeboat-backend"]
+            .to_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(
+        backend(app.post_json("/v1/chat/completions", &body).await),
+        "gateway"
+    );
+    let mut config = common::test_config(&app.mock);
+    with_canary(&mut config);
+    app.state
+        .reload(&config, &HashMap::<String, String>::new())
+        .expect("reload");
+    assert_eq!(
+        backend(app.post_json("/v1/chat/completions", &body).await),
+        "canary"
+    );
+    assert_eq!(
+        backend(app.post_json("/v1/chat/completions", &body).await),
+        "gateway"
+    );
+}

@@ -168,8 +168,15 @@ impl Router {
     /// After a reload: take over `previous`'s breaker state and health history for every
     /// backend that is still there under the same id and endpoint, so a SIGHUP (say, to
     /// rotate a key) neither forgets that a gateway is down nor its availability figures.
-    /// A remote whose base URL changed starts afresh.
+    /// A remote whose base URL changed starts afresh. A route's canary count carries on
+    /// too, so its share stays exact across reloads.
     pub fn carry_state_from(&mut self, previous: &Router) {
+        use std::sync::atomic::Ordering;
+        for (route, counter) in &self.canary_counters {
+            if let Some(old) = previous.canary_counters.get(route) {
+                counter.store(old.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
         for (id, backend) in &self.backends {
             let Some(old) = previous.backends.get(id) else {
                 continue;
