@@ -100,6 +100,15 @@ impl AppState {
         self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Wait until the local model (if any) is loaded and warm; `Err` with the engine's
+    /// message (which names the file) when it failed to load.
+    pub async fn wait_local_ready(&self) -> Result<(), String> {
+        match &self.local {
+            Some((_, backend)) => backend.wait_ready().await,
+            None => Ok(()),
+        }
+    }
+
     /// The current router.
     pub fn router(&self) -> Arc<Router> {
         self.live().router.clone()

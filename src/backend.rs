@@ -379,6 +379,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
         true
     }
 
+    /// Wait until the backend can take requests; `Err` with the reason when it never will
+    /// (a local model that failed to load). Default: at once.
+    async fn wait_ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     /// A cheap health check (a remote: an unbilled `GET /models`). Default: healthy.
     async fn probe(&self) -> Result<(), BackendError> {
         Ok(())

@@ -672,7 +672,6 @@ async fn midstream_cut_is_continued_and_opens_the_breaker() {
 
 #[tokio::test]
 async fn a_canary_gets_its_exact_share_and_is_backed_up_by_the_main_remote() {
-    use lifeboat::config::{CanaryConfig, RemoteConfig, RouteConfig};
     let canary = lifeboat::mock_upstream::MockUpstream::start(MockSettings {
         models: vec!["deepseek-chat-next".into()],
         ..MockSettings::default()
@@ -681,24 +680,7 @@ async fn a_canary_gets_its_exact_share_and_is_backed_up_by_the_main_remote() {
     .expect("canary mock");
     let canary_url = canary.url();
     let Failover { app, _model } = failover_app_with(MockSettings::default(), move |config| {
-        config.remotes.insert(
-            "canary".into(),
-            RemoteConfig {
-                base_url: canary_url,
-                ..RemoteConfig::default()
-            },
-        );
-        config.routes.push(RouteConfig {
-            name: "chat".into(),
-            remote: "gateway".into(),
-            remote_model: Some("deepseek-chat".into()),
-            canary: Some(CanaryConfig {
-                remote: "canary".into(),
-                remote_model: Some("deepseek-chat-next".into()),
-                share: 0.25,
-            }),
-            ..RouteConfig::default()
-        });
+        common::add_canary_route(config, &canary_url, "deepseek-chat-next", 0.25);
     })
     .await;
     let body = json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});

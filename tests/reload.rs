@@ -220,31 +220,12 @@ async fn a_reload_keeps_an_open_breaker_and_the_health_history() {
 /// half, the request after a reload goes where the next one would have gone anyway.
 #[tokio::test]
 async fn a_canary_keeps_its_count_across_a_reload() {
-    use lifeboat::config::{CanaryConfig, RemoteConfig};
     let canary = MockUpstream::start(MockSettings::default())
         .await
         .expect("canary mock");
     let canary_url = canary.url();
-    let with_canary = move |config: &mut Config| {
-        config.remotes.insert(
-            "canary".into(),
-            RemoteConfig {
-                base_url: canary_url.clone(),
-                ..RemoteConfig::default()
-            },
-        );
-        config.routes.push(RouteConfig {
-            name: "chat".into(),
-            remote: "gateway".into(),
-            remote_model: Some("deepseek-chat".into()),
-            canary: Some(CanaryConfig {
-                remote: "canary".into(),
-                remote_model: Some("deepseek-chat".into()),
-                share: 0.5,
-            }),
-            ..RouteConfig::default()
-        });
-    };
+    let with_canary =
+        move |config: &mut Config| common::add_canary_route(config, &canary_url, "deepseek-chat", 0.5);
     let app = spawn_app_with(MockSettings::default(), with_canary.clone(), HashMap::new()).await;
     let body = json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
     let backend = |response: reqwest::Response| {

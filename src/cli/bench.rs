@@ -48,8 +48,8 @@ pub struct BenchArgs {
     /// A target to drive, repeatable: `name=NAME,kind=remote|lifeboat|local,url=BASE/v1,
     /// model=MODEL` plus `key_env=VAR` (required for remote), `model_file=PATH` (hashed into
     /// the report; a local target with `model_file=` and no `url=` is loaded and served
-    /// in-process by the bench under the name `model=`), `price_in=USD,price_out=USD` per million tokens, or for a local target
-    /// `gpu_usd_per_hour=USD` or `gpu_price_usd=USD,amortise_months=N,power_watts=W,
+    /// in-process by the bench under the name `model=`), `price_in=USD,price_out=USD` per
+    /// million tokens, or for a local target `gpu_usd_per_hour=USD` or `gpu_price_usd=USD,amortise_months=N,power_watts=W,
     /// usd_per_kwh=USD`; and per-target counts for a slow target: `requests=N,
     /// concurrency=1/2/4,load_requests=N,max_tokens=N`.
     #[arg(long = "target", value_name = "SPEC", required = true)]
@@ -175,10 +175,9 @@ async fn serve_in_process(model: &Path, served_name: &str) -> Result<(String, In
         .local_addr()
         .map_err(|e| CliError::Runtime(format!("in-process server address: {e}")))?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let router = state.router();
     tokio::spawn(app::run(
         listener,
-        app::app(state),
+        app::app(state.clone()),
         async move {
             let _ = stopped.await;
         },
@@ -186,22 +185,11 @@ async fn serve_in_process(model: &Path, served_name: &str) -> Result<(String, In
     ));
     let server = InProcessServer { stop: Some(stop) };
     eprintln!("loading {} in-process as {served_name}…", model.display());
-    loop {
-        let statuses = router.backend_statuses();
-        if let Some(failed) = statuses
-            .iter()
-            .find_map(|(_, s)| s.detail.strip_prefix("failed: "))
-        {
-            // The engine's message names the file and the cause.
-            return Err(CliError::Runtime(format!(
-                "the in-process model failed to load: {failed}"
-            )));
-        }
-        if statuses.iter().all(|(_, s)| s.ready) {
-            return Ok((format!("http://{addr}/v1"), server));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    state
+        .wait_local_ready()
+        .await
+        .map_err(|message| CliError::Runtime(format!("the in-process model failed to load: {message}")))?;
+    Ok((format!("http://{addr}/v1"), server))
 }
 
 pub async fn run(args: BenchArgs) -> Result<(), CliError> {
@@ -221,13 +209,13 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         };
         model_files.push(digest);
     }
-    // Served until the report is written (dropped at the end of this function).
-    let mut _in_process = Vec::new();
+    // Served until every request has been measured.
+    let mut in_process_servers = Vec::new();
     for target in plan.targets.iter_mut().filter(|t| t.in_process) {
         let model = target.model_file.clone().unwrap_or_default();
         let (url, server) = serve_in_process(&model, &target.model).await?;
         target.url = url;
-        _in_process.push(server);
+        in_process_servers.push(server);
     }
     let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from("bench-results").join(chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string())
@@ -245,6 +233,7 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     let report = bench::run(&plan, context, bar, crate::shutdown::signal())
         .await
         .map_err(usage)?;
+    drop(in_process_servers);
     let written = bench::report::write_all(&report, &out).map_err(usage)?;
     for path in &written {
         println!("wrote {}", path.display());

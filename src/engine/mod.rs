@@ -353,6 +353,10 @@ impl Backend for LocalBackend {
         LOCAL_BACKEND_ID
     }
 
+    async fn wait_ready(&self) -> Result<(), String> {
+        LocalBackend::wait_ready(self).await
+    }
+
     fn kind(&self) -> BackendKind {
         BackendKind::Local
     }

@@ -316,23 +316,23 @@ impl Scheduler {
         let started = self.next_start;
         self.next_start += 1;
         let uses_think = self.info.template.as_ref().is_some_and(|t| t.uses_think);
-        let tool_format = self.info.template.as_ref().and_then(|t| t.tool_calls);
+        let tool_calls = (self.info.template.as_ref().and_then(|t| t.tool_calls))
+            .zip(job.tool_names.clone())
+            .map(|(format, names)| ToolCallParser::new(format, names));
         self.running.push(Sequence {
             job_id,
             index,
             slot,
             started,
             sampler: Sampler::new(&job.params, job.seed.wrapping_add(u64::from(index)), &job.prompt),
-            decoder: if job.tool_names.is_some() && tool_format.is_some() {
+            decoder: if tool_calls.is_some() {
                 IncrementalDecoder::with_tool_markup()
             } else {
                 IncrementalDecoder::new()
             },
             stops: StopMatcher::new(&job.params.stop.0),
             splitter: ReasoningSplitter::new(uses_think, job.think_opened),
-            tool_calls: tool_format
-                .zip(job.tool_names.clone())
-                .map(|(format, names)| ToolCallParser::new(format, names)),
+            tool_calls,
             first: true,
             out: Outbox::new(job.events.clone()),
             pending: job.prompt.clone(),

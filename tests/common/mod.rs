@@ -37,6 +37,30 @@ pub fn test_config(mock: &MockUpstream) -> Config {
     config
 }
 
+/// Add a remote `canary` at `canary_url` and a route `chat` on `gateway` that sends
+/// `share` of its requests to the canary's `canary_model` first.
+pub fn add_canary_route(config: &mut Config, canary_url: &str, canary_model: &str, share: f64) {
+    use lifeboat::config::{CanaryConfig, RemoteConfig, RouteConfig};
+    config.remotes.insert(
+        "canary".into(),
+        RemoteConfig {
+            base_url: canary_url.to_string(),
+            ..RemoteConfig::default()
+        },
+    );
+    config.routes.push(RouteConfig {
+        name: "chat".into(),
+        remote: "gateway".into(),
+        remote_model: Some("deepseek-chat".into()),
+        canary: Some(CanaryConfig {
+            remote: "canary".into(),
+            remote_model: Some(canary_model.to_string()),
+            share,
+        }),
+        ..RouteConfig::default()
+    });
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(MockSettings::default(), |_| {}, HashMap::new()).await
 }
