@@ -263,10 +263,12 @@ pub enum ErrorKind {
     NotFound,
     /// 400/422: the request itself is bad; the client's mistake, never failed over.
     BadRequest,
-    /// A 200 stream carried a frame that is not valid JSON.
+    /// A 200 answer carried a frame that is not valid JSON, or passed a size cap.
     MalformedFrame,
     /// The stream ended or broke before it was complete.
     StreamCut,
+    /// A 200 answer that ended without any output: `[DONE]` first, no choices, `{}`.
+    Empty,
     /// The backend cannot serve at all right now (local model loading or failed).
     Unavailable,
     /// Anything else (a bug or an unexpected status).
@@ -290,6 +292,7 @@ impl ErrorKind {
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::MalformedFrame => "malformed_frame",
             ErrorKind::StreamCut => "stream_cut",
+            ErrorKind::Empty => "empty",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Internal => "internal",
         }

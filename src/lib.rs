@@ -19,6 +19,7 @@
 //! - [`metrics`]: metric names with units, Prometheus rendering.
 //! - [`mock_upstream`]: the scriptable fake gateway for tests, benches and the CLI.
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
+//! - [`tasks`]: background loops that survive a panic in one iteration.
 //! - [`huge_pages`]: the binary's allocator (large blocks on transparent huge pages).
 
 pub mod api;
@@ -33,4 +34,5 @@ pub mod metrics;
 pub mod mock_upstream;
 pub mod router;
 pub mod shutdown;
+pub mod tasks;
 pub mod upstream;

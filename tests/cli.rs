@@ -11,7 +11,7 @@ use std::{
 
 use serde_json::Value;
 
-fn lifeboat() -> Command {
+pub(crate) fn lifeboat() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_lifeboat"));
     for (key, _) in std::env::vars() {
         if key.starts_with("LIFEBOAT_") {
@@ -21,7 +21,7 @@ fn lifeboat() -> Command {
     command
 }
 
-fn write_config(text: &str) -> tempfile::NamedTempFile {
+pub(crate) fn write_config(text: &str) -> tempfile::NamedTempFile {
     let mut file = tempfile::Builder::new()
         .suffix(".toml")
         .tempfile()
@@ -99,14 +99,14 @@ fn example_config_is_accepted() {
     assert!(stderr.contains("DEEPSEEK_API_KEY is not set"), "{stderr}");
 }
 
-struct Running {
-    child: Child,
+pub(crate) struct Running {
+    pub(crate) child: Child,
     lines: mpsc::Receiver<String>,
-    log: Vec<String>,
+    pub(crate) log: Vec<String>,
 }
 
 impl Running {
-    fn spawn(mut command: Command) -> Running {
+    pub(crate) fn spawn(mut command: Command) -> Running {
         let mut child = command
             .stderr(Stdio::piped())
             .stdout(Stdio::piped())
@@ -132,7 +132,7 @@ impl Running {
     }
 
     /// Wait for a line containing `needle`; returns it.
-    fn wait_for(&mut self, needle: &str) -> String {
+    pub(crate) fn wait_for(&mut self, needle: &str) -> String {
         loop {
             match self.lines.recv_timeout(Duration::from_secs(20)) {
                 Ok(line) => {
@@ -146,7 +146,7 @@ impl Running {
         }
     }
 
-    fn terminate(&mut self) -> i32 {
+    pub(crate) fn terminate(&mut self) -> i32 {
         let pid = self.child.id().to_string();
         let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
         assert!(status.success());
@@ -165,7 +165,7 @@ impl Drop for Running {
     }
 }
 
-fn between<'a>(line: &'a str, start: &str, end: char) -> &'a str {
+pub(crate) fn between<'a>(line: &'a str, start: &str, end: char) -> &'a str {
     let rest = &line[line.find(start).unwrap_or_else(|| panic!("{start} in {line}")) + start.len()..];
     rest.split(end).next().unwrap_or(rest)
 }

@@ -19,16 +19,16 @@ const COOLDOWN: Duration = Duration::from_millis(400);
 const CLIENTS: usize = 8;
 const ROUNDS: usize = 3;
 
-struct Failover {
-    app: TestApp,
-    _model: tempfile::TempDir,
+pub(crate) struct Failover {
+    pub(crate) app: TestApp,
+    pub(crate) _model: tempfile::TempDir,
 }
 
 async fn failover_app(settings: MockSettings) -> Failover {
     failover_app_with(settings, |_| {}).await
 }
 
-async fn failover_app_with(
+pub(crate) async fn failover_app_with(
     settings: MockSettings,
     tweak: impl FnOnce(&mut lifeboat::config::Config) + Send + 'static,
 ) -> Failover {
@@ -60,7 +60,7 @@ async fn failover_app_with(
 }
 
 /// One client request; panics on anything a client would notice. Returns the backend.
-async fn ask(app: &TestApp, stream: bool) -> String {
+pub(crate) async fn ask(app: &TestApp, stream: bool) -> String {
     let body = json!({
         "model": "deepseek-chat",
         "messages": [{"role": "user", "content": "Are you there?"}],
@@ -120,7 +120,16 @@ async fn load(app: &Arc<TestApp>) -> Vec<String> {
 }
 
 async fn scenario(mode: FaultMode, settings: MockSettings) {
-    let Failover { app, _model } = failover_app(settings).await;
+    scenario_with(mode, settings, |_| {}).await;
+}
+
+/// [`scenario`] with the config changed by `tweak`.
+pub(crate) async fn scenario_with(
+    mode: FaultMode,
+    settings: MockSettings,
+    tweak: impl FnOnce(&mut lifeboat::config::Config) + Send + 'static,
+) {
+    let Failover { app, _model } = failover_app_with(settings, tweak).await;
     let app = Arc::new(app);
     assert_eq!(ask(&app, false).await, "gateway", "healthy gateway serves first");
 

@@ -12,6 +12,7 @@ mod cli;
 mod failover;
 mod gguf_local;
 mod gguf_models;
+mod hostile_gateway;
 mod hub;
 mod local_engine;
 mod logits;

@@ -13,7 +13,7 @@ use super::{
     validate::ValidationError,
 };
 use crate::{
-    backend::{BackendError, ErrorKind},
+    backend::{BackendError, ErrorKind, Origin},
     router::RouteError,
 };
 
@@ -73,9 +73,42 @@ fn classify_backend(error: &BackendError) -> Classified {
             classify(S::BAD_GATEWAY, "api_error", Some("upstream_malformed_response"))
         }
         ErrorKind::StreamCut => classify(S::BAD_GATEWAY, "api_error", Some("upstream_stream_cut")),
+        ErrorKind::Empty => classify(S::BAD_GATEWAY, "api_error", Some("upstream_empty_response")),
         ErrorKind::Unavailable => classify(S::SERVICE_UNAVAILABLE, "api_error", Some("backend_unavailable")),
         ErrorKind::Internal => classify(S::INTERNAL_SERVER_ERROR, "api_error", Some("internal_error")),
     }
+}
+
+/// What a client is told about a gateway failure: who, what kind, the HTTP status, and
+/// how many attempts lifeboat made — never the gateway's own text.
+fn upstream_failure_message(backend: &str, error: &BackendError, attempts: u32) -> String {
+    use crate::backend::TimeoutPhase;
+    let what = match error.kind {
+        ErrorKind::Connect => "could not be reached",
+        ErrorKind::Timeout(TimeoutPhase::Connect) => "timed out while connecting",
+        ErrorKind::Timeout(TimeoutPhase::FirstToken) => "timed out before the first token",
+        ErrorKind::Timeout(TimeoutPhase::Idle) => "stalled in the middle of the answer",
+        ErrorKind::Timeout(TimeoutPhase::Total) => "ran past the time allowed for a whole answer",
+        ErrorKind::RateLimited => "is rate-limiting requests",
+        ErrorKind::ServerError if error.status.is_none() => "reported an error inside its answer",
+        ErrorKind::ServerError => "failed with a server error",
+        ErrorKind::Unauthorized => "refused lifeboat's gateway key",
+        ErrorKind::PaymentRequired => "is out of credit",
+        ErrorKind::NotFound => "does not serve the routed model",
+        ErrorKind::MalformedFrame => "sent a malformed or oversized answer",
+        ErrorKind::StreamCut => "broke off the answer before it was complete",
+        ErrorKind::Empty => "sent an empty answer",
+        ErrorKind::BadRequest | ErrorKind::Unavailable | ErrorKind::Internal => "failed",
+    };
+    let mut message = format!("The upstream gateway `{backend}` {what}");
+    if let Some(status) = error.status {
+        message.push_str(&format!(" (HTTP {status})"));
+    }
+    if attempts > 1 {
+        message.push_str(&format!(" after {attempts} attempts"));
+    }
+    message.push('.');
+    message
 }
 
 impl ApiError {
@@ -138,6 +171,15 @@ impl ApiError {
                 None,
                 None,
             ),
+            // A gateway's own words can carry its internals (keys, org ids, internal URLs):
+            // the client gets the classification, the log gets the (redacted) detail.
+            ApiError::Route(RouteError::Backend {
+                backend,
+                error,
+                attempts,
+            }) if error.origin == Origin::Upstream => {
+                (upstream_failure_message(backend, error, *attempts), None, None)
+            }
             other => (other.to_string(), None, None),
         };
         ErrorBody {
@@ -204,7 +246,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::backend::{Origin, TimeoutPhase};
+    use crate::backend::TimeoutPhase;
 
     fn backend_error(kind: ErrorKind) -> ApiError {
         ApiError::Route(RouteError::Backend {
@@ -237,6 +279,38 @@ mod tests {
     fn internal_detail_is_not_sent() {
         let body = ApiError::Internal("secret stack trace".into()).body();
         assert!(!body.message.contains("secret"));
+    }
+
+    #[test]
+    fn a_gateways_own_words_reach_the_client_only_for_its_own_mistakes() {
+        let leaky = "Incorrect key sk-live-123 for Org org-internal-42 at http://10.0.0.7:8000";
+        let mut error = BackendError::new(ErrorKind::ServerError, Origin::Upstream, leaky);
+        error.status = Some(500);
+        error.code = Some("org-internal-42".into());
+        let body = ApiError::Route(RouteError::Backend {
+            backend: "gateway".into(),
+            error,
+            attempts: 2,
+        })
+        .body();
+        assert_eq!(
+            body.message,
+            "The upstream gateway `gateway` failed with a server error (HTTP 500) after 2 attempts."
+        );
+        assert_eq!(body.code.as_deref(), Some("upstream_error"));
+
+        let mut bad = BackendError::new(ErrorKind::BadRequest, Origin::Upstream, "bad temperature");
+        bad.param = Some("temperature".into());
+        let body = ApiError::Route(RouteError::Backend {
+            backend: "gateway".into(),
+            error: bad,
+            attempts: 1,
+        })
+        .body();
+        assert_eq!(
+            (body.message.as_str(), body.param.as_deref()),
+            ("bad temperature", Some("temperature"))
+        );
     }
 
     #[test]

@@ -115,7 +115,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         .local_addr()
         .map_err(|e| CliError::Runtime(format!("cannot read the listening address: {e}")))?;
     for (name, remote) in &config.remotes {
-        tracing::info!(remote = %name, base_url = %remote.base_url, models = ?remote.models, "remote gateway");
+        tracing::info!(remote = %name, base_url = %crate::config::redact_text(&remote.base_url), models = ?remote.models, "remote gateway");
     }
     tracing::info!(%addr, "lifeboat listening; OpenAI base URL http://{addr}/v1");
     spawn_reloader(args, state.clone());
@@ -139,15 +139,17 @@ fn spawn_reloader(args: ServeArgs, state: AppState) {
             return;
         };
         while hangups.recv().await.is_some() {
-            let result = args
-                .load_config()
-                .map_err(|e| e.to_string())
-                .and_then(|config| state.reload(&config, &ProcessEnv).map_err(|e| e.to_string()));
-            match result {
-                Ok(()) => tracing::info!("SIGHUP: configuration reloaded"),
-                Err(message) => {
+            let reload = async {
+                args.load_config()
+                    .map_err(|e| e.to_string())
+                    .and_then(|config| state.reload(&config, &ProcessEnv).map_err(|e| e.to_string()))
+            };
+            match crate::tasks::survive("reload", reload).await {
+                Some(Ok(())) => tracing::info!("SIGHUP: configuration reloaded"),
+                Some(Err(message)) => {
                     tracing::error!(%message, "SIGHUP: reload failed; keeping the running configuration")
                 }
+                None => tracing::error!("SIGHUP: reload panicked; keeping the running configuration"),
             }
         }
     });

@@ -16,7 +16,7 @@ use serde::Deserialize;
 mod secret;
 mod validate;
 
-pub use secret::{EnvSource, ProcessEnv, Secret, read_secret_file, resolve_secret};
+pub use secret::{EnvSource, ProcessEnv, Secret, read_secret_file, redact_text, resolve_secret};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -224,6 +224,13 @@ pub struct RemoteConfig {
     /// When a stream from this gateway breaks after the first token, let the local model
     /// continue the answer instead of sending an in-band error. Default false.
     pub continue_locally: bool,
+    /// Largest SSE event (one line, or the `data:` lines of one event) taken from this
+    /// gateway; longer fails the attempt as malformed. Default 1 MiB.
+    pub max_frame_bytes: usize,
+    /// Largest non-streamed JSON answer taken from this gateway. Default 64 MiB.
+    pub max_json_body_bytes: usize,
+    /// Most bytes one streamed answer may send in all. Default 128 MiB.
+    pub max_answer_bytes: usize,
 }
 
 impl Default for RemoteConfig {
@@ -245,6 +252,9 @@ impl Default for RemoteConfig {
             hedge_after: None,
             pool_idle_timeout: Duration::from_secs(90),
             continue_locally: false,
+            max_frame_bytes: 1024 * 1024,
+            max_json_body_bytes: 64 * 1024 * 1024,
+            max_answer_bytes: 128 * 1024 * 1024,
         }
     }
 }

@@ -79,3 +79,104 @@ pub fn resolve_secret(env: &dyn EnvSource, key: &str, name: &str) -> Result<Secr
         )),
     }
 }
+
+/// Prefixes of key material in gateway texts (OpenAI, DeepSeek and similar keys,
+/// organisation and project ids).
+const KEY_PREFIXES: [&str; 8] = ["sk-", "sk_", "rk-", "pk-", "key-", "org-", "proj_", "proj-"];
+
+/// Text from outside (a gateway's error message, a transport error naming a URL) with
+/// what looks like a credential replaced by `<redacted>`: the userinfo of a URL
+/// (`https://user:pass@host`), words that start like a key or an organisation id
+/// (`sk-…`, `org-…`), a word after `Bearer`, and long random-looking tokens.
+pub fn redact_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut after_bearer = false;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let start = rest.find(|c: char| !is_separator(c)).unwrap_or(rest.len());
+        out.push_str(&rest[..start]);
+        rest = &rest[start..];
+        let end = rest.find(is_separator).unwrap_or(rest.len());
+        let word = &rest[..end];
+        if after_bearer && !word.is_empty() {
+            out.push_str("<redacted>");
+        } else {
+            out.push_str(&redact_word(word));
+        }
+        after_bearer = word.eq_ignore_ascii_case("bearer");
+        rest = &rest[end..];
+    }
+    out
+}
+
+fn is_separator(c: char) -> bool {
+    c.is_whitespace()
+        || matches!(
+            c,
+            '"' | '\'' | ',' | ';' | '(' | ')' | '<' | '>' | '[' | ']' | '{' | '}' | '`'
+        )
+}
+
+fn redact_word(word: &str) -> String {
+    if let Some(scheme_end) = word.find("://") {
+        let authority_start = scheme_end + 3;
+        let authority_end = word[authority_start..]
+            .find(['/', '?', '#'])
+            .map_or(word.len(), |i| authority_start + i);
+        if let Some(at) = word[authority_start..authority_end].rfind('@') {
+            return format!(
+                "{}<redacted>{}",
+                &word[..authority_start],
+                &word[authority_start + at..]
+            );
+        }
+        return word.to_string();
+    }
+    for prefix in KEY_PREFIXES {
+        if word.len() > prefix.len() + 2 && word.starts_with(prefix) {
+            return format!("{prefix}<redacted>");
+        }
+    }
+    let token_like = word.len() >= 32
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && word.chars().any(|c| c.is_ascii_digit())
+        && word.chars().any(|c| c.is_ascii_alphabetic());
+    if token_like {
+        return "<redacted>".to_string();
+    }
+    word.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_gateway_texts_are_redacted() {
+        let cases = [
+            (
+                "Incorrect API key provided: sk-live-abc123. Org org-internal-42 has no access.",
+                "Incorrect API key provided: sk-<redacted> Org org-<redacted> has no access.",
+            ),
+            (
+                "error sending request for url (https://admin:hunter2@gw.internal:8443/v1/chat)",
+                "error sending request for url (https://<redacted>@gw.internal:8443/v1/chat)",
+            ),
+            ("header was Bearer abc.def", "header was Bearer <redacted>"),
+            (
+                "token 4f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a leaked",
+                "token <redacted> leaked",
+            ),
+            (
+                "Invalid max_tokens value, the valid range of max_tokens is [1, 8192]",
+                "Invalid max_tokens value, the valid range of max_tokens is [1, 8192]",
+            ),
+            ("http://gw/v1 and ünïcode", "http://gw/v1 and ünïcode"),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(redact_text(text), expected, "{text}");
+        }
+    }
+}

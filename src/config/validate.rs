@@ -50,6 +50,18 @@ impl Config {
                     return Err(ConfigError::invalid(key(field), "must be greater than 0"));
                 }
             }
+            for (field, value, floor) in [
+                ("max_frame_bytes", remote.max_frame_bytes, 1024),
+                ("max_json_body_bytes", remote.max_json_body_bytes, 1024),
+                ("max_answer_bytes", remote.max_answer_bytes, 1024),
+            ] {
+                if value < floor {
+                    return Err(ConfigError::invalid(
+                        key(field),
+                        format!("must be at least {floor} bytes (got {value}); one answer chunk is larger"),
+                    ));
+                }
+            }
             if remote.egress == Egress::LocalOnly {
                 return Err(ConfigError::invalid(
                     key("egress"),
@@ -207,18 +219,20 @@ fn check_base_url(key: &str, url: &str) -> Result<(), ConfigError> {
             "is required (the gateway's base URL ending in /v1)",
         ));
     }
+    // The URL may carry credentials (`https://user:pass@host`): errors show it redacted.
+    let shown = super::redact_text(url);
     let parsed = reqwest::Url::parse(url)
-        .map_err(|err| ConfigError::invalid(key, format!("{url:?} is not a valid URL: {err}")))?;
+        .map_err(|err| ConfigError::invalid(key, format!("{shown:?} is not a valid URL: {err}")))?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(ConfigError::invalid(
             key,
-            format!("{url:?} must start with http:// or https://"),
+            format!("{shown:?} must start with http:// or https://"),
         ));
     }
     if parsed.query().is_some() || parsed.fragment().is_some() {
         return Err(ConfigError::invalid(
             key,
-            format!("{url:?} must not have a query or fragment"),
+            format!("{shown:?} must not have a query or fragment"),
         ));
     }
     Ok(())

@@ -40,7 +40,7 @@ mod responses;
 
 pub use latency::LatencyProfile;
 use responses::error_response;
-pub use responses::{mock_text, mock_token};
+pub use responses::{LEAKED_KEY, LEAKED_ORG, LEAKED_URL, mock_text, mock_token};
 
 /// How the mock misbehaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -71,10 +71,26 @@ pub enum FaultMode {
     Malformed,
     /// Behave, but send the first token only after [`MockSettings::slow_first_token`].
     Slow,
+    /// Answer 200 with a stream whose first frame is `data: [DONE]`: no output at all.
+    EmptyStream,
+    /// Answer 200 `application/json` with the body `{}`.
+    JsonEmptyObject,
+    /// 429 whose `Retry-After` and `retry-after-ms` are `1e30` (probes get it too).
+    HugeRetryAfter,
+    /// Answer 200 and stream one `data:` line that never ends, up to
+    /// [`MockSettings::giant_bytes`].
+    GiantLine,
+    /// Stream valid content chunks as fast as possible, forever: an answer without end.
+    EndlessStream,
+    /// Answer 200 `application/json` (chunked, no length) with a body of
+    /// [`MockSettings::giant_bytes`].
+    GiantBody,
+    /// 500 whose error text carries a key, an organisation id and an internal URL.
+    LeakyError,
 }
 
 impl FaultMode {
-    pub const ALL: [FaultMode; 12] = [
+    pub const ALL: [FaultMode; 19] = [
         FaultMode::None,
         FaultMode::Refuse,
         FaultMode::Http500,
@@ -87,6 +103,13 @@ impl FaultMode {
         FaultMode::MidstreamCut,
         FaultMode::Malformed,
         FaultMode::Slow,
+        FaultMode::EmptyStream,
+        FaultMode::JsonEmptyObject,
+        FaultMode::HugeRetryAfter,
+        FaultMode::GiantLine,
+        FaultMode::EndlessStream,
+        FaultMode::GiantBody,
+        FaultMode::LeakyError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -103,6 +126,13 @@ impl FaultMode {
             FaultMode::MidstreamCut => "midstream_cut",
             FaultMode::Malformed => "malformed",
             FaultMode::Slow => "slow",
+            FaultMode::EmptyStream => "empty_stream",
+            FaultMode::JsonEmptyObject => "json_empty_object",
+            FaultMode::HugeRetryAfter => "huge_retry_after",
+            FaultMode::GiantLine => "giant_line",
+            FaultMode::EndlessStream => "endless_stream",
+            FaultMode::GiantBody => "giant_body",
+            FaultMode::LeakyError => "leaky_error",
         }
     }
 }
@@ -154,6 +184,9 @@ pub struct MockSettings {
     /// If set, each request draws its own first-token delay and token rate from this
     /// seeded profile instead of the fixed delays above. Default `None`.
     pub latency_profile: Option<LatencyProfile>,
+    /// Bytes sent by `giant_line` and `giant_body` (unless the reader gives up first).
+    /// Default 2 GiB.
+    pub giant_bytes: u64,
 }
 
 impl Default for MockSettings {
@@ -170,6 +203,7 @@ impl Default for MockSettings {
             api_key: None,
             max_tokens_limit: 8192,
             latency_profile: None,
+            giant_bytes: 2 << 30,
         }
     }
 }

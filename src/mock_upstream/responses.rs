@@ -95,9 +95,63 @@ async fn fault_response(mode: FaultMode, settings: &MockSettings) -> Option<Resp
             "mock: authentication fails",
             Some("invalid_api_key"),
         )),
+        FaultMode::HugeRetryAfter => {
+            let mut response = error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "mock: rate limit reached, come back in 1e30 seconds",
+                Some("rate_limit_exceeded"),
+            );
+            let headers = response.headers_mut();
+            headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1e30"));
+            headers.insert("retry-after-ms", header::HeaderValue::from_static("1e30"));
+            Some(response)
+        }
+        FaultMode::LeakyError => server_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("mock: upstream failure for key {LEAKED_KEY} Org {LEAKED_ORG} at {LEAKED_URL}"),
+        ),
+        FaultMode::JsonEmptyObject => Some(Json(json!({})).into_response()),
+        FaultMode::GiantBody => Some(
+            Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(giant_body(settings.giant_bytes))
+                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()),
+        ),
         FaultMode::Hang => std::future::pending().await,
         _ => None,
     }
+}
+
+/// What `leaky_error` puts in its error text, for tests to look for.
+pub const LEAKED_KEY: &str = "sk-live-4f9a8b7c6d5e";
+pub const LEAKED_ORG: &str = "org-internal-42";
+pub const LEAKED_URL: &str = "http://10.1.2.3:8000/internal";
+
+/// `bytes` of `x` in 64 KiB pieces made on demand (the mock never holds them), wrapped in
+/// `prefix` and `suffix`.
+fn giant_stream(
+    prefix: &'static str,
+    bytes: u64,
+    suffix: &'static str,
+) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send {
+    const PIECE: usize = 64 * 1024;
+    let piece = Bytes::from(vec![b'x'; PIECE]);
+    let pieces = bytes.div_ceil(PIECE as u64);
+    let body = futures_util::stream::iter(0..pieces).map(move |_| Ok(piece.clone()));
+    futures_util::stream::once(async move { Ok(Bytes::from_static(prefix.as_bytes())) })
+        .chain(body)
+        .chain(futures_util::stream::once(async move {
+            Ok(Bytes::from_static(suffix.as_bytes()))
+        }))
+}
+
+fn giant_body(bytes: u64) -> Body {
+    Body::from_stream(giant_stream(
+        r#"{"id":"mock-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":""#,
+        bytes,
+        r#""},"finish_reason":"stop"}]}"#,
+    ))
 }
 
 pub(super) async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -217,6 +271,20 @@ async fn generate(shared: Arc<Shared>, headers: HeaderMap, body: Bytes, chat: bo
                 tokio::time::sleep(interval).await;
                 Some((Ok::<_, Infallible>(Bytes::from_static(b": keep-alive\n\n")), ()))
             }))
+        }
+        FaultMode::EmptyStream => Body::from("data: [DONE]\n\n"),
+        FaultMode::GiantLine => Body::from_stream(giant_stream(
+            r#"data: {"id":"mock-1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":""#,
+            settings.giant_bytes,
+            "",
+        )),
+        FaultMode::EndlessStream => {
+            let chunk = answer.token_chunk(0);
+            let role = answer.role_chunk();
+            Body::from_stream(
+                futures_util::stream::once(async move { Ok::<_, Infallible>(role) })
+                    .chain(futures_util::stream::repeat_with(move || Ok(chunk.clone()))),
+            )
         }
         FaultMode::Malformed => Body::from(
             "data: {\"id\":\"mock\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\n\ndata: [DONE]\n\n",

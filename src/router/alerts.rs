@@ -87,18 +87,7 @@ impl Alerter {
                 return;
             };
             while let Some(alert) = rx.recv().await {
-                for (i, url) in webhooks.iter().enumerate() {
-                    match client.post(url.expose()).json(&alert).send().await {
-                        Ok(response) if response.status().is_success() => {}
-                        // The URL is a secret: name the webhook by position only.
-                        Ok(response) => {
-                            tracing::warn!(webhook = i, status = %response.status(), "alert webhook refused")
-                        }
-                        Err(err) => {
-                            tracing::warn!(webhook = i, error = %err.without_url(), "alert webhook failed")
-                        }
-                    }
-                }
+                crate::tasks::survive("alerts", post_alert(&client, &webhooks, &alert)).await;
             }
         });
         Alerter { tx }
@@ -108,6 +97,22 @@ impl Alerter {
     pub fn send(&self, alert: Value) {
         if self.tx.try_send(alert).is_err() {
             tracing::warn!("alert queue full; an alert was dropped");
+        }
+    }
+}
+
+/// POST `alert` to every webhook in turn.
+async fn post_alert(client: &reqwest::Client, webhooks: &[Secret], alert: &Value) {
+    for (i, url) in webhooks.iter().enumerate() {
+        match client.post(url.expose()).json(alert).send().await {
+            Ok(response) if response.status().is_success() => {}
+            // The URL is a secret: name the webhook by position only.
+            Ok(response) => {
+                tracing::warn!(webhook = i, status = %response.status(), "alert webhook refused")
+            }
+            Err(err) => {
+                tracing::warn!(webhook = i, error = %err.without_url(), "alert webhook failed")
+            }
         }
     }
 }

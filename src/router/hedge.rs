@@ -33,7 +33,7 @@ pub(super) enum Outcome {
 
 async fn start(backend: &dyn Backend, request: BackendRequest) -> Result<EventStream, BackendError> {
     match backend.generate(request).await {
-        Ok(events) => commit(events).await,
+        Ok(events) => commit(events, backend.kind()).await,
         Err(error) => Err(error),
     }
 }

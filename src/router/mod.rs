@@ -209,7 +209,7 @@ impl Router {
                 loop {
                     tokio::time::sleep(interval).await;
                     let Some(router) = router.upgrade() else { return };
-                    router.probe_once(&id).await;
+                    crate::tasks::survive("probe", router.probe_once(&id)).await;
                 }
             });
         }

@@ -25,6 +25,8 @@ pub fn fails_over(error: &BackendError) -> bool {
         ErrorKind::NotFound => true,
         // Broken or cut before the commit point: nothing was sent yet.
         ErrorKind::MalformedFrame | ErrorKind::StreamCut => true,
+        // A 200 that carried no answer at all is as useless to the client as a 5xx.
+        ErrorKind::Empty => true,
         // Loading or failed local model: try whatever is next.
         ErrorKind::Unavailable => true,
         // Unexpected status or bug: another backend may still answer.
@@ -42,7 +44,7 @@ pub fn retries_same_backend(error: &BackendError, retry_after_cap: Duration) -> 
         // A refused or reset connection is often one bad pooled connection.
         ErrorKind::Connect => true,
         // 5xx and broken frames are typically one overloaded replica.
-        ErrorKind::ServerError | ErrorKind::MalformedFrame | ErrorKind::StreamCut => true,
+        ErrorKind::ServerError | ErrorKind::MalformedFrame | ErrorKind::StreamCut | ErrorKind::Empty => true,
         // Honour `Retry-After` up to the cap; beyond it, fail over at once.
         ErrorKind::RateLimited => error.retry_after.is_none_or(|after| after <= retry_after_cap),
         _ => false,
@@ -71,6 +73,7 @@ mod tests {
             ErrorKind::NotFound,
             ErrorKind::MalformedFrame,
             ErrorKind::StreamCut,
+            ErrorKind::Empty,
             ErrorKind::Unavailable,
             ErrorKind::Internal,
         ];

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 
 use crate::{
-    backend::{Backend, BackendError, BackendRequest, EventStream, GenerationEvent, GenerationRequest},
+    backend::{
+        Backend, BackendError, BackendKind, BackendRequest, ErrorKind, EventStream, GenerationEvent,
+        GenerationRequest, Origin,
+    },
     metrics,
 };
 
@@ -114,10 +117,11 @@ where
     ))
 }
 
-/// Wait for the first output event (or the clean end of the stream). Everything before
-/// it is buffered and replayed, so the caller sees the whole stream; an error before it is
-/// returned instead of the stream.
-pub(super) async fn commit(mut events: EventStream) -> Result<EventStream, BackendError> {
+/// Wait for the first output event. Everything before it is buffered and replayed, so the
+/// caller sees the whole stream; an error before it is returned instead of the stream, and
+/// so is a stream that ends without any output (`[DONE]` first, no choices): an answer
+/// with nothing in it is a failed attempt ([`ErrorKind::Empty`]), never a success.
+pub(super) async fn commit(mut events: EventStream, from: BackendKind) -> Result<EventStream, BackendError> {
     let mut held: Vec<GenerationEvent> = Vec::new();
     loop {
         match events.next().await {
@@ -129,7 +133,17 @@ pub(super) async fn commit(mut events: EventStream) -> Result<EventStream, Backe
                 }
             }
             Some(Err(error)) => return Err(error),
-            None => break,
+            None => {
+                let origin = match from {
+                    BackendKind::Remote => Origin::Upstream,
+                    BackendKind::Local => Origin::Local,
+                };
+                return Err(BackendError::new(
+                    ErrorKind::Empty,
+                    origin,
+                    "the answer ended before any output (no content, no finish reason)",
+                ));
+            }
         }
     }
     let replay = futures_util::stream::iter(held.into_iter().map(Ok));
@@ -139,7 +153,7 @@ pub(super) async fn commit(mut events: EventStream) -> Result<EventStream, Backe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{ChoiceDelta, ErrorKind, Origin};
+    use crate::backend::{ChoiceDelta, Usage};
 
     fn delta(content: &str) -> GenerationEvent {
         GenerationEvent::Delta(ChoiceDelta {
@@ -154,8 +168,28 @@ mod tests {
             Ok(delta("")),
             Err(BackendError::new(ErrorKind::StreamCut, Origin::Upstream, "cut")),
         ]));
-        let err = commit(events).await.err().expect("error before commit");
+        let err = commit(events, BackendKind::Remote)
+            .await
+            .err()
+            .expect("error before commit");
         assert_eq!(err.kind, ErrorKind::StreamCut);
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_ends_without_output_is_an_empty_answer() {
+        let cases: Vec<Vec<Result<GenerationEvent, BackendError>>> = vec![
+            vec![],
+            vec![Ok(delta(""))],
+            vec![Ok(GenerationEvent::Usage(Usage::default()))],
+        ];
+        for events in cases {
+            let events: EventStream = Box::pin(futures_util::stream::iter(events));
+            let err = commit(events, BackendKind::Remote)
+                .await
+                .err()
+                .expect("no output is a failure");
+            assert_eq!(err.kind, ErrorKind::Empty);
+        }
     }
 
     #[tokio::test]
@@ -165,7 +199,7 @@ mod tests {
             Ok(delta("a")),
             Err(BackendError::new(ErrorKind::StreamCut, Origin::Upstream, "cut")),
         ]));
-        let stream = commit(events).await.expect("committed");
+        let stream = commit(events, BackendKind::Remote).await.expect("committed");
         let items: Vec<_> = stream.collect().await;
         assert_eq!(items.len(), 3);
         assert!(matches!(&items[1], Ok(e) if *e == delta("a")));

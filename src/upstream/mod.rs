@@ -18,7 +18,7 @@ use crate::{
     backend::{Backend, BackendError, BackendKind, BackendRequest, ErrorKind, EventStream, Origin},
     config::{ProbeKind, RemoteConfig, Secret},
 };
-use stream::{Deadlines, classify_send_error, classify_status, error_chain};
+use stream::{Deadlines, ResponseLimits, classify_send_error, classify_status, error_chain};
 
 /// Largest error body read from the gateway; the rest is not needed for a message.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -47,7 +47,7 @@ impl RemoteBackend {
             BackendError::new(
                 ErrorKind::Internal,
                 Origin::Upstream,
-                format!("bad base URL {base:?}: {err}"),
+                format!("bad base URL {:?}: {err}", crate::config::redact_text(&base)),
             )
         })?;
         install_crypto_provider();
@@ -248,20 +248,17 @@ impl Backend for RemoteBackend {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/json"));
+        let limits = ResponseLimits::from(&self.config);
         if is_json {
             // A gateway that ignored `stream: true` and answered in one piece.
-            let (deadline, phase) = deadlines.next(false, deadlines.started);
-            return match tokio::time::timeout_at(deadline, response.bytes()).await {
-                Err(_) => Err(deadlines.timeout_error(phase)),
-                Ok(Err(err)) => Err(BackendError::new(
-                    ErrorKind::StreamCut,
-                    Origin::Upstream,
-                    format!("upstream response broke: {}", error_chain(&err)),
-                )),
-                Ok(Ok(bytes)) => Ok(stream::json_events(&bytes)),
-            };
+            let body = stream::read_json_body(response, &deadlines, limits.max_json_body_bytes).await?;
+            return Ok(stream::json_events(&body));
         }
-        Ok(stream::sse_events(Box::pin(response.bytes_stream()), deadlines))
+        Ok(stream::sse_events(
+            Box::pin(response.bytes_stream()),
+            deadlines,
+            limits,
+        ))
     }
 }
 

@@ -13,9 +13,24 @@ pub enum SseFrame {
     Comment,
 }
 
+/// Why a body is not a usable SSE stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SseError {
+    #[error("the stream is not valid UTF-8: {0}")]
+    Utf8(#[from] std::str::Utf8Error),
+    /// One event (its unterminated line, or its joined `data:` lines) passed the cap: a
+    /// gateway sending a line without end, or `data:` lines without the blank line that
+    /// ends an event, would otherwise be buffered without bound.
+    #[error("an event passed the limit of {limit} bytes without ending")]
+    FrameTooLarge { limit: usize },
+}
+
+/// Default cap on one event, in bytes: OpenAI-style chunks are a few hundred bytes.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
+
 /// Feeds on body chunks of any size and yields complete frames; a UTF-8 character or a
-/// line split across chunks is reassembled.
-#[derive(Debug, Default)]
+/// line split across chunks is reassembled. Holds at most `max_frame` bytes of one event.
+#[derive(Debug)]
 pub struct SseParser {
     /// Bytes of the current, not yet terminated line.
     line: Vec<u8>,
@@ -23,16 +38,35 @@ pub struct SseParser {
     data: Option<String>,
     /// The previous chunk ended in `\r`; a leading `\n` of the next one belongs to it.
     pending_cr: bool,
+    max_frame: usize,
+}
+
+impl Default for SseParser {
+    fn default() -> Self {
+        SseParser::with_max_frame(DEFAULT_MAX_FRAME_BYTES)
+    }
 }
 
 impl SseParser {
+    /// A parser with the default event cap ([`DEFAULT_MAX_FRAME_BYTES`]).
     pub fn new() -> Self {
         SseParser::default()
     }
 
+    /// A parser that refuses an event longer than `max_frame` bytes.
+    pub fn with_max_frame(max_frame: usize) -> Self {
+        SseParser {
+            line: Vec::new(),
+            data: None,
+            pending_cr: false,
+            max_frame,
+        }
+    }
+
     /// Parse `chunk`, appending complete frames to `out`. Returns an error for bytes that
-    /// are not UTF-8 inside a complete line.
-    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<SseFrame>) -> Result<(), std::str::Utf8Error> {
+    /// are not UTF-8 inside a complete line and for an event past the cap; the parser is
+    /// not meant to be used after an error.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<SseFrame>) -> Result<(), SseError> {
         let mut rest = chunk;
         if self.pending_cr {
             self.pending_cr = false;
@@ -41,6 +75,7 @@ impl SseParser {
             }
         }
         while let Some(pos) = memchr::memchr2(b'\n', b'\r', rest) {
+            self.check_size(pos)?;
             self.line.extend_from_slice(&rest[..pos]);
             if rest[pos] == b'\r' {
                 match rest.get(pos + 1) {
@@ -57,7 +92,19 @@ impl SseParser {
             let line = std::mem::take(&mut self.line);
             self.end_line(&line, out)?;
         }
+        self.check_size(rest.len())?;
         self.line.extend_from_slice(rest);
+        Ok(())
+    }
+
+    /// Whether the event being assembled, with `more` bytes added, stays within the cap.
+    fn check_size(&self, more: usize) -> Result<(), SseError> {
+        let held = self.line.len() + more + self.data.as_ref().map_or(0, String::len);
+        if held > self.max_frame {
+            return Err(SseError::FrameTooLarge {
+                limit: self.max_frame,
+            });
+        }
         Ok(())
     }
 
@@ -67,7 +114,7 @@ impl SseParser {
     }
 
     /// Handle one complete line: a blank line ends the event being assembled.
-    fn end_line(&mut self, line: &[u8], out: &mut Vec<SseFrame>) -> Result<(), std::str::Utf8Error> {
+    fn end_line(&mut self, line: &[u8], out: &mut Vec<SseFrame>) -> Result<(), SseError> {
         if line.is_empty() {
             if let Some(data) = self.data.take() {
                 out.push(SseFrame::Data(data));
@@ -139,6 +186,35 @@ mod tests {
     fn multi_line_data_and_other_fields() {
         let frames = parse_all(&[b"event: message\nid: 7\ndata: a\ndata: b\n\n"]);
         assert_eq!(frames, vec![SseFrame::Data("a\nb".into())]);
+    }
+
+    #[test]
+    fn an_endless_line_or_event_is_refused_at_the_cap() {
+        let mut out = Vec::new();
+        let mut parser = SseParser::with_max_frame(64);
+        parser.push(b"data: ", &mut out).expect("small so far");
+        let err = (0..10)
+            .find_map(|_| parser.push(&[b'x'; 16], &mut out).err())
+            .expect("refused");
+        assert_eq!(err, SseError::FrameTooLarge { limit: 64 });
+        assert!(parser.line.len() <= 64, "held {} bytes", parser.line.len());
+
+        // Many short `data:` lines with no blank line between them are one growing event.
+        let mut parser = SseParser::with_max_frame(64);
+        let err = (0..100)
+            .find_map(|_| parser.push(b"data: 0123456789\n", &mut out).err())
+            .expect("refused");
+        assert_eq!(err, SseError::FrameTooLarge { limit: 64 });
+        assert!(out.is_empty());
+
+        // Events up to the cap pass, however many there are.
+        let mut parser = SseParser::with_max_frame(64);
+        for _ in 0..1000 {
+            parser
+                .push(b"data: 0123456789\n\n", &mut out)
+                .expect("small events");
+        }
+        assert_eq!(out.len(), 1000);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use super::sse::{SseFrame, SseParser};
 use crate::backend::{
     BackendError, ChoiceDelta, ErrorKind, EventStream, GenerationEvent, Origin, TimeoutPhase, Usage,
 };
+use crate::config::redact_text;
 
 /// The deadlines of one attempt, fixed when the request is sent.
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +58,37 @@ impl Deadlines {
             ),
         )
     }
+}
+
+/// How much of a gateway's answer lifeboat holds at most. A gateway is not trusted to end
+/// its lines, its events or its answer: past a cap the attempt fails as
+/// [`ErrorKind::MalformedFrame`] (and fails over, before the commit point).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseLimits {
+    /// One SSE event (a line, or the joined `data:` lines of one event).
+    pub max_frame_bytes: usize,
+    /// A whole non-streamed JSON answer.
+    pub max_json_body_bytes: usize,
+    /// Everything one streamed answer may send, comments and all.
+    pub max_answer_bytes: usize,
+}
+
+impl From<&crate::config::RemoteConfig> for ResponseLimits {
+    fn from(config: &crate::config::RemoteConfig) -> Self {
+        ResponseLimits {
+            max_frame_bytes: config.max_frame_bytes,
+            max_json_body_bytes: config.max_json_body_bytes,
+            max_answer_bytes: config.max_answer_bytes,
+        }
+    }
+}
+
+fn too_large(what: &str, limit: usize) -> BackendError {
+    BackendError::new(
+        ErrorKind::MalformedFrame,
+        Origin::Upstream,
+        format!("upstream {what} passed the limit of {limit} bytes"),
+    )
 }
 
 /// Upstream chunk or full response, both shapes in one lenient struct.
@@ -141,7 +173,7 @@ fn events_from_json(
             Origin::Upstream,
             format!(
                 "upstream reported an error inside the stream: {}",
-                error.message.as_deref().unwrap_or("(no message)")
+                redact_text(error.message.as_deref().unwrap_or("(no message)"))
             ),
         );
         err.code = value_to_string(error.code);
@@ -212,6 +244,9 @@ struct SseState {
     last_progress: Instant,
     saw_finish: bool,
     done: bool,
+    /// Bytes received so far, against `max_answer`.
+    received: usize,
+    max_answer: usize,
 }
 
 impl SseState {
@@ -263,12 +298,17 @@ impl SseState {
                     return Some(Err(self.deadlines.timeout_error(phase)));
                 }
                 Ok(Some(Ok(bytes))) => {
+                    self.received = self.received.saturating_add(bytes.len());
+                    if self.received > self.max_answer {
+                        self.done = true;
+                        return Some(Err(too_large("stream", self.max_answer)));
+                    }
                     if let Err(err) = self.parser.push(&bytes, &mut self.frames) {
                         self.done = true;
                         return Some(Err(BackendError::new(
                             ErrorKind::MalformedFrame,
                             Origin::Upstream,
-                            format!("upstream stream is not valid UTF-8: {err}"),
+                            format!("upstream stream is unusable: {err}"),
                         )));
                     }
                     if self.drain_frames() {
@@ -301,11 +341,11 @@ impl SseState {
     }
 }
 
-/// Events from an SSE body, under `deadlines`.
-pub fn sse_events(body: ByteStream, deadlines: Deadlines) -> EventStream {
+/// Events from an SSE body, under `deadlines` and `limits`.
+pub fn sse_events(body: ByteStream, deadlines: Deadlines, limits: ResponseLimits) -> EventStream {
     let state = SseState {
         body,
-        parser: SseParser::new(),
+        parser: SseParser::with_max_frame(limits.max_frame_bytes),
         frames: Vec::new(),
         pending: VecDeque::new(),
         deadlines,
@@ -313,11 +353,51 @@ pub fn sse_events(body: ByteStream, deadlines: Deadlines) -> EventStream {
         last_progress: Instant::now(),
         saw_finish: false,
         done: false,
+        received: 0,
+        max_answer: limits.max_answer_bytes,
     };
     Box::pin(futures_util::stream::unfold(state, |mut state| async move {
         let item = state.next_event().await?;
         Some((item, state))
     }))
+}
+
+/// Read a whole (non-SSE) body of at most `limit` bytes before `deadline`; a longer one
+/// is refused as soon as it is known to be longer (by `Content-Length` or by counting).
+pub async fn read_json_body(
+    response: reqwest::Response,
+    deadlines: &Deadlines,
+    limit: usize,
+) -> Result<Vec<u8>, BackendError> {
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit as u64)
+    {
+        return Err(too_large("JSON answer", limit));
+    }
+    let (deadline, phase) = deadlines.next(false, deadlines.started);
+    let mut body = Vec::new();
+    let mut chunks = response.bytes_stream();
+    let read = async {
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|err| {
+                BackendError::new(
+                    ErrorKind::StreamCut,
+                    Origin::Upstream,
+                    format!("upstream response broke: {}", error_chain(&err)),
+                )
+            })?;
+            if body.len() + chunk.len() > limit {
+                return Err(too_large("JSON answer", limit));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(())
+    };
+    match tokio::time::timeout_at(deadline, read).await {
+        Err(_) => Err(deadlines.timeout_error(phase)),
+        Ok(result) => result.map(|()| body),
+    }
 }
 
 /// Events from a complete (non-SSE) JSON response, for gateways that ignore `stream`.
@@ -356,6 +436,7 @@ pub fn classify_status(
         Some(secret) if !secret.is_empty() => upstream_message.replace(secret, "<redacted>"),
         _ => upstream_message,
     };
+    let upstream_message = redact_text(&upstream_message);
     let kind = match status.as_u16() {
         400 | 413 | 422 => ErrorKind::BadRequest,
         401 | 403 => ErrorKind::Unauthorized,
@@ -381,24 +462,32 @@ pub fn classify_status(
     err
 }
 
-/// `retry-after-ms` (OpenAI), else `Retry-After` in seconds or as an HTTP date.
+/// Longest `Retry-After` taken from a gateway. Anything beyond the router's cap fails
+/// over at once anyway; the clamp only keeps absurd values (`1e30`, the year 9999) from
+/// overflowing a `Duration` or an `Instant` downstream.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// `retry-after-ms` (OpenAI), else `Retry-After` in seconds or as an HTTP date; clamped
+/// to [`MAX_RETRY_AFTER`]. Negative, NaN or unparsable values are ignored.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) = headers
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|ms| ms.is_finite() && *ms >= 0.0)
-    {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+    let number = |name: &str| -> Option<f64> {
+        let value = headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok()?;
+        (value >= 0.0).then_some(value)
+    };
+    let clamp =
+        |secs: f64| Duration::try_from_secs_f64(secs).map_or(MAX_RETRY_AFTER, |d| d.min(MAX_RETRY_AFTER));
+    if let Some(ms) = number("retry-after-ms") {
+        return Some(clamp(ms / 1000.0));
+    }
+    if let Some(secs) = number(reqwest::header::RETRY_AFTER.as_str()) {
+        return Some(clamp(secs));
     }
     let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
-    }
     let when = httpdate::parse_http_date(value).ok()?;
     Some(
         when.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_RETRY_AFTER),
     )
 }
 
@@ -418,7 +507,8 @@ pub fn classify_send_error(err: &reqwest::Error) -> BackendError {
     )
 }
 
-/// An error with its sources, since reqwest's top-level text hides the cause.
+/// An error with its sources, since reqwest's top-level text hides the cause; URL
+/// credentials and key-like words are redacted (the text goes to logs).
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
@@ -430,7 +520,7 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         }
         source = cause.source();
     }
-    text
+    redact_text(&text)
 }
 
 #[cfg(test)]
@@ -546,6 +636,32 @@ mod tests {
         assert_eq!(retry_after(&headers), Some(Duration::ZERO));
         headers.insert("retry-after", HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&headers), None);
+    }
+
+    #[test]
+    fn absurd_retry_after_values_are_clamped_or_ignored_never_a_panic() {
+        let cases: &[(&str, &str, Option<Duration>)] = &[
+            ("retry-after", "1e30", Some(MAX_RETRY_AFTER)),
+            ("retry-after", "1e20", Some(MAX_RETRY_AFTER)),
+            ("retry-after", "inf", Some(MAX_RETRY_AFTER)),
+            ("retry-after", "-5", None),
+            ("retry-after", "NaN", None),
+            ("retry-after", "-0", Some(Duration::ZERO)),
+            (
+                "retry-after",
+                "Fri, 31 Dec 9999 23:59:59 GMT",
+                Some(MAX_RETRY_AFTER),
+            ),
+            ("retry-after-ms", "1e30", Some(MAX_RETRY_AFTER)),
+            ("retry-after-ms", "-1", None),
+            ("retry-after-ms", "nan", None),
+            ("retry-after-ms", "1.5", Some(Duration::from_micros(1500))),
+        ];
+        for &(name, value, expected) in cases {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, HeaderValue::from_static(value));
+            assert_eq!(retry_after(&headers), expected, "{name}: {value}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
