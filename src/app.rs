@@ -20,13 +20,15 @@ use tower_http::{catch_panic::CatchPanicLayer, trace::TraceLayer};
 use crate::{
     api::{self, auth::ClientKeys, types::ErrorResponse},
     backend::Backend,
-    config::{Config, ConfigError, EnvSource, read_secret_file, resolve_secret},
+    config::{Config, ConfigError, DeadlineMode, EnvSource, read_secret_file, resolve_secret},
     engine::{LocalBackend, LocalSettings},
     metrics,
     router::{
         RouteTable, Router, RouterSettings,
         alerts::Alerter,
         breaker::BreakerConfig,
+        deadlines::DeadlinePolicy,
+        policy::RetryRules,
         retry::{Backoff, RetryBudget},
     },
     upstream::RemoteBackend,
@@ -208,14 +210,29 @@ fn router_settings(config: &Config, env: &dyn EnvSource) -> Result<RouterSetting
             min_requests: r.error_rate_min_requests,
             rate_window: std::time::Duration::from_secs(60),
         },
-        backoff,
-        max_retries: r.max_retries,
-        retry_after_cap: r.retry_after_cap,
-        budget: RetryBudget::new(
-            r.retry_budget_ratio,
-            r.retry_budget_floor,
-            std::time::Duration::from_secs(10),
-        ),
+        retry: RetryRules {
+            max_retries: r.max_retries,
+            retry_after_cap: r.retry_after_cap,
+            backoff,
+            budget: RetryBudget::new(
+                r.retry_budget_ratio,
+                r.retry_budget_floor,
+                std::time::Duration::from_secs(10),
+            ),
+        },
+        deadlines: config
+            .remotes
+            .iter()
+            .map(|(name, remote)| {
+                let policy = DeadlinePolicy {
+                    adaptive: remote.deadline == DeadlineMode::Adaptive,
+                    multiplier: remote.deadline_multiplier,
+                    first_token_floor: remote.first_token_floor,
+                    idle_floor: remote.idle_floor,
+                };
+                (name.clone(), policy)
+            })
+            .collect(),
         probe_interval: r.probe_interval,
         alerter,
     })

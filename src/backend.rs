@@ -166,6 +166,29 @@ pub struct BackendRequest {
     /// The model name at this backend (a route may rename it).
     pub model: String,
     pub request: Arc<GenerationRequest>,
+    /// Deadlines the router derived from what this backend has shown lately; a remote
+    /// takes the shorter of these and its configured ones. `None`: configured only.
+    pub deadlines: Option<AttemptDeadlines>,
+}
+
+impl BackendRequest {
+    /// An attempt at `model` under the backend's configured deadlines.
+    pub fn new(model: impl Into<String>, request: Arc<GenerationRequest>) -> BackendRequest {
+        BackendRequest {
+            model: model.into(),
+            request,
+            deadlines: None,
+        }
+    }
+}
+
+/// Adaptive deadlines of one attempt (see the router's `deadlines` module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptDeadlines {
+    /// From sending the request to the first output.
+    pub first_token: Duration,
+    /// Longest gap between two data frames after the first output.
+    pub idle: Duration,
 }
 
 /// Token accounting reported by a backend for the whole request.
@@ -377,6 +400,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
             detail: "ready".into(),
         }
     }
+    /// The most tokens (prompt and answer) one request may take, if known; the router
+    /// skips a target whose window cannot hold a request. Default: unknown.
+    fn context_window(&self) -> Option<u32> {
+        None
+    }
+
     /// Whether a new request would start at once (a free local slot). Default: yes.
     fn has_capacity(&self) -> bool {
         true

@@ -40,6 +40,8 @@ pub const BREAKER_TRANSITIONS_TOTAL: &str = "lifeboat_breaker_transitions_total"
 pub const TOKENS_TOTAL: &str = "lifeboat_tokens_total";
 /// Requests being answered right now.
 pub const IN_FLIGHT_REQUESTS: &str = "lifeboat_in_flight_requests";
+/// Requests failed over while waiting on a remote whose breaker tripped (`backend`).
+pub const RESCUES_TOTAL: &str = "lifeboat_rescues_total";
 /// Panics caught in one iteration of a background task (`task`), which then carried on.
 pub const BACKGROUND_PANICS_TOTAL: &str = "lifeboat_background_task_panics_total";
 
@@ -159,6 +161,10 @@ pub fn tokens(backend: &str, prompt: u64, completion: u64) {
     metrics::counter!(TOKENS_TOTAL, "backend" => backend.to_string(), "type" => "prompt").increment(prompt);
     metrics::counter!(TOKENS_TOTAL, "backend" => backend.to_string(), "type" => "completion")
         .increment(completion);
+}
+
+pub fn rescued(backend: &str) {
+    metrics::counter!(RESCUES_TOTAL, "backend" => backend.to_string()).increment(1);
 }
 
 pub fn background_panic(task: &'static str) {

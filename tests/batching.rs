@@ -57,10 +57,7 @@ const PROMPTS: [&str; 5] = [
 
 /// Each choice's text and finish reason, in choice order, and the usage line.
 async fn run(backend: &LocalBackend, prompt: &str, params: SamplingParams) -> (Vec<(String, String)>, u64) {
-    let request = BackendRequest {
-        model: "tiny".into(),
-        request: Arc::new(GenerationRequest::chat("tiny", prompt, params)),
-    };
+    let request = BackendRequest::new("tiny", Arc::new(GenerationRequest::chat("tiny", prompt, params)));
     let mut events = backend.generate(request).await.expect("accepted");
     let mut choices: Vec<(String, String)> = Vec::new();
     let mut completion = 0;

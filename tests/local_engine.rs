@@ -386,9 +386,9 @@ async fn a_chat_template_override_is_rendered_with_the_models_tokens() {
 }
 
 fn request(max_tokens: u32) -> BackendRequest {
-    BackendRequest {
-        model: MODEL.into(),
-        request: Arc::new(GenerationRequest::chat(
+    BackendRequest::new(
+        MODEL,
+        Arc::new(GenerationRequest::chat(
             MODEL,
             "Count for me",
             SamplingParams {
@@ -397,7 +397,7 @@ fn request(max_tokens: u32) -> BackendRequest {
                 ..SamplingParams::default()
             },
         )),
-    }
+    )
 }
 
 #[tokio::test]

@@ -25,10 +25,7 @@ fn request(model: &str, max_tokens: u32) -> BackendRequest {
         max_tokens: Some(max_tokens),
         ..SamplingParams::default()
     };
-    BackendRequest {
-        model: model.to_string(),
-        request: Arc::new(GenerationRequest::chat(model, "hello", sampling)),
-    }
+    BackendRequest::new(model, Arc::new(GenerationRequest::chat(model, "hello", sampling)))
 }
 
 fn backend_for(url: String, tweak: impl FnOnce(&mut RemoteConfig)) -> RemoteBackend {

@@ -113,6 +113,10 @@ async fn generate(
         let headers = [
             ("x-lifeboat-backend", header_value(&routed.backend)),
             ("x-lifeboat-attempts", HeaderValue::from(routed.attempts)),
+            (
+                "x-lifeboat-fallback-reason",
+                HeaderValue::from_static(routed.fallback_reason.unwrap_or("none")),
+            ),
         ];
         if stream {
             Ok((headers, sse::respond(routed.events, meta, in_flight)).into_response())

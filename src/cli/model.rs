@@ -148,10 +148,7 @@ async fn generate(args: GenerateArgs) -> Result<(), CliError> {
         },
     );
     let mut events = backend
-        .generate(BackendRequest {
-            model: "local".into(),
-            request: Arc::new(request),
-        })
+        .generate(BackendRequest::new("local", Arc::new(request)))
         .await
         .map_err(|e| CliError::Runtime(e.to_string()))?;
     let mut stdout = std::io::stdout();

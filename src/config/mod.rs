@@ -231,6 +231,30 @@ pub struct RemoteConfig {
     pub max_json_body_bytes: usize,
     /// Most bytes one streamed answer may send in all. Default 128 MiB.
     pub max_answer_bytes: usize,
+    /// `adaptive` (default): the first-token and idle deadlines follow this gateway's
+    /// recent p99 (× `deadline_multiplier`, at least the floors, at most the configured
+    /// timeouts); `fixed`: the configured timeouts only.
+    pub deadline: DeadlineMode,
+    /// Default 3.
+    pub deadline_multiplier: f64,
+    /// Shortest adaptive first-token deadline. Default 1.5 s.
+    #[serde(with = "humantime_serde")]
+    pub first_token_floor: Duration,
+    /// Shortest adaptive idle deadline. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub idle_floor: Duration,
+    /// Tokens (prompt and answer) a request may take at this gateway; a request that
+    /// cannot fit skips it. Default: unknown (never skipped).
+    pub context_window: Option<u32>,
+}
+
+/// See [`RemoteConfig::deadline`].
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeadlineMode {
+    #[default]
+    Adaptive,
+    Fixed,
 }
 
 impl Default for RemoteConfig {
@@ -255,6 +279,11 @@ impl Default for RemoteConfig {
             max_frame_bytes: 1024 * 1024,
             max_json_body_bytes: 64 * 1024 * 1024,
             max_answer_bytes: 128 * 1024 * 1024,
+            deadline: DeadlineMode::Adaptive,
+            deadline_multiplier: 3.0,
+            first_token_floor: Duration::from_millis(1500),
+            idle_floor: Duration::from_secs(1),
+            context_window: None,
         }
     }
 }

@@ -62,6 +62,18 @@ impl Config {
                     ));
                 }
             }
+            if !(remote.deadline_multiplier.is_finite() && remote.deadline_multiplier >= 1.0) {
+                return Err(ConfigError::invalid(
+                    key("deadline_multiplier"),
+                    format!("must be at least 1 (got {})", remote.deadline_multiplier),
+                ));
+            }
+            if remote.context_window == Some(0) {
+                return Err(ConfigError::invalid(
+                    key("context_window"),
+                    "must be greater than 0",
+                ));
+            }
             if remote.egress == Egress::LocalOnly {
                 return Err(ConfigError::invalid(
                     key("egress"),

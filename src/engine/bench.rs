@@ -147,10 +147,7 @@ fn request(prompt: &str, max_tokens: u32) -> BackendRequest {
     // A raw text prompt: its length is exactly what was asked, with no template around it.
     request.endpoint = Endpoint::Completions;
     request.prompt = Prompt::Text(vec![prompt.to_string()]);
-    BackendRequest {
-        model: "bench".into(),
-        request: Arc::new(request),
-    }
+    BackendRequest::new("bench", Arc::new(request))
 }
 
 async fn timed(backend: &LocalBackend, prompt: &str, max_tokens: u32) -> Result<Timed, String> {

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::time::Instant;
+use tokio::{sync::watch, time::Instant};
 
 /// Breaker settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -106,6 +106,9 @@ pub struct Transition {
 pub struct CircuitBreaker {
     config: BreakerConfig,
     inner: Arc<Mutex<Inner>>,
+    /// Counts trips, so requests still waiting on this remote learn of one at once (the
+    /// router fails them over: in-flight rescue).
+    trips: Arc<watch::Sender<u64>>,
 }
 
 /// The right to send one request; report its outcome with `success` or `failure`.
@@ -131,6 +134,7 @@ impl CircuitBreaker {
         CircuitBreaker {
             config,
             inner: self.inner.clone(),
+            trips: self.trips.clone(),
         }
     }
 
@@ -144,7 +148,13 @@ impl CircuitBreaker {
                 outcomes: std::collections::VecDeque::new(),
                 failures_in_window: 0,
             })),
+            trips: Arc::new(watch::channel(0).0),
         }
+    }
+
+    /// Changes whenever the breaker trips (Closed or HalfOpen → Open).
+    pub fn trips(&self) -> watch::Receiver<u64> {
+        self.trips.subscribe()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -289,6 +299,7 @@ impl CircuitBreaker {
                     format!("trial request failed: {reason}")
                 };
                 inner.reason = why.clone();
+                self.trips.send_modify(|trips| *trips += 1);
                 Some(Transition {
                     from,
                     to: BreakerState::Open,

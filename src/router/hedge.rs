@@ -44,10 +44,10 @@ pub(super) async fn attempt(
     request: BackendRequest,
     plan: Option<HedgePlan>,
 ) -> Outcome {
-    let hedge_request = BackendRequest {
-        model: plan.as_ref().map(|p| p.model.clone()).unwrap_or_default(),
-        request: request.request.clone(),
-    };
+    let hedge_request = BackendRequest::new(
+        plan.as_ref().map(|p| p.model.clone()).unwrap_or_default(),
+        request.request.clone(),
+    );
     let first = start(primary, request);
     let Some(plan) = plan else {
         return Outcome::Primary(first.await);
@@ -153,10 +153,10 @@ mod tests {
     }
 
     fn request() -> BackendRequest {
-        BackendRequest {
-            model: "m".into(),
-            request: Arc::new(GenerationRequest::chat("m", "hi", SamplingParams::default())),
-        }
+        BackendRequest::new(
+            "m",
+            Arc::new(GenerationRequest::chat("m", "hi", SamplingParams::default())),
+        )
     }
 
     fn plan(local: &Arc<Fake>) -> Option<HedgePlan> {

@@ -7,6 +7,8 @@
 
 pub mod alerts;
 pub mod breaker;
+pub mod deadlines;
+mod dispatch;
 pub mod health;
 mod hedge;
 mod observe;
@@ -17,17 +19,17 @@ mod stream;
 
 use observe::{AfterCommit, report};
 pub use routes::{Canary, ModelInfo, Route, RouteTable, Target};
-use stream::continuing;
 
 use std::{collections::HashMap, sync::Arc};
 
 use crate::{
-    backend::{Backend, BackendError, BackendKind, BackendRequest, EventStream, GenerationRequest},
+    backend::{Backend, BackendError, BackendKind, EventStream},
     engine::LOCAL_BACKEND_ID,
-    metrics,
 };
 use breaker::{BreakerConfig, BreakerState, CircuitBreaker, Transition};
+use deadlines::{DeadlinePolicy, LatencyWindows};
 use health::{Availability, HealthEvent, HealthRecord, Source};
+use policy::RetryRules;
 use retry::{Backoff, RetryBudget};
 
 /// Hedge delay when the route sets none and the remote has too few TTFT samples.
@@ -37,12 +39,11 @@ const DEFAULT_HEDGE_DELAY: std::time::Duration = std::time::Duration::from_secs(
 #[derive(Debug, Clone)]
 pub struct RouterSettings {
     pub breaker: BreakerConfig,
-    pub backoff: Backoff,
-    /// Extra attempts on the same remote before failing over. Default 1.
-    pub max_retries: u32,
-    /// Longest `Retry-After` waited for; longer fails over at once. Default 2 s.
-    pub retry_after_cap: std::time::Duration,
-    pub budget: RetryBudget,
+    /// Retries on the same remote: at most 1 by default, `Retry-After` honoured up to
+    /// 2 s, backoff 100 ms–2 s with jitter, a budget of 20 % of requests plus 10 per 10 s.
+    pub retry: RetryRules,
+    /// How each remote's deadlines adapt, by id; a remote not listed gets the default.
+    pub deadlines: HashMap<String, DeadlinePolicy>,
     /// How often each remote is probed (`GET /models`); zero turns probing off.
     pub probe_interval: std::time::Duration,
     /// Where breaker changes are posted, if anywhere.
@@ -54,11 +55,14 @@ impl Default for RouterSettings {
         use std::time::Duration;
         RouterSettings {
             breaker: BreakerConfig::default(),
-            backoff: Backoff::try_new(Duration::from_millis(100), Duration::from_secs(2), true)
-                .unwrap_or_else(|_| unreachable!("valid constants")),
-            max_retries: 1,
-            retry_after_cap: Duration::from_secs(2),
-            budget: RetryBudget::new(0.2, 10, Duration::from_secs(10)),
+            retry: RetryRules {
+                max_retries: 1,
+                retry_after_cap: Duration::from_secs(2),
+                backoff: Backoff::try_new(Duration::from_millis(100), Duration::from_secs(2), true)
+                    .unwrap_or_else(|_| unreachable!("valid constants")),
+                budget: RetryBudget::new(0.2, 10, Duration::from_secs(10)),
+            },
+            deadlines: HashMap::new(),
             probe_interval: Duration::from_secs(10),
             alerter: None,
         }
@@ -95,6 +99,9 @@ pub struct Routed {
     pub model: String,
     /// How many attempts were made (`x-lifeboat-attempts`).
     pub attempts: u32,
+    /// Why an earlier target did not serve it (`x-lifeboat-fallback-reason`): an error
+    /// kind, `breaker_open`, `context_window` or `hedge`.
+    pub fallback_reason: Option<&'static str>,
     /// Every event from the first one on, including those held back before the commit point.
     pub events: EventStream,
 }
@@ -105,6 +112,7 @@ impl std::fmt::Debug for Routed {
             .field("backend", &self.backend)
             .field("model", &self.model)
             .field("attempts", &self.attempts)
+            .field("fallback_reason", &self.fallback_reason)
             .finish_non_exhaustive()
     }
 }
@@ -132,6 +140,8 @@ pub struct Router {
     /// queue is its admission control.
     breakers: HashMap<String, CircuitBreaker>,
     health: HashMap<String, HealthRecord>,
+    /// Recent first-token times and gaps per remote, for adaptive deadlines.
+    latency: HashMap<String, LatencyWindows>,
     /// Requests seen per route with a canary.
     canary_counters: HashMap<String, std::sync::atomic::AtomicU64>,
     settings: RouterSettings,
@@ -148,6 +158,11 @@ impl Router {
             .iter()
             .map(|b| (b.id().to_string(), HealthRecord::new()))
             .collect();
+        let latency = backends
+            .iter()
+            .filter(|b| b.kind() == BackendKind::Remote)
+            .map(|b| (b.id().to_string(), LatencyWindows::default()))
+            .collect();
         let canary_counters = table
             .public()
             .iter()
@@ -160,6 +175,7 @@ impl Router {
             backends,
             breakers,
             health,
+            latency,
             canary_counters,
             settings,
         }
@@ -186,6 +202,9 @@ impl Router {
             }
             if let Some(record) = previous.health.get(id) {
                 self.health.insert(id.clone(), record.clone());
+            }
+            if let Some(latency) = previous.latency.get(id) {
+                self.latency.insert(id.clone(), latency.clone());
             }
             if let (Some(breaker), true) = (previous.breakers.get(id), self.breakers.contains_key(id)) {
                 self.breakers
@@ -309,175 +328,6 @@ impl Router {
         statuses
     }
 
-    /// Serve `request`: try the route's targets in order until one produces its first
-    /// output. Returns the committed stream, or the error that should reach the client.
-    pub async fn dispatch(&self, request: GenerationRequest) -> Result<Routed, RouteError> {
-        let route = self
-            .table
-            .resolve(&request.model)
-            .ok_or_else(|| RouteError::UnknownModel(request.model.clone()))?
-            .clone();
-        let request = Arc::new(request);
-        self.settings.budget.deposit();
-        let mut attempts = 0u32;
-        let mut last_error: Option<(String, BackendError)> = None;
-        let mut retry_in: Option<std::time::Duration> = None;
-        let targets = self.order(&route);
-        for target in targets {
-            let Some(backend) = self.backends.get(&target.backend) else {
-                continue;
-            };
-            let mut retries = 0u32;
-            loop {
-                let permit = match self.breakers.get(&target.backend) {
-                    Some(breaker) => {
-                        let (permit, transition) = breaker.try_acquire();
-                        self.note(backend.id(), transition);
-                        if permit.is_none() {
-                            // Open breaker: skip without a call; remember when to come back.
-                            let wait = breaker.retry_in().unwrap_or_default();
-                            retry_in = Some(retry_in.map_or(wait, |r| r.min(wait)));
-                            break;
-                        }
-                        permit
-                    }
-                    None => None,
-                };
-                attempts += 1;
-                if let Some((from, error)) = &last_error
-                    && from != backend.id()
-                {
-                    metrics::failover(from, backend.id(), error.kind);
-                    tracing::info!(from = %from, to = %backend.id(), reason = error.kind.as_str(), "failing over");
-                }
-                metrics::attempt_started(backend.id(), backend.kind());
-                let attempt_started = tokio::time::Instant::now();
-                let attempt = BackendRequest {
-                    model: target.model.clone(),
-                    request: request.clone(),
-                };
-                let plan = self.hedge_plan(&route, backend.as_ref());
-                let hedge_model = plan.as_ref().map(|p| p.model.clone());
-                let result = match hedge::attempt(backend.as_ref(), attempt, plan).await {
-                    hedge::Outcome::Primary(result) => result,
-                    hedge::Outcome::HedgeWon {
-                        events,
-                        primary_error,
-                    } => {
-                        // The remote was slow (or failed meanwhile); only a failure counts.
-                        if let (Some(error), Some(permit)) = (&primary_error, permit)
-                            && policy::counts_against_health(error)
-                        {
-                            self.note(backend.id(), permit.failure(error.kind.as_str()));
-                        }
-                        return Ok(Routed {
-                            backend: LOCAL_BACKEND_ID.to_string(),
-                            model: hedge_model.unwrap_or_default(),
-                            attempts: attempts + 1,
-                            events,
-                        });
-                    }
-                };
-                let record = self.health.get(backend.id());
-                let error = match result {
-                    Ok(events) => {
-                        if let Some(record) = record {
-                            record.observe(Source::Request, "ok", attempt_started.elapsed());
-                        }
-                        let watcher = self.after_commit(backend.id());
-                        let events = match permit {
-                            // A half-open trial is judged by the whole stream: it closes the
-                            // breaker only if the answer completes.
-                            Some(permit) if permit.is_trial() => watcher.judge_trial(events, permit),
-                            Some(permit) => {
-                                self.note(backend.id(), permit.success());
-                                watcher.observe(events, attempt_started)
-                            }
-                            None => watcher.observe(events, attempt_started),
-                        };
-                        let events = match self.continuation_target(&route, backend.id()) {
-                            Some((local, model)) if request.sampling.n <= 1 => {
-                                continuing(events, request.clone(), backend.id().to_string(), local, model)
-                            }
-                            _ => events,
-                        };
-                        return Ok(Routed {
-                            backend: backend.id().to_string(),
-                            model: target.model.clone(),
-                            attempts,
-                            events,
-                        });
-                    }
-                    Err(error) => error,
-                };
-                metrics::attempt_failed(backend.id(), error.kind);
-                if let Some(record) = record {
-                    record.observe(Source::Request, error.kind.as_str(), attempt_started.elapsed());
-                }
-                tracing::debug!(backend = %backend.id(), kind = error.kind.as_str(), %error, "attempt failed");
-                if let Some(permit) = permit {
-                    if policy::counts_against_health(&error) {
-                        self.note(backend.id(), permit.failure(error.kind.as_str()));
-                    } else {
-                        // The client's mistake says nothing about the backend's health.
-                        self.note(backend.id(), permit.success());
-                    }
-                }
-                if !policy::fails_over(&error) {
-                    // The local model refusing a request it cannot take (too long for its
-                    // context) after the gateway failed: the gateway's failure is the news.
-                    if backend.kind() == BackendKind::Local
-                        && let Some((from, original)) = last_error
-                    {
-                        tracing::info!(%error, "the local model cannot take this request; reporting the gateway's failure");
-                        return Err(RouteError::Backend {
-                            backend: from,
-                            error: original,
-                            attempts,
-                        });
-                    }
-                    return Err(RouteError::Backend {
-                        backend: backend.id().to_string(),
-                        error,
-                        attempts,
-                    });
-                }
-                let retry = backend.kind() == BackendKind::Remote
-                    && retries < self.settings.max_retries
-                    && policy::retries_same_backend(&error, self.settings.retry_after_cap)
-                    && self.settings.budget.try_withdraw();
-                if !retry {
-                    last_error = Some((backend.id().to_string(), error));
-                    break;
-                }
-                let wait = self
-                    .settings
-                    .backoff
-                    .delay(retries)
-                    .max(error.retry_after.unwrap_or_default());
-                metrics::retry(backend.id(), error.kind);
-                tracing::debug!(backend = %backend.id(), wait = ?wait, "retrying");
-                last_error = Some((backend.id().to_string(), error));
-                tokio::time::sleep(wait).await;
-                retries += 1;
-            }
-        }
-        match (last_error, retry_in) {
-            (Some((backend, error)), _) => Err(RouteError::Backend {
-                backend,
-                error,
-                attempts,
-            }),
-            (None, Some(retry_in)) => Err(RouteError::AllOpen {
-                model: route.name.clone(),
-                retry_in,
-            }),
-            (None, None) => Err(RouteError::NoBackend {
-                model: route.name.clone(),
-            }),
-        }
-    }
-
     /// The targets for one request: the route's own, or — for its share of requests —
     /// the canary first with the route's own behind it. The share is kept exactly by
     /// counting (request i goes to the canary when ⌊(i+1)·share⌋ > ⌊i·share⌋), so a 10 %
@@ -532,12 +382,14 @@ impl Router {
         );
     }
 
-    /// What watches a committed stream of `backend` for late failures.
-    fn after_commit(&self, backend: &str) -> AfterCommit {
+    /// What watches a committed stream of `backend` serving `model`.
+    fn after_commit(&self, backend: &str, model: &str) -> AfterCommit {
         AfterCommit {
             backend: backend.to_string(),
+            model: model.to_string(),
             breaker: self.breakers.get(backend).cloned(),
             health: self.health.get(backend).cloned(),
+            latency: self.latency.get(backend).cloned(),
             alerter: self.settings.alerter.clone(),
         }
     }

@@ -2,12 +2,17 @@
 //! committed stream, the whole-stream verdict on a half-open trial, and the one place a
 //! breaker transition is logged, counted and alerted.
 
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::time::Instant;
+
 use super::{
     alerts,
     breaker::{self, BreakerState, CircuitBreaker, Transition},
+    deadlines::LatencyWindows,
     health::{Availability, HealthRecord, Source},
     policy,
-    stream::observed,
 };
 use crate::{
     backend::{BackendError, EventStream},
@@ -41,97 +46,99 @@ pub(super) fn report(
     }
 }
 
-/// Feeds failures after the commit point (a cut or stalled stream) back into the
-/// backend's health and breaker: a gateway that cuts every stream is not healthy, even
-/// though each request looked fine at its first token.
+/// Judges a committed answer by its whole stream: a clean end is the attempt's success
+/// (closing a half-open breaker, recording the whole latency), a failure after the first
+/// token counts against the backend like any other (a gateway that cuts every stream is
+/// not healthy, even though each request looked fine at its first token), and a stream the
+/// client dropped is judged neither way. Gaps between events feed the adaptive deadlines.
 #[derive(Debug, Clone)]
 pub(super) struct AfterCommit {
     pub(super) backend: String,
+    /// The model at the backend (adaptive deadlines are per model).
+    pub(super) model: String,
     pub(super) breaker: Option<CircuitBreaker>,
     pub(super) health: Option<HealthRecord>,
+    pub(super) latency: Option<LatencyWindows>,
     pub(super) alerter: Option<alerts::Alerter>,
 }
 
+/// The watcher's state between two events.
+struct Watch {
+    events: EventStream,
+    permit: Option<breaker::Permit>,
+    watcher: AfterCommit,
+    started: Instant,
+    last_event: Instant,
+}
+
 impl AfterCommit {
-    /// Watch a committed stream: late failures count against the backend, and a clean end
-    /// records the attempt's whole latency.
-    pub(super) fn observe(self, events: EventStream, started: tokio::time::Instant) -> EventStream {
-        let on_error = self.clone();
-        observed(
+    /// Pass `events` through, judging the attempt (and its `permit`, if any) at the end.
+    pub(super) fn watch(
+        self,
+        events: EventStream,
+        permit: Option<breaker::Permit>,
+        started: Instant,
+    ) -> EventStream {
+        let state = Watch {
             events,
-            move |error| on_error.failed(error),
-            move || {
-                if let Some(health) = &self.health {
-                    health.observe_latency(started.elapsed());
+            permit,
+            watcher: self,
+            started,
+            last_event: Instant::now(),
+        };
+        Box::pin(futures_util::stream::unfold(Some(state), |state| async move {
+            let mut state = state?;
+            match state.events.next().await {
+                Some(Ok(event)) => {
+                    if let Some(latency) = &state.watcher.latency {
+                        latency.record_gap(&state.watcher.model, state.last_event.elapsed());
+                    }
+                    state.last_event = Instant::now();
+                    Some((Ok(event), Some(state)))
                 }
-            },
-        )
+                Some(Err(error)) => {
+                    state.watcher.failed(&error, state.permit.take());
+                    Some((Err(error), Some(state)))
+                }
+                None => {
+                    state.watcher.completed(state.permit.take(), state.started);
+                    None
+                }
+            }
+        }))
     }
 
-    /// Pass a trial's stream through; report success when it ends cleanly, failure when
-    /// it breaks (a dropped stream releases the trial unjudged).
-    pub(super) fn judge_trial(self, events: EventStream, permit: breaker::Permit) -> EventStream {
-        use futures_util::StreamExt;
-        let state = (events, Some(permit), self);
-        Box::pin(futures_util::stream::unfold(
-            state,
-            |(mut events, mut permit, watcher)| async move {
-                match events.next().await {
-                    Some(Ok(event)) => Some((Ok(event), (events, permit, watcher))),
-                    Some(Err(error)) => {
-                        if let Some(permit) = permit.take() {
-                            if let Some(health) = &watcher.health {
-                                health.observe(
-                                    Source::Request,
-                                    error.kind.as_str(),
-                                    std::time::Duration::ZERO,
-                                );
-                            }
-                            let reason =
-                                format!("trial broke after the first token: {}", error.kind.as_str());
-                            let transition = permit.failure(&reason);
-                            report(
-                                &watcher.backend,
-                                transition,
-                                watcher.health.as_ref(),
-                                watcher.alerter.as_ref(),
-                            );
-                        }
-                        Some((Err(error), (events, permit, watcher)))
-                    }
-                    None => {
-                        if let Some(permit) = permit.take() {
-                            let transition = permit.success();
-                            report(
-                                &watcher.backend,
-                                transition,
-                                watcher.health.as_ref(),
-                                watcher.alerter.as_ref(),
-                            );
-                        }
-                        None
-                    }
-                }
-            },
-        ))
+    fn completed(&self, permit: Option<breaker::Permit>, started: Instant) {
+        if let Some(health) = &self.health {
+            health.observe_latency(started.elapsed());
+        }
+        if let Some(permit) = permit {
+            self.report(permit.success());
+        }
     }
 
-    fn failed(&self, error: &BackendError) {
+    fn failed(&self, error: &BackendError, permit: Option<breaker::Permit>) {
         if !policy::counts_against_health(error) {
             return;
         }
         if let Some(health) = &self.health {
-            health.observe(Source::Request, error.kind.as_str(), std::time::Duration::ZERO);
+            health.observe(Source::Request, error.kind.as_str(), Duration::ZERO);
         }
-        if let Some(breaker) = &self.breaker {
-            let transition =
-                breaker.record_failure(&format!("after the first token: {}", error.kind.as_str()));
-            report(
-                &self.backend,
-                transition,
-                self.health.as_ref(),
-                self.alerter.as_ref(),
-            );
-        }
+        let reason = format!("after the first token: {}", error.kind.as_str());
+        let transition = match (permit, &self.breaker) {
+            (Some(permit), _) => permit.failure(&reason),
+            (None, Some(breaker)) => breaker.record_failure(&reason),
+            (None, None) => None,
+        };
+        self.report(transition);
+    }
+
+    fn report(&self, transition: Option<Transition>) {
+        report(
+            &self.backend,
+            transition,
+            self.health.as_ref(),
+            self.alerter.as_ref(),
+        );
     }
 }

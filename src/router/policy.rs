@@ -3,7 +3,51 @@
 
 use std::time::Duration;
 
-use crate::backend::{BackendError, ErrorKind};
+use super::retry::{Backoff, RetryBudget};
+use crate::backend::{BackendError, BackendKind, ErrorKind};
+
+/// What the router does after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Try the same backend again after this wait.
+    Retry(Duration),
+    /// Move on to the next target.
+    FailOver,
+    /// Give this error to the client: no other backend would do better.
+    Answer,
+}
+
+/// The retry rules of one router.
+#[derive(Debug, Clone)]
+pub struct RetryRules {
+    /// Extra attempts on the same remote before failing over.
+    pub max_retries: u32,
+    /// Longest `Retry-After` waited for; longer fails over at once.
+    pub retry_after_cap: Duration,
+    pub backoff: Backoff,
+    pub budget: RetryBudget,
+}
+
+/// After `error` on a backend of `kind` that was already retried `retries` times: retry
+/// it (within the budget), fail over, or answer. The local model is never retried: it is
+/// the last resort, and its own refusals (queue full, too long) do not pass in a second.
+pub fn after_failure(error: &BackendError, kind: BackendKind, retries: u32, rules: &RetryRules) -> Decision {
+    if !fails_over(error) {
+        return Decision::Answer;
+    }
+    let retry = kind == BackendKind::Remote
+        && retries < rules.max_retries
+        && retries_same_backend(error, rules.retry_after_cap)
+        && rules.budget.try_withdraw();
+    if !retry {
+        return Decision::FailOver;
+    }
+    let wait = rules
+        .backoff
+        .delay(retries)
+        .max(error.retry_after.unwrap_or_default());
+    Decision::Retry(wait)
+}
 
 /// Whether another backend should get the request after `error`.
 pub fn fails_over(error: &BackendError) -> bool {
@@ -85,6 +129,63 @@ mod tests {
         }
         let bad = BackendError::new(ErrorKind::BadRequest, Origin::Upstream, "x");
         assert!(!fails_over(&bad) && !counts_against_health(&bad));
+    }
+
+    fn rules(max_retries: u32, budget_floor: u32) -> RetryRules {
+        RetryRules {
+            max_retries,
+            retry_after_cap: Duration::from_secs(2),
+            backoff: Backoff::try_new(Duration::from_millis(100), Duration::from_secs(1), false)
+                .expect("valid"),
+            budget: RetryBudget::new(0.0, budget_floor, Duration::from_secs(10)),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_failure_retries_within_limits_then_fails_over() {
+        let rules = rules(1, 10);
+        let server = BackendError::new(ErrorKind::ServerError, Origin::Upstream, "x");
+        assert_eq!(
+            after_failure(&server, BackendKind::Remote, 0, &rules),
+            Decision::Retry(Duration::from_millis(100))
+        );
+        assert_eq!(
+            after_failure(&server, BackendKind::Remote, 1, &rules),
+            Decision::FailOver,
+            "max_retries spent"
+        );
+        assert_eq!(
+            after_failure(&server, BackendKind::Local, 0, &rules),
+            Decision::FailOver,
+            "the local model is never retried"
+        );
+        let mut limited = BackendError::new(ErrorKind::RateLimited, Origin::Upstream, "x");
+        limited.retry_after = Some(Duration::from_millis(1500));
+        assert_eq!(
+            after_failure(&limited, BackendKind::Remote, 0, &rules),
+            Decision::Retry(Duration::from_millis(1500)),
+            "Retry-After within the cap is honoured"
+        );
+        let bad = BackendError::new(ErrorKind::BadRequest, Origin::Upstream, "x");
+        assert_eq!(
+            after_failure(&bad, BackendKind::Remote, 0, &rules),
+            Decision::Answer
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_budget_fails_over_instead_of_retrying() {
+        let rules = rules(3, 1);
+        let server = BackendError::new(ErrorKind::ServerError, Origin::Upstream, "x");
+        assert!(matches!(
+            after_failure(&server, BackendKind::Remote, 0, &rules),
+            Decision::Retry(_)
+        ));
+        assert_eq!(
+            after_failure(&server, BackendKind::Remote, 1, &rules),
+            Decision::FailOver,
+            "the budget's one retry is spent"
+        );
     }
 
     #[test]

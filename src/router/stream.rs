@@ -1,5 +1,6 @@
 //! Stream plumbing of the router: the commit point (hold everything back until the first
-//! real output) and the local continuation of a stream that broke after it.
+//! real output), the whole answer a JSON client waits for, and the local continuation of a
+//! stream that broke after its commit point.
 
 use std::sync::Arc;
 
@@ -7,8 +8,8 @@ use futures_util::StreamExt;
 
 use crate::{
     backend::{
-        Backend, BackendError, BackendKind, BackendRequest, ErrorKind, EventStream, GenerationEvent,
-        GenerationRequest, Origin,
+        Backend, BackendError, BackendKind, BackendRequest, ChoiceDelta, ErrorKind, EventStream,
+        GenerationEvent, GenerationRequest, Origin,
     },
     metrics,
 };
@@ -65,10 +66,7 @@ pub(super) fn continuing(
                     };
                     let mut request = (*state.request).clone();
                     request.continuation = Some(state.sent.clone());
-                    let attempt = BackendRequest {
-                        model: state.local_model.clone(),
-                        request: Arc::new(request),
-                    };
+                    let attempt = BackendRequest::new(state.local_model.clone(), Arc::new(request));
                     match local.generate(attempt).await {
                         Ok(rest) => {
                             metrics::continued(&state.from, local.id(), error.kind);
@@ -85,36 +83,6 @@ pub(super) fn continuing(
             }
         }
     }))
-}
-
-/// Call `on_error` for a failure inside a committed stream and `on_complete` when it ends
-/// cleanly, passing every item through.
-pub(super) fn observed<E, C>(events: EventStream, on_error: E, on_complete: C) -> EventStream
-where
-    E: Fn(&BackendError) + Send + 'static,
-    C: FnOnce() + Send + 'static,
-{
-    let state = (events, on_error, Some(on_complete));
-    Box::pin(futures_util::stream::unfold(
-        state,
-        |(mut events, on_error, mut done)| async move {
-            match events.next().await {
-                Some(item) => {
-                    if let Err(error) = &item {
-                        on_error(error);
-                        done = None;
-                    }
-                    Some((item, (events, on_error, done)))
-                }
-                None => {
-                    if let Some(done) = done.take() {
-                        done();
-                    }
-                    None
-                }
-            }
-        },
-    ))
 }
 
 /// Wait for the first output event. Everything before it is buffered and replayed, so the
@@ -150,10 +118,49 @@ pub(super) async fn commit(mut events: EventStream, from: BackendKind) -> Result
     Ok(Box::pin(replay.chain(events)))
 }
 
+/// Drain a committed stream to its end. A JSON client sees nothing until its answer is
+/// whole, so its commit point is the end: a cut, stall or bad frame on the way is a
+/// failed attempt the router can still retry or fail over, never a 502. (The memory is
+/// bounded by the remote's answer caps and the local model's `max_tokens`.)
+pub(super) async fn complete(mut events: EventStream) -> Result<EventStream, BackendError> {
+    let mut all: Vec<GenerationEvent> = Vec::new();
+    while let Some(item) = events.next().await {
+        let event = item?;
+        if let (Some(GenerationEvent::Delta(last)), GenerationEvent::Delta(next)) = (all.last_mut(), &event)
+            && appends_text(last, next)
+        {
+            push_text(&mut last.content, &next.content);
+            push_text(&mut last.reasoning_content, &next.reasoning_content);
+            continue;
+        }
+        all.push(event);
+    }
+    Ok(Box::pin(futures_util::stream::iter(all.into_iter().map(Ok))))
+}
+
+/// Whether `next` only adds text to the same choice as `last`, so the two can be held as
+/// one delta (an answer of many thousand chunks is then held at the size of its text).
+fn appends_text(last: &ChoiceDelta, next: &ChoiceDelta) -> bool {
+    last.index == next.index
+        && last.finish_reason.is_none()
+        && last.tool_calls.is_none()
+        && last.logprobs.is_none()
+        && next.role.is_none()
+        && next.tool_calls.is_none()
+        && next.logprobs.is_none()
+        && next.finish_reason.is_none()
+}
+
+fn push_text(into: &mut Option<String>, text: &Option<String>) {
+    if let Some(text) = text {
+        into.get_or_insert_with(String::new).push_str(text);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{ChoiceDelta, Usage};
+    use crate::backend::Usage;
 
     fn delta(content: &str) -> GenerationEvent {
         GenerationEvent::Delta(ChoiceDelta {
@@ -190,6 +197,36 @@ mod tests {
                 .expect("no output is a failure");
             assert_eq!(err.kind, ErrorKind::Empty);
         }
+    }
+
+    #[tokio::test]
+    async fn a_completed_answer_is_held_as_few_deltas_with_the_same_text() {
+        let mut events: Vec<Result<GenerationEvent, BackendError>> =
+            vec![Ok(GenerationEvent::Delta(ChoiceDelta {
+                role: Some("assistant".into()),
+                ..ChoiceDelta::default()
+            }))];
+        events.extend((0..1000).map(|i| Ok(delta(&i.to_string()))));
+        events.push(Ok(GenerationEvent::Delta(ChoiceDelta {
+            finish_reason: Some("stop".into()),
+            ..ChoiceDelta::default()
+        })));
+        let held: Vec<_> = complete(Box::pin(futures_util::stream::iter(events)))
+            .await
+            .expect("complete")
+            .collect()
+            .await;
+        assert_eq!(held.len(), 2, "role delta with all the text, then the finish");
+        let Some(Ok(GenerationEvent::Delta(first))) = held.first() else {
+            panic!("delta")
+        };
+        let text: String = (0..1000).map(|i: i32| i.to_string()).collect();
+        assert_eq!(first.content.as_deref(), Some(text.as_str()));
+        let cut: EventStream = Box::pin(futures_util::stream::iter(vec![
+            Ok(delta("a")),
+            Err(BackendError::new(ErrorKind::StreamCut, Origin::Upstream, "cut")),
+        ]));
+        assert!(complete(cut).await.is_err(), "a cut answer is a failed attempt");
     }
 
     #[tokio::test]

@@ -137,6 +137,10 @@ impl Backend for RemoteBackend {
         Some(self.base_url.as_str())
     }
 
+    fn context_window(&self) -> Option<u32> {
+        self.config.context_window
+    }
+
     /// `GET {base}/models` by default: unbilled, and it exercises DNS, TLS, the key and the gateway's
     /// front end. Any non-2xx — a 400 or 401 included — is a failure, not "reachable". With
     /// `probe = "chat"`, a one-token chat completion instead (billed, but proves the model
@@ -195,10 +199,14 @@ impl Backend for RemoteBackend {
     }
 
     async fn generate(&self, request: BackendRequest) -> Result<EventStream, BackendError> {
+        // The router's adaptive deadlines shorten the configured ones, never lengthen them.
+        let adaptive = request.deadlines;
         let deadlines = Deadlines {
             started: Instant::now(),
-            first_token: self.config.first_token_timeout,
-            idle: self.config.idle_timeout,
+            first_token: adaptive.map_or(self.config.first_token_timeout, |d| {
+                d.first_token.min(self.config.first_token_timeout)
+            }),
+            idle: adaptive.map_or(self.config.idle_timeout, |d| d.idle.min(self.config.idle_timeout)),
             total: self.config.total_timeout,
         };
         let url = self
@@ -295,9 +303,9 @@ mod tests {
             "brand_new_field": {"x": [1, 2]}
         });
         let Value::Object(raw) = raw else { unreachable!() };
-        let request = BackendRequest {
-            model: "deepseek-chat".into(),
-            request: Arc::new(GenerationRequest {
+        let request = BackendRequest::new(
+            "deepseek-chat",
+            Arc::new(GenerationRequest {
                 endpoint: Endpoint::ChatCompletions,
                 model: "public".into(),
                 stream: false,
@@ -308,7 +316,7 @@ mod tests {
                 continuation: None,
                 raw,
             }),
-        };
+        );
         let body = serde_json::to_value(RemoteBackend::upstream_body(&request)).expect("serializes");
         assert_eq!(body["model"], "deepseek-chat");
         assert_eq!(body["stream"], true);
