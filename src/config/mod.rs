@@ -317,6 +317,23 @@ pub struct RouteConfig {
     /// Send a share of this route's requests to another remote first (a canary).
     #[serde(default)]
     pub canary: Option<CanaryConfig>,
+    /// More remotes tried in order after the route's own (a second gateway, an on-prem
+    /// vLLM/SGLang cluster), before the local model. At most [`MAX_FALLBACKS`].
+    #[serde(default)]
+    pub fallbacks: Vec<FallbackConfig>,
+}
+
+/// Longest `fallbacks` list of a route.
+pub const MAX_FALLBACKS: usize = 8;
+
+/// One entry of `routes[].fallbacks`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackConfig {
+    /// Key of the remote in `[remotes]`.
+    pub remote: String,
+    /// Model name at that remote; defaults to the route's `remote_model`, then its name.
+    pub remote_model: Option<String>,
 }
 
 /// `[routes.canary]`: another remote that gets `share` of the route's requests first; the
@@ -532,6 +549,37 @@ mod tests {
         assert!(text.contains("remotes.g.idle_timeout"), "{text}");
         let err = parse("[server]\nmax_body_bytes = \"big\"\n").expect_err("bad type");
         assert!(err.to_string().contains("server.max_body_bytes"), "{err}");
+    }
+
+    #[test]
+    fn fallback_chains_are_checked_for_unknown_remotes_cycles_and_depth() {
+        let head = "[remotes.a]\nbase_url = \"http://a/v1\"\n[remotes.b]\nbase_url = \"http://b/v1\"\n\
+                    [[routes]]\nname = \"chat\"\nremote = \"a\"\n";
+        let check = |fallbacks: &str| {
+            parse(&format!("{head}fallbacks = {fallbacks}\n"))
+                .expect("parses")
+                .validate()
+                .map_err(|e| e.to_string())
+        };
+        check(r#"[{ remote = "b" }]"#).expect("a valid chain");
+        let err = check(r#"[{ remote = "z" }]"#).expect_err("unknown");
+        assert!(
+            err.starts_with("routes[0].fallbacks[0].remote: no remote named \"z\""),
+            "{err}"
+        );
+        let err = check(r#"[{ remote = "b" }, { remote = "a" }]"#).expect_err("cycle");
+        assert!(
+            err.starts_with("routes[0].fallbacks[1]: a / chat is already earlier"),
+            "{err}"
+        );
+        check(r#"[{ remote = "b" }, { remote = "a", remote_model = "other" }]"#)
+            .expect("another model is another target");
+        let long = format!(
+            "[{}]",
+            vec![r#"{ remote = "b", remote_model = "x" }"#; 9].join(", ")
+        );
+        let err = check(&long).expect_err("too deep");
+        assert!(err.contains("at most 8"), "{err}");
     }
 
     #[test]

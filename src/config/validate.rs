@@ -206,6 +206,7 @@ impl Config {
                     ));
                 }
             }
+            self.check_fallbacks(i, route)?;
             for (j, name) in std::iter::once(&route.name).chain(&route.aliases).enumerate() {
                 if !public.insert(name.clone()) {
                     let field = if j == 0 {
@@ -219,6 +220,60 @@ impl Config {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// A route's chain: known remotes, not too long, no target twice (a cycle would call
+    /// a failing gateway again), none on a local-only route.
+    fn check_fallbacks(&self, i: usize, route: &super::RouteConfig) -> Result<(), ConfigError> {
+        let key = |field: String| format!("routes[{i}].{field}");
+        if route.fallbacks.is_empty() {
+            return Ok(());
+        }
+        if route.egress == Egress::LocalOnly {
+            return Err(ConfigError::invalid(
+                key("fallbacks".into()),
+                "a local-only route cannot have remote fallbacks",
+            ));
+        }
+        if route.fallbacks.len() > super::MAX_FALLBACKS {
+            return Err(ConfigError::invalid(
+                key("fallbacks".into()),
+                format!(
+                    "has {} entries; at most {} are allowed",
+                    route.fallbacks.len(),
+                    super::MAX_FALLBACKS
+                ),
+            ));
+        }
+        let model_of = |remote_model: &Option<String>| {
+            remote_model
+                .clone()
+                .or_else(|| route.remote_model.clone())
+                .unwrap_or_else(|| route.name.clone())
+        };
+        let mut seen = vec![(route.remote.clone(), model_of(&route.remote_model))];
+        for (j, fallback) in route.fallbacks.iter().enumerate() {
+            if !self.remotes.contains_key(&fallback.remote) {
+                return Err(ConfigError::invalid(
+                    key(format!("fallbacks[{j}].remote")),
+                    format!("no remote named {:?}", fallback.remote),
+                ));
+            }
+            let target = (fallback.remote.clone(), model_of(&fallback.remote_model));
+            if seen.contains(&target) {
+                return Err(ConfigError::invalid(
+                    key(format!("fallbacks[{j}]")),
+                    format!(
+                        "{} / {} is already earlier in the chain (a cycle)",
+                        target.0, target.1
+                    ),
+                ));
+            }
+            seen.push(target);
         }
         Ok(())
     }

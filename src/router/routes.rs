@@ -121,9 +121,18 @@ impl RouteTable {
                 backend: route.remote.clone(),
                 model: route.remote_model.clone().unwrap_or_else(|| route.name.clone()),
             };
+            let chain = route.fallbacks.iter().map(|f| Target {
+                backend: f.remote.clone(),
+                model: f
+                    .remote_model
+                    .clone()
+                    .or_else(|| route.remote_model.clone())
+                    .unwrap_or_else(|| route.name.clone()),
+            });
+            let remotes: Vec<Target> = std::iter::once(remote).chain(chain).collect();
             let targets = match route.egress {
-                Egress::RemotePreferred => with_fallback(remote),
-                Egress::RemoteOnly => vec![remote],
+                Egress::RemotePreferred => remotes.into_iter().chain(fallback.clone()).collect(),
+                Egress::RemoteOnly => remotes,
                 Egress::LocalOnly => local.clone().into_iter().collect(),
             };
             table.add(
@@ -194,5 +203,36 @@ mod tests {
         let router = Router::new(table, vec![], RouterSettings::default());
         let ids: Vec<String> = router.models().into_iter().map(|m| m.id).collect();
         assert_eq!(ids, vec!["deepseek-chat", "deepseek-v3"]);
+    }
+
+    #[test]
+    fn fallbacks_come_after_the_route_remote_and_before_the_local_model() {
+        let config = Config::from_toml(
+            "[remotes.a]\nbase_url = \"http://a/v1\"\n[remotes.b]\nbase_url = \"http://b/v1\"\n\
+             [remotes.c]\nbase_url = \"http://c/v1\"\n[local]\nmodel = \"m\"\nserved_model_name = \"tiny\"\n\
+             [[routes]]\nname = \"chat\"\nremote = \"a\"\nremote_model = \"deepseek-chat\"\n\
+             fallbacks = [{ remote = \"b\" }, { remote = \"c\", remote_model = \"r1-32b\" }]\n",
+            "t",
+        )
+        .expect("parses");
+        let table = RouteTable::from_config(&config);
+        let targets: Vec<(String, String)> = table
+            .resolve("chat")
+            .expect("route")
+            .targets
+            .iter()
+            .map(|t| (t.backend.clone(), t.model.clone()))
+            .collect();
+        let pairs = [
+            ("a", "deepseek-chat"),
+            ("b", "deepseek-chat"),
+            ("c", "r1-32b"),
+            (LOCAL_BACKEND_ID, "tiny"),
+        ];
+        let expected: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(b, m)| (b.to_string(), m.to_string()))
+            .collect();
+        assert_eq!(targets, expected);
     }
 }
