@@ -74,6 +74,9 @@ impl AppState {
                     queue_capacity: config.local.queue_capacity,
                     max_batch: config.local.max_batch,
                     kv_cache_bytes: config.local.kv_cache_mib.saturating_mul(1024 * 1024),
+                    default_max_tokens: config.local.default_max_tokens,
+                    max_n: config.local.max_n,
+                    stalled_client_timeout: config.local.stalled_client_timeout,
                 })
                 .map_err(|err| ConfigError::Invalid {
                     key: "local.model".into(),

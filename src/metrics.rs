@@ -40,6 +40,9 @@ pub const BREAKER_TRANSITIONS_TOTAL: &str = "lifeboat_breaker_transitions_total"
 pub const TOKENS_TOTAL: &str = "lifeboat_tokens_total";
 /// Requests being answered right now.
 pub const IN_FLIGHT_REQUESTS: &str = "lifeboat_in_flight_requests";
+/// Local sequences cancelled because their streaming client stopped reading
+/// (`local.stalled_client_timeout`).
+pub const LOCAL_STALLED_CLIENTS_TOTAL: &str = "lifeboat_local_stalled_clients_total";
 
 /// Latency buckets in seconds, from 1 ms to 10 min.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -91,6 +94,10 @@ fn describe() {
     metrics::describe_gauge!(AVAILABILITY_RATIO, "Successful attempts and probes over a window");
     metrics::describe_gauge!(BREAKER_STATE, "Breaker state: 0 closed, 1 half-open, 2 open");
     metrics::describe_counter!(BREAKER_TRANSITIONS_TOTAL, "Breaker state changes");
+    metrics::describe_counter!(
+        LOCAL_STALLED_CLIENTS_TOTAL,
+        "Local sequences cancelled because the client stopped reading"
+    );
 }
 
 pub fn attempt_started(backend: &str, kind: BackendKind) {
@@ -146,6 +153,10 @@ pub fn request_finished(endpoint: &'static str, backend: &str, status: u16, elap
         .increment(1);
     metrics::histogram!(REQUEST_DURATION_SECONDS, "endpoint" => endpoint, "backend" => backend.to_string())
         .record(elapsed.as_secs_f64());
+}
+
+pub fn local_stalled_client() {
+    metrics::counter!(LOCAL_STALLED_CLIENTS_TOTAL).increment(1);
 }
 
 pub fn first_token(backend: &str, elapsed: Duration) {
