@@ -13,6 +13,7 @@ mod failover;
 mod gguf_local;
 mod gguf_models;
 mod hub;
+mod local_admission;
 mod local_engine;
 mod logits;
 mod reload;
