@@ -76,6 +76,9 @@ impl AppState {
                     queue_capacity: config.local.queue_capacity,
                     max_batch: config.local.max_batch,
                     kv_cache_bytes: config.local.kv_cache_mib.saturating_mul(1024 * 1024),
+                    default_max_tokens: config.local.default_max_tokens,
+                    max_n: config.local.max_n,
+                    stalled_client_timeout: config.local.stalled_client_timeout,
                 })
                 .map_err(|err| ConfigError::Invalid {
                     key: "local.model".into(),
@@ -279,6 +282,8 @@ pub async fn run(
             tracing::debug!(%err, "cannot set TCP_NODELAY");
         }
     });
+    // The peer address as a request extension: without API keys it names the client.
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .into_future();

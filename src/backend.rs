@@ -121,6 +121,8 @@ pub struct GenerationRequest {
     /// The client's JSON body, verbatim. A remote forwards it with only `model`,
     /// `stream` and `stream_options` changed, so fields lifeboat does not know survive.
     pub raw: Map<String, Value>,
+    /// Who sent it; the local engine admits round-robin across clients.
+    pub client: ClientId,
 }
 
 impl GenerationRequest {
@@ -149,7 +151,46 @@ impl GenerationRequest {
             has_tools: false,
             continuation: None,
             raw,
+            client: ClientId::default(),
         }
+    }
+}
+
+/// Who sent a request, as far as fairness goes: a short, non-secret name. The API layer
+/// fills it from the client's API key (a hash prefix) when keys are configured, else from
+/// the peer address; callers outside the API (CLI, benches) share the anonymous one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(String);
+
+impl ClientId {
+    /// The client that presented `key`: the first 8 bytes of its SHA-256, in hex. The key
+    /// itself never leaves the auth layer, and 64 bits of a hash reveal nothing usable.
+    pub fn from_api_key(key: &str) -> ClientId {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(key.as_bytes());
+        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        ClientId(format!("key:{hex}"))
+    }
+
+    /// The client at `ip` (without keys, an address is all that tells clients apart; the
+    /// port is left out, since every connection of one client has its own).
+    pub fn from_ip(ip: std::net::IpAddr) -> ClientId {
+        ClientId(format!("ip:{ip}"))
+    }
+
+    /// A name given by the caller (tests, benches).
+    pub fn named(name: impl Into<String>) -> ClientId {
+        ClientId(name.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        if self.0.is_empty() { "anonymous" } else { &self.0 }
+    }
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

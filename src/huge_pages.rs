@@ -58,6 +58,20 @@ pub fn limit_malloc_arenas() {
     }
 }
 
+/// Hand the memory malloc holds free back to the system (glibc `malloc_trim(0)`: the free
+/// tops of the heaps and the free pages inside them). Freed memory otherwise stays with
+/// the process: tokenizing an 8 MB prompt took 1.5 GB and 850 MB of it stayed resident.
+/// Costs a walk over the arenas (milliseconds), so it is called after large prompts only.
+/// This allocator is `System` underneath, so glibc owns every block it could return.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: `malloc_trim` only returns free memory; glibc takes each arena's lock.
+        #[allow(unsafe_code)]
+        let _ = unsafe { libc::malloc_trim(0) };
+    }
+}
+
 // SAFETY: every block is allocated and freed by `System` with the same effective layout
 // (a pure function of the caller's layout), so `System`'s contract carries over.
 #[allow(unsafe_code)]

@@ -44,6 +44,9 @@ pub const IN_FLIGHT_REQUESTS: &str = "lifeboat_in_flight_requests";
 pub const RESCUES_TOTAL: &str = "lifeboat_rescues_total";
 /// Panics caught in one iteration of a background task (`task`), which then carried on.
 pub const BACKGROUND_PANICS_TOTAL: &str = "lifeboat_background_task_panics_total";
+/// Local sequences cancelled because their streaming client stopped reading
+/// (`local.stalled_client_timeout`).
+pub const LOCAL_STALLED_CLIENTS_TOTAL: &str = "lifeboat_local_stalled_clients_total";
 
 /// Latency buckets in seconds, from 1 ms to 10 min.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -95,6 +98,10 @@ fn describe() {
     metrics::describe_gauge!(AVAILABILITY_RATIO, "Successful attempts and probes over a window");
     metrics::describe_gauge!(BREAKER_STATE, "Breaker state: 0 closed, 1 half-open, 2 open");
     metrics::describe_counter!(BREAKER_TRANSITIONS_TOTAL, "Breaker state changes");
+    metrics::describe_counter!(
+        LOCAL_STALLED_CLIENTS_TOTAL,
+        "Local sequences cancelled because the client stopped reading"
+    );
 }
 
 pub fn attempt_started(backend: &str, kind: BackendKind) {
@@ -150,6 +157,10 @@ pub fn request_finished(endpoint: &'static str, backend: &str, status: u16, elap
         .increment(1);
     metrics::histogram!(REQUEST_DURATION_SECONDS, "endpoint" => endpoint, "backend" => backend.to_string())
         .record(elapsed.as_secs_f64());
+}
+
+pub fn local_stalled_client() {
+    metrics::counter!(LOCAL_STALLED_CLIENTS_TOTAL).increment(1);
 }
 
 pub fn first_token(backend: &str, elapsed: Duration) {

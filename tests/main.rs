@@ -14,6 +14,7 @@ mod gguf_local;
 mod gguf_models;
 mod hostile_gateway;
 mod hub;
+mod local_admission;
 mod local_engine;
 mod logits;
 mod reload;

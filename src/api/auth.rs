@@ -1,7 +1,9 @@
 //! Client authentication: an optional set of accepted API keys, compared in constant time.
 
+use std::net::SocketAddr;
+
 use axum::{
-    extract::{Request, State},
+    extract::{ConnectInfo, Request, State},
     http::header::AUTHORIZATION,
     middleware::Next,
     response::{IntoResponse, Response},
@@ -10,7 +12,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
-use crate::{app::AppState, config::Secret};
+use crate::{app::AppState, backend::ClientId, config::Secret};
 
 /// Accepted client keys, kept only as SHA-256 digests so comparison time does not depend
 /// on the key length or on where a guess first differs.
@@ -47,10 +49,20 @@ fn digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
-/// Middleware for `/v1/*`: `Authorization: Bearer KEY` (or `x-api-key: KEY`).
-pub(crate) async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// Middleware for `/v1/*`: `Authorization: Bearer KEY` (or `x-api-key: KEY`). It also
+/// names the client for the local engine's fair admission (a [`ClientId`] extension): by
+/// its key when keys are configured, else by its address (an unchecked key would let one
+/// client pose as many).
+pub(crate) async fn require_key(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let keys = state.live().client_keys.clone();
     if keys.is_open() {
+        // Requests built in-process (`oneshot` in tests) have no peer: the anonymous client.
+        let client = request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(peer)| ClientId::from_ip(peer.ip()))
+            .unwrap_or_default();
+        request.extensions_mut().insert(client);
         return next.run(request).await;
     }
     let headers = request.headers();
@@ -72,7 +84,11 @@ pub(crate) async fn require_key(State(state): State<AppState>, request: Request,
             "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
         )
         .into_response(),
-        Some(key) if keys.accepts(key) => next.run(request).await,
+        Some(key) if keys.accepts(key) => {
+            let client = ClientId::from_api_key(key);
+            request.extensions_mut().insert(client);
+            next.run(request).await
+        }
         Some(_) => ApiError::Unauthorized("Incorrect API key provided.").into_response(),
     }
 }
@@ -88,5 +104,19 @@ mod tests {
         assert!(!keys.accepts("alph") && !keys.accepts("") && !keys.accepts("alphaa"));
         assert!(!keys.is_open());
         assert!(ClientKeys::default().is_open());
+    }
+
+    #[test]
+    fn client_ids_are_short_stable_and_never_the_key() {
+        let id = ClientId::from_api_key("sk-secret-alpha");
+        assert_eq!(id, ClientId::from_api_key("sk-secret-alpha"));
+        assert_ne!(id, ClientId::from_api_key("sk-secret-beta"));
+        assert!(
+            !id.as_str().contains("secret") && id.as_str().len() == "key:".len() + 16,
+            "{id}"
+        );
+        let ip = ClientId::from_ip(std::net::IpAddr::from([127, 0, 0, 2]));
+        assert_eq!(ip.as_str(), "ip:127.0.0.2");
+        assert_eq!(ClientId::default().as_str(), "anonymous");
     }
 }

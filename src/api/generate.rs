@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, time::SystemTime};
 
 use axum::{
-    Json,
+    Extension, Json,
     body::Bytes,
     extract::{State, rejection::BytesRejection},
     http::{HeaderValue, StatusCode},
@@ -23,7 +23,7 @@ use super::{
 };
 use crate::{
     app::AppState,
-    backend::{ChoiceDelta, Endpoint, GenerationEvent, Usage},
+    backend::{ChoiceDelta, ClientId, Endpoint, GenerationEvent, Usage},
     metrics::{self, InFlight},
     router::Routed,
 };
@@ -81,29 +81,34 @@ impl ResponseMeta {
 /// `POST /v1/chat/completions`
 pub(crate) async fn chat_completions(
     State(state): State<AppState>,
+    client: Option<Extension<ClientId>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    generate(state, Endpoint::ChatCompletions, body).await
+    generate(state, Endpoint::ChatCompletions, client, body).await
 }
 
 /// `POST /v1/completions`
 pub(crate) async fn completions(
     State(state): State<AppState>,
+    client: Option<Extension<ClientId>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    generate(state, Endpoint::Completions, body).await
+    generate(state, Endpoint::Completions, client, body).await
 }
 
 async fn generate(
     state: AppState,
     endpoint: Endpoint,
+    client: Option<Extension<ClientId>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let in_flight = InFlight::start();
     let result = async move {
         let body = body.map_err(|rejection| body_error(rejection, state.max_body_bytes))?;
-        let request = validate::parse(endpoint, &body)?;
+        let mut request = validate::parse(endpoint, &body)?;
+        // Set by the auth middleware; absent only if a route skips it.
+        request.client = client.map(|Extension(client)| client).unwrap_or_default();
         let (stream, include_usage) = (request.stream, request.include_usage);
         // One router snapshot for the whole request (a reload swaps in a new one); an
         // unknown model comes back from it as `RouteError::UnknownModel`.

@@ -298,6 +298,7 @@ fn chat(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationError> {
         has_tools,
         continuation: None,
         raw,
+        client: Default::default(),
     })
 }
 
@@ -436,6 +437,7 @@ fn completion(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationEr
         has_tools: false,
         continuation: None,
         raw,
+        client: Default::default(),
     })
 }
 

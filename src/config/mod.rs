@@ -123,6 +123,15 @@ pub struct LocalConfig {
     pub kv_cache_mib: u64,
     /// Back up every remote route with this model (failover target). Default true.
     pub fallback: bool,
+    /// Tokens generated when a request sets no `max_tokens` (at most what the context has
+    /// left), so one request cannot hold a slot for a whole context. Default 2048.
+    pub default_max_tokens: u32,
+    /// Largest `n` (choices per request) the local model takes; more is a 400. Default 4.
+    pub max_n: u32,
+    /// A streaming client that takes no event for this long loses its sequence, so its
+    /// batch slot and KV cache go to others. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub stalled_client_timeout: Duration,
 }
 
 impl Default for LocalConfig {
@@ -135,6 +144,9 @@ impl Default for LocalConfig {
             max_batch: 8,
             kv_cache_mib: 1024,
             fallback: true,
+            default_max_tokens: 2048,
+            max_n: 4,
+            stalled_client_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -574,10 +586,7 @@ mod tests {
         );
         check(r#"[{ remote = "b" }, { remote = "a", remote_model = "other" }]"#)
             .expect("another model is another target");
-        let long = format!(
-            "[{}]",
-            vec![r#"{ remote = "b", remote_model = "x" }"#; 9].join(", ")
-        );
+        let long = format!("[{}]", [r#"{ remote = "b", remote_model = "x" }"#; 9].join(", "));
         let err = check(&long).expect_err("too deep");
         assert!(err.contains("at most 8"), "{err}");
     }
@@ -606,6 +615,19 @@ mod tests {
         .expect("parses");
         let err = config.validate().expect_err("duplicate name").to_string();
         assert!(err.starts_with("routes[0].aliases[0]:"), "{err}");
+
+        for (local, key) in [
+            ("default_max_tokens = 0", "local.default_max_tokens:"),
+            ("max_n = 0", "local.max_n:"),
+            ("max_n = 129", "local.max_n:"),
+            ("stalled_client_timeout = \"0s\"", "local.stalled_client_timeout:"),
+        ] {
+            let config = parse(&format!("[local]\n{local}\n")).expect("parses");
+            let err = config.validate().expect_err(local).to_string();
+            assert!(err.starts_with(key), "{err}");
+        }
+        let config = parse("[local]\nstalled_client_timeout = \"2m\"\n").expect("humantime");
+        assert_eq!(config.local.stalled_client_timeout, Duration::from_secs(120));
     }
     #[test]
     fn egress_policies_are_checked() {

@@ -133,6 +133,25 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        if self.local.default_max_tokens == 0 {
+            return Err(ConfigError::invalid(
+                "local.default_max_tokens",
+                "must be greater than 0",
+            ));
+        }
+        let max_n = crate::api::validate::MAX_N;
+        if !(1..=max_n).contains(&self.local.max_n) {
+            return Err(ConfigError::invalid(
+                "local.max_n",
+                format!("must be between 1 and {max_n}, got {}", self.local.max_n),
+            ));
+        }
+        if self.local.stalled_client_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "local.stalled_client_timeout",
+                "must be greater than 0",
+            ));
+        }
         if self.local.served_model_name.is_some() && self.local.model.is_none() {
             return Err(ConfigError::invalid(
                 "local.served_model_name",

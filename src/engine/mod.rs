@@ -3,12 +3,20 @@
 //!
 //! Prompt rendering and tokenization run on tokio's blocking pool; the engine thread only
 //! runs the model. `/ready` reports the load phase until the model is warm.
+//!
+//! The local model is the scarce resource during an outage, so it is guarded: a request is
+//! checked (`n`, prompt bytes) and counted against the queue before any work
+//! (`admission.rs`), an unset `max_tokens` is capped, waiting requests are admitted
+//! round-robin across clients (`fair_queue.rs`), and a client that stops reading loses
+//! its slot (`outbox.rs`).
 
+mod admission;
 pub mod bandwidth;
 pub mod bench;
 pub mod chat_template;
 mod decode_attention;
 pub mod deepseek2;
+mod fair_queue;
 pub mod gguf;
 pub mod gguf_tokenizer;
 mod gguf_weights;
@@ -17,6 +25,7 @@ mod kquant_rows;
 mod kv_cache;
 pub mod loader;
 pub mod models;
+mod outbox;
 pub mod qlinear;
 pub mod quantized;
 pub mod reasoning;
@@ -120,8 +129,8 @@ impl Phase {
 struct Shared {
     phase: Mutex<Phase>,
     info: OnceLock<Arc<ModelInfo>>,
-    /// Requests accepted but not yet started by the engine (the queue and the one it may
-    /// hold while the batch is full).
+    /// Requests holding a queue ticket (`admission::QueueTicket`): accepted and not yet
+    /// started, whether being tokenized, in the channel or in the engine's fair queue.
     queued: AtomicUsize,
     /// The most sequences one step has carried.
     peak_batch: AtomicUsize,
@@ -141,6 +150,13 @@ pub struct LocalSettings {
     /// Memory the KV caches of running sequences may take, in bytes; beyond it new
     /// requests wait in the queue and the latest sequence is preempted.
     pub kv_cache_bytes: u64,
+    /// Tokens generated when a request sets no `max_tokens` (at most what the context
+    /// has left).
+    pub default_max_tokens: u32,
+    /// Largest `n` taken; more is a 400.
+    pub max_n: u32,
+    /// A streaming client that takes no event for this long loses its sequence.
+    pub stalled_client_timeout: Duration,
 }
 
 impl LocalSettings {
@@ -153,6 +169,9 @@ impl LocalSettings {
             queue_capacity: defaults.queue_capacity,
             max_batch: defaults.max_batch,
             kv_cache_bytes: defaults.kv_cache_mib * 1024 * 1024,
+            default_max_tokens: defaults.default_max_tokens,
+            max_n: defaults.max_n,
+            stalled_client_timeout: defaults.stalled_client_timeout,
         }
     }
 }
@@ -176,6 +195,8 @@ pub struct LocalBackend {
     shared: Arc<Shared>,
     jobs: mpsc::Sender<worker::Job>,
     queue_capacity: usize,
+    default_max_tokens: u32,
+    max_n: u32,
 }
 
 impl LocalBackend {
@@ -202,6 +223,7 @@ impl LocalBackend {
         let limits = scheduler::BatchLimits {
             max_sequences: settings.max_batch.max(1),
             kv_budget_bytes: settings.kv_cache_bytes,
+            stalled_client_timeout: settings.stalled_client_timeout,
         };
         tracing::info!(device = ?device.location(), "local engine device");
         std::thread::Builder::new()
@@ -214,6 +236,8 @@ impl LocalBackend {
             shared,
             jobs,
             queue_capacity: settings.queue_capacity.max(1),
+            default_max_tokens: settings.default_max_tokens.max(1),
+            max_n: settings.max_n.max(1),
         })
     }
 
@@ -362,7 +386,7 @@ impl Backend for LocalBackend {
     }
     /// Free when nothing is queued: a hedge must not wait behind other requests.
     fn has_capacity(&self) -> bool {
-        self.phase() == Phase::Ready && self.jobs.capacity() == self.jobs.max_capacity()
+        self.phase() == Phase::Ready && self.shared.queued.load(Ordering::SeqCst) == 0
     }
 
     fn status(&self) -> BackendStatus {
@@ -383,73 +407,37 @@ impl Backend for LocalBackend {
             .get()
             .cloned()
             .ok_or_else(|| self.unavailable())?;
-        let generation = request.request.clone();
-        let prepared_info = info.clone();
-        let (prompt, think_opened) = tokio::task::spawn_blocking(move || {
-            prepare_prompt(
-                &prepared_info,
-                &generation.prompt,
-                generation.raw.get("tools"),
-                generation.continuation.as_ref(),
-            )
-        })
-        .await
-        .map_err(|e| local_error(ErrorKind::Internal, format!("prompt preparation failed: {e}")))??;
-        let context = info.dims.max_context;
-        if prompt.len() >= context {
-            let mut err = local_error(
-                ErrorKind::BadRequest,
-                format!(
-                    "This model's maximum context length is {context} tokens; the prompt has {} tokens.",
-                    prompt.len()
-                ),
-            );
-            err.param = Some("messages".into());
-            err.code = Some("context_length_exceeded".into());
-            return Err(err);
-        }
-        let room = context - prompt.len();
-        let params = request.request.sampling.clone();
-        // As vLLM does: a max_tokens that cannot fit is refused, not silently shortened.
-        if let Some(asked) = params.max_tokens.filter(|m| *m as usize > room) {
-            let mut err = local_error(
-                ErrorKind::BadRequest,
-                format!(
-                    "This model's maximum context length is {context} tokens; the prompt has {} tokens \
-                     and max_tokens asks for {asked} more.",
-                    prompt.len()
-                ),
-            );
-            err.param = Some("max_tokens".into());
-            err.code = Some("context_length_exceeded".into());
-            return Err(err);
-        }
-        let max_tokens = params.max_tokens.map_or(room, |m| m as usize);
+        let generation = request.request;
+        // Cheapest first: nothing below is spent on a request refused here.
+        admission::check_n(generation.sampling.n, self.max_n)?;
+        let bytes = admission::check_prompt_bytes(&generation, info.dims.max_context)?;
+        let ticket =
+            admission::QueueTicket::take(&self.shared, self.queue_capacity).ok_or_else(queue_full)?;
+        let (prompt, think_opened) = tokenize(info.clone(), generation.clone(), bytes).await?;
+        let params = generation.sampling.clone();
+        let max_tokens = admission::fit_max_tokens(
+            &generation.prompt,
+            prompt.len(),
+            info.dims.max_context,
+            params.max_tokens,
+            self.default_max_tokens,
+        )?;
         let seed = params.seed.unwrap_or_else(rand::random);
         let (events, receiver) = mpsc::channel(scheduler::EVENT_BUFFER);
-        let tool_names = offered_tools(&request.request.raw);
         let job = worker::Job {
             prompt,
             params,
             max_tokens,
             seed,
             think_opened,
-            tool_names,
+            tool_names: offered_tools(&generation.raw),
             events,
+            client: generation.client.clone(),
+            ticket: Some(ticket),
         };
-        let queue_full = || {
-            let mut err = local_error(ErrorKind::RateLimited, "the local model's queue is full");
-            err.retry_after = Some(Duration::from_secs(1));
-            err
-        };
-        // Counted here and uncounted by the engine when the request starts, so exactly
-        // `queue_capacity` requests wait, whether in the channel or held by the engine.
-        if self.shared.queued.fetch_add(1, Ordering::SeqCst) >= self.queue_capacity {
-            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-            return Err(queue_full());
-        }
+        // The ticket bounds what is in the channel, so it is never full; a refused job
+        // gives its place back as it is dropped.
         if let Err(err) = self.jobs.try_send(job) {
-            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(match err {
                 mpsc::error::TrySendError::Full(_) => queue_full(),
                 mpsc::error::TrySendError::Closed(_) => self.unavailable(),
@@ -463,6 +451,35 @@ impl Backend for LocalBackend {
             },
         )))
     }
+}
+
+fn queue_full() -> BackendError {
+    let mut err = local_error(ErrorKind::RateLimited, "the local model's queue is full");
+    err.retry_after = Some(Duration::from_secs(1));
+    err
+}
+
+/// Render and tokenize on tokio's blocking pool, off the async workers; after a large
+/// prompt, give the memory tokenization took back to the system.
+async fn tokenize(
+    info: Arc<ModelInfo>,
+    generation: Arc<crate::backend::GenerationRequest>,
+    bytes: usize,
+) -> Result<(Vec<u32>, bool), BackendError> {
+    tokio::task::spawn_blocking(move || {
+        let prepared = prepare_prompt(
+            &info,
+            &generation.prompt,
+            generation.raw.get("tools"),
+            generation.continuation.as_ref(),
+        );
+        if bytes >= admission::TRIM_AFTER_PROMPT_BYTES {
+            crate::huge_pages::release_free_memory();
+        }
+        prepared
+    })
+    .await
+    .map_err(|e| local_error(ErrorKind::Internal, format!("prompt preparation failed: {e}")))?
 }
 
 #[cfg(test)]

@@ -2,12 +2,14 @@
 //! one token per step in one forward pass, new requests join at the next step as far as the
 //! slots and the KV budget allow (the latest sequence is preempted and later recomputed when
 //! the budget runs out), and finished or cancelled sequences (the client's event receiver
-//! dropped) leave at once.
+//! dropped, or the client stopped reading for `stalled_client_timeout`) leave at once.
+//! Waiting requests are admitted round-robin across clients (`fair_queue.rs`).
 
 use std::{
     collections::{HashMap, VecDeque},
     panic::AssertUnwindSafe,
     sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
 use candle_core::{Device, Tensor};
@@ -15,18 +17,21 @@ use tokio::sync::mpsc;
 
 use super::{
     EngineError, Shared,
+    fair_queue::FairQueue,
     loader::ModelInfo,
     models::{CausalLm, SlotStep},
+    outbox::Outbox,
     reasoning::{ReasoningSplitter, Split},
     sampler::Sampler,
     stop::StopMatcher,
     tokenizer::IncrementalDecoder,
     tool_calls::{self, ToolCall, ToolCallParser},
-    worker::{EventSender, Job},
+    worker::Job,
 };
-use crate::backend::{BackendError, ChoiceDelta, ErrorKind, GenerationEvent, Origin, Usage};
-
-type Event = Result<GenerationEvent, BackendError>;
+use crate::{
+    backend::{BackendError, ChoiceDelta, ClientId, ErrorKind, GenerationEvent, Origin, TimeoutPhase, Usage},
+    metrics,
+};
 
 /// Events buffered per request. A client that reads none pauses only its own sequence
 /// once this many wait (the engine thread never blocks on it while others decode).
@@ -39,56 +44,6 @@ const PREFILL_CHUNK: usize = 512;
 /// Finish reason of a sequence ended by a stop string (sent as `stop`).
 const STOP_STRING: &str = "stop_string";
 
-/// A request's events on their way to its client: what the channel cannot take yet waits
-/// here, in order.
-#[derive(Debug)]
-struct Outbox {
-    events: EventSender,
-    held: VecDeque<Event>,
-}
-
-impl Outbox {
-    fn new(events: EventSender) -> Outbox {
-        Outbox {
-            events,
-            held: VecDeque::new(),
-        }
-    }
-
-    /// Queue an event; `false` when the client is gone.
-    fn send(&mut self, event: Event) -> bool {
-        self.held.push_back(event);
-        self.flush()
-    }
-
-    /// Pass on what the channel takes; `false` when the client is gone.
-    fn flush(&mut self) -> bool {
-        while let Some(event) = self.held.pop_front() {
-            match self.events.try_send(event) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(event)) => {
-                    self.held.push_front(event);
-                    return true;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    self.held.clear();
-                    return false;
-                }
-            }
-        }
-        true
-    }
-
-    /// Events wait for the client to read.
-    fn is_backed_up(&self) -> bool {
-        !self.held.is_empty()
-    }
-
-    fn is_closed(&self) -> bool {
-        self.events.is_closed()
-    }
-}
-
 /// How many sequences run together and how much KV cache they may hold.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct BatchLimits {
@@ -96,12 +51,15 @@ pub(super) struct BatchLimits {
     pub max_sequences: usize,
     /// KV cache memory the cached positions of all running sequences may take, in bytes.
     pub kv_budget_bytes: u64,
+    /// A client that takes no event for this long loses its sequences (and its slots).
+    pub stalled_client_timeout: Duration,
 }
 
 /// A request being served: its choices run as separate sequences.
 #[derive(Debug)]
 struct ActiveJob {
     job: Arc<Job>,
+    client: ClientId,
     /// Choices still running or waiting for a slot.
     open_choices: u32,
     completion_tokens: u64,
@@ -158,6 +116,7 @@ pub(super) struct Scheduler {
     chunked_prefill: bool,
     kv_bytes_per_token: u64,
     kv_budget_bytes: u64,
+    stalled_client_timeout: Duration,
     jobs: HashMap<u64, ActiveJob>,
     next_job: u64,
     next_start: u64,
@@ -168,9 +127,10 @@ pub(super) struct Scheduler {
     starting: VecDeque<(u64, u32)>,
     running: Vec<Sequence>,
     free_slots: Vec<usize>,
-    /// A job taken off the queue that does not fit yet; the queue behind it stays bounded,
-    /// so a full engine answers 429 at the API.
-    waiting: Option<Job>,
+    /// Jobs taken off the channel, waiting for a slot, one queue per client. They still
+    /// count against `queue_capacity` (each holds its queue ticket until it starts), so a
+    /// full engine answers 429 at the API.
+    waiting: FairQueue<Job>,
     /// Finished requests whose last events their clients have not read yet.
     draining: Vec<Outbox>,
     shared: Arc<Shared>,
@@ -191,6 +151,7 @@ impl Scheduler {
             info,
             device,
             kv_budget_bytes: limits.kv_budget_bytes,
+            stalled_client_timeout: limits.stalled_client_timeout,
             jobs: HashMap::new(),
             next_job: 0,
             next_start: 0,
@@ -198,7 +159,7 @@ impl Scheduler {
             starting: VecDeque::new(),
             running: Vec::new(),
             free_slots: (0..limits.max_sequences.max(1)).rev().collect(),
-            waiting: None,
+            waiting: FairQueue::default(),
             draining: Vec::new(),
             shared,
         }
@@ -207,20 +168,22 @@ impl Scheduler {
     /// Serve jobs until the queue closes.
     pub(super) fn run(&mut self, mut queue: mpsc::Receiver<Job>) {
         loop {
-            self.draining.retain_mut(|out| out.flush() && out.is_backed_up());
+            let timeout = self.stalled_client_timeout;
+            self.draining
+                .retain_mut(|out| out.flush() && out.is_backed_up() && !out.is_stalled(timeout));
             let idle = self.running.is_empty()
                 && self.preempted.is_empty()
                 && self.starting.is_empty()
-                && self.waiting.is_none();
+                && self.waiting.is_empty();
             if idle && self.draining.is_empty() {
                 match queue.blocking_recv() {
-                    Some(job) => self.waiting = Some(job),
+                    Some(job) => self.enqueue(job),
                     None => return,
                 }
             } else if idle {
                 // Only slow readers left: look for work now and then.
                 match queue.try_recv() {
-                    Ok(job) => self.waiting = Some(job),
+                    Ok(job) => self.enqueue(job),
                     Err(mpsc::error::TryRecvError::Empty) => {
                         std::thread::sleep(std::time::Duration::from_millis(1));
                         continue;
@@ -228,15 +191,23 @@ impl Scheduler {
                     Err(mpsc::error::TryRecvError::Disconnected) => return,
                 }
             }
-            if self.waiting.is_none() {
-                self.waiting = queue.try_recv().ok();
+            // Everything that arrived joins its client's queue before anyone is admitted,
+            // so the turn order sees every client.
+            while let Ok(job) = queue.try_recv() {
+                self.enqueue(job);
             }
+            // Clients that left while waiting give their place (and queue count) back now.
+            self.waiting.retain(|job| !job.events.is_closed());
             self.admit();
             if self.running.is_empty() {
                 continue;
             }
             self.step();
         }
+    }
+
+    fn enqueue(&mut self, job: Job) {
+        self.waiting.push(job.client.clone(), job);
     }
 
     /// KV bytes of the positions the running sequences hold after the next step.
@@ -281,18 +252,21 @@ impl Scheduler {
                 self.start_sequence(job_id, job, index);
                 continue;
             }
-            let Some(job) = self.waiting.take() else {
+            let Some(job) = self.waiting.peek() else {
                 return;
             };
-            if job.events.is_closed() {
-                self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-                continue; // the client left while it waited
-            }
-            if !self.fits(job.prompt.len()) {
-                self.waiting = Some(job);
+            if !job.events.is_closed() && !self.fits(job.prompt.len()) {
                 return;
             }
-            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            let Some((client, mut job)) = self.waiting.pop() else {
+                return;
+            };
+            // Started (or gone): it no longer counts against the queue.
+            job.ticket.take();
+            if job.events.is_closed() {
+                self.waiting.finished(&client);
+                continue; // the client left while it waited
+            }
             let job_id = self.next_job;
             self.next_job += 1;
             let choices = job.params.n.max(1);
@@ -301,11 +275,19 @@ impl Scheduler {
                 job_id,
                 ActiveJob {
                     job: Arc::new(job),
+                    client,
                     open_choices: choices,
                     completion_tokens: 0,
                     failed: false,
                 },
             );
+        }
+    }
+
+    /// A job is done (finished, failed or cancelled): its client runs one fewer.
+    fn forget_job(&mut self, job_id: u64) {
+        if let Some(active) = self.jobs.remove(&job_id) {
+            self.waiting.finished(&active.client);
         }
     }
 
@@ -376,6 +358,7 @@ impl Scheduler {
         for sequence in closed {
             self.retire(sequence, Outcome::Cancelled);
         }
+        self.cancel_stalled();
         self.preempt_over_budget();
         if self.running.is_empty() {
             return;
@@ -531,10 +514,46 @@ impl Scheduler {
                     extra: serde_json::Map::new(),
                 })));
             }
-            self.jobs.remove(&job_id);
+            self.forget_job(job_id);
         }
         if out.is_backed_up() {
             self.draining.push(out);
+        }
+    }
+
+    /// Cancel the sequences of clients that have taken no event for the stall timeout:
+    /// their slots and KV caches go to clients that read. Such a client finds an error
+    /// after what its channel already holds, should it ever read again.
+    fn cancel_stalled(&mut self) {
+        let timeout = self.stalled_client_timeout;
+        while let Some(index) = self.running.iter().position(|s| s.out.is_stalled(timeout)) {
+            let sequence = self.running.swap_remove(index);
+            let client = self
+                .jobs
+                .get(&sequence.job_id)
+                .map_or_else(ClientId::default, |a| a.client.clone());
+            tracing::warn!(
+                %client,
+                choice = sequence.index,
+                generated = sequence.generated.len(),
+                timeout = %humantime::format_duration(timeout),
+                "a streaming client stopped reading: its sequence is cancelled and its slot freed"
+            );
+            metrics::local_stalled_client();
+            self.free_slot(sequence.slot);
+            let mut out = sequence.out;
+            out.replace_held(Err(BackendError::new(
+                ErrorKind::Timeout(TimeoutPhase::Idle),
+                Origin::Local,
+                format!(
+                    "the local model stopped this answer: the client read nothing for {}",
+                    humantime::format_duration(timeout)
+                ),
+            )));
+            // Kept until the timeout passes once more, then dropped with the channel.
+            out.flush();
+            self.draining.push(out);
+            self.drop_job(sequence.job_id);
         }
     }
 
@@ -569,7 +588,7 @@ impl Scheduler {
 
     /// Remove a job and every sequence or waiting choice of it.
     fn drop_job(&mut self, job_id: u64) {
-        self.jobs.remove(&job_id);
+        self.forget_job(job_id);
         self.starting.retain(|(id, _)| *id != job_id);
         self.preempted.retain(|s| s.job_id != job_id);
         let mut index = 0;

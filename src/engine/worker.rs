@@ -11,12 +11,13 @@ use tokio::sync::mpsc;
 
 use super::{
     Phase, Shared,
+    admission::QueueTicket,
     hub::{self, ModelSpec},
     loader,
     qlinear::QLinear,
     scheduler::{BatchLimits, Scheduler},
 };
-use crate::backend::{BackendError, GenerationEvent, SamplingParams};
+use crate::backend::{BackendError, ClientId, GenerationEvent, SamplingParams};
 
 pub(super) type EventSender = mpsc::Sender<Result<GenerationEvent, BackendError>>;
 
@@ -34,6 +35,11 @@ pub(super) struct Job {
     /// tool calls in the output become `tool_calls`.
     pub tool_names: Option<Vec<String>>,
     pub events: EventSender,
+    /// Who sent it: waiting jobs are admitted round-robin across clients.
+    pub client: ClientId,
+    /// Its place in the queue, given back when the engine starts it (taken out) or when
+    /// the job is dropped.
+    pub ticket: Option<QueueTicket>,
 }
 
 fn set_phase(shared: &Mutex<Phase>, phase: Phase) {

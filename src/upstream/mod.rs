@@ -315,6 +315,7 @@ mod tests {
                 has_tools: false,
                 continuation: None,
                 raw,
+                client: Default::default(),
             }),
         );
         let body = serde_json::to_value(RemoteBackend::upstream_body(&request)).expect("serializes");
