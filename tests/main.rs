@@ -17,6 +17,7 @@ mod hub;
 mod local_admission;
 mod local_engine;
 mod logits;
+mod outage;
 mod reload;
 mod retries;
 mod streaming;

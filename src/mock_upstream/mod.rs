@@ -87,10 +87,13 @@ pub enum FaultMode {
     GiantBody,
     /// 500 whose error text carries a key, an organisation id and an internal URL.
     LeakyError,
+    /// Stream [`MockSettings::cut_after`] content chunks, then keep the connection open
+    /// and send nothing more.
+    Stall,
 }
 
 impl FaultMode {
-    pub const ALL: [FaultMode; 19] = [
+    pub const ALL: [FaultMode; 20] = [
         FaultMode::None,
         FaultMode::Refuse,
         FaultMode::Http500,
@@ -110,6 +113,7 @@ impl FaultMode {
         FaultMode::EndlessStream,
         FaultMode::GiantBody,
         FaultMode::LeakyError,
+        FaultMode::Stall,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -133,6 +137,7 @@ impl FaultMode {
             FaultMode::EndlessStream => "endless_stream",
             FaultMode::GiantBody => "giant_body",
             FaultMode::LeakyError => "leaky_error",
+            FaultMode::Stall => "stall",
         }
     }
 }

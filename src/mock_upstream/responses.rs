@@ -290,7 +290,11 @@ async fn generate(shared: Arc<Shared>, headers: HeaderMap, body: Bytes, chat: bo
             "data: {\"id\":\"mock\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\n\ndata: [DONE]\n\n",
         ),
         _ => {
-            let cut = (mode == FaultMode::MidstreamCut).then_some(settings.cut_after);
+            let cut = match mode {
+                FaultMode::MidstreamCut => Some(Cut::Drop(settings.cut_after)),
+                FaultMode::Stall => Some(Cut::Stall(settings.cut_after)),
+                _ => None,
+            };
             // Like DeepSeek under load: `: keep-alive` comments while the first token is late.
             let keepalive = (mode == FaultMode::Slow).then_some(settings.keepalive_interval);
             answer_stream(answer, first_delay, settings.inter_token_delay, cut, keepalive)
@@ -433,14 +437,21 @@ struct TextChoice<'a> {
 }
 
 /// The SSE body: role chunk, one chunk per token, finish chunk, usage chunk if asked,
-/// `[DONE]`. With `cut = Some(k)` the body fails after `k` tokens, which aborts the
-/// connection mid-stream. With `keepalive = Some(interval)` the wait for the first token is
+/// `[DONE]`. With a `cut` the body fails (or stalls) after `k` tokens. With `keepalive = Some(interval)` the wait for the first token is
 /// filled with `: keep-alive` comments.
+/// How an answer stops early: after `k` content chunks the connection drops, or stays
+/// open with nothing more sent.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    Drop(u32),
+    Stall(u32),
+}
+
 fn answer_stream(
     answer: Answer,
     first_delay: Duration,
     inter_delay: Duration,
-    cut: Option<u32>,
+    cut: Option<Cut>,
     keepalive: Option<Duration>,
 ) -> Body {
     let comments = match keepalive.filter(|i| !i.is_zero()) {
@@ -463,13 +474,18 @@ fn token_stream(
     answer: Answer,
     first_delay: Duration,
     inter_delay: Duration,
-    cut: Option<u32>,
+    cut: Option<Cut>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send {
     // Step 0: role chunk; 1..=n: tokens; n+1: finish; n+2: usage; n+3: [DONE].
     let n = answer.completion_tokens;
     let pace = TokenPace::new(first_delay, inter_delay);
     futures_util::stream::unfold((answer, 0u32, pace), move |(answer, step, mut pace)| async move {
-        if let Some(k) = cut
+        if let Some(Cut::Stall(k)) = cut
+            && step == k + 1
+        {
+            std::future::pending::<()>().await;
+        }
+        if let Some(Cut::Drop(k)) = cut
             && step == k + 1
         {
             // Let hyper flush the chunks already written, so the client really receives

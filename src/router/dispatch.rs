@@ -388,3 +388,7 @@ fn estimated_tokens(request: &GenerationRequest) -> u64 {
     };
     (bytes as u64).div_ceil(4) + u64::from(request.sampling.max_tokens.unwrap_or(0))
 }
+
+#[cfg(test)]
+#[path = "dispatch_tests.rs"]
+mod tests;
