@@ -14,6 +14,7 @@ mod gguf_local;
 mod gguf_models;
 mod hub;
 mod local_engine;
+mod local_limits;
 mod logits;
 mod reload;
 mod retries;
