@@ -18,6 +18,7 @@ mod local_limits;
 mod logits;
 mod reload;
 mod retries;
+mod server_limits;
 mod streaming;
 mod templates;
 mod upstream_faults;

@@ -1,4 +1,5 @@
-//! Client authentication: an optional set of accepted API keys, compared in constant time.
+//! Client and admin authentication: optional sets of accepted API keys, compared in
+//! constant time.
 
 use axum::{
     extract::{Request, State},
@@ -50,11 +51,38 @@ fn digest(key: &str) -> [u8; 32] {
 /// Middleware for `/v1/*`: `Authorization: Bearer KEY` (or `x-api-key: KEY`).
 pub(crate) async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let keys = state.live().client_keys.clone();
+    check(&keys, request, next).await
+}
+
+/// Middleware for `/metrics`, `/health` and `/ready`: an admin key, sent the same way,
+/// when `server.admin_api_key_envs` lists any; open otherwise.
+pub(crate) async fn require_admin_key(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let keys = state.live().admin_keys.clone();
+    check(&keys, request, next).await
+}
+
+async fn check(keys: &ClientKeys, request: Request, next: Next) -> Response {
     if keys.is_open() {
         return next.run(request).await;
     }
+    match presented_key(&request) {
+        None => ApiError::Unauthorized(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+        )
+        .into_response(),
+        Some(key) if keys.accepts(key) => next.run(request).await,
+        Some(_) => ApiError::Unauthorized("Incorrect API key provided.").into_response(),
+    }
+}
+
+/// The key in `Authorization: Bearer KEY`, else in `x-api-key`.
+fn presented_key(request: &Request) -> Option<&str> {
     let headers = request.headers();
-    let presented = headers
+    headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
@@ -66,15 +94,7 @@ pub(crate) async fn require_key(State(state): State<AppState>, request: Request,
                 .get("x-api-key")
                 .and_then(|v| v.to_str().ok())
                 .map(str::trim)
-        });
-    match presented {
-        None => ApiError::Unauthorized(
-            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
-        )
-        .into_response(),
-        Some(key) if keys.accepts(key) => next.run(request).await,
-        Some(_) => ApiError::Unauthorized("Incorrect API key provided.").into_response(),
-    }
+        })
 }
 
 #[cfg(test)]
