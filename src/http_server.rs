@@ -162,24 +162,7 @@ async fn serve_connection(
         tracing::debug!(%err, "cannot set TCP_NODELAY");
     }
     let activity = Arc::new(Activity::new());
-    let service = {
-        let activity = activity.clone();
-        let app = TowerToHyperService::new(app);
-        hyper::service::service_fn(move |request: Request<Incoming>| {
-            let guard = InFlight::enter(&activity);
-            let request = prepare(request, peer, limits.body_read_timeout);
-            let response = hyper::service::Service::call(&app, request);
-            async move {
-                let response = response.await?;
-                Ok::<_, Infallible>(response.map(|body| {
-                    Body::new(GuardedBody {
-                        inner: body,
-                        _guard: guard,
-                    })
-                }))
-            }
-        })
-    };
+    let service = connection_service(app, peer, activity.clone(), limits.body_read_timeout);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -228,6 +211,36 @@ async fn serve_connection(
             },
         }
     }
+}
+
+/// The app as one connection's hyper service: each request counted in `activity` until
+/// its response body is dropped, and prepared by [`prepare`].
+fn connection_service(
+    app: axum::Router,
+    peer: SocketAddr,
+    activity: Arc<Activity>,
+    body_timeout: Duration,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = axum::response::Response,
+    Error = Infallible,
+    Future = impl Future<Output = Result<axum::response::Response, Infallible>> + Send,
+> + Clone {
+    let app = TowerToHyperService::new(app);
+    hyper::service::service_fn(move |request: Request<Incoming>| {
+        let guard = InFlight::enter(&activity);
+        let request = prepare(request, peer, body_timeout);
+        let response = hyper::service::Service::call(&app, request);
+        async move {
+            let response = response.await?;
+            Ok::<_, Infallible>(response.map(|body| {
+                Body::new(GuardedBody {
+                    inner: body,
+                    _guard: guard,
+                })
+            }))
+        }
+    })
 }
 
 /// The request as the app sees it: the peer address for `ConnectInfo<SocketAddr>` (per-
