@@ -10,6 +10,7 @@ mod bench;
 mod chat_api;
 mod cli;
 mod failover;
+mod fuzz_corpora;
 mod gguf_local;
 mod gguf_models;
 mod hub;
