@@ -11,7 +11,6 @@ use std::{
 use axum::{
     http::StatusCode,
     response::{IntoResponse, Response},
-    serve::ListenerExt,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -22,6 +21,7 @@ use crate::{
     backend::Backend,
     config::{Config, ConfigError, DeadlineMode, EnvSource, read_secret_file, resolve_secret},
     engine::{LocalBackend, LocalSettings},
+    http_server::{self, ServerLimits},
     metrics,
     router::{
         RouteTable, Router, RouterSettings,
@@ -41,6 +41,8 @@ use crate::{
 pub struct Live {
     pub router: Arc<Router>,
     pub client_keys: Arc<ClientKeys>,
+    /// Keys for `/metrics`, `/health` and `/ready`; open when empty.
+    pub admin_keys: Arc<ClientKeys>,
 }
 
 /// Handles shared by every request.
@@ -173,6 +175,13 @@ fn build_live(
         .enumerate()
         .map(|(i, var)| resolve_secret(env, &format!("server.client_api_key_envs[{i}]"), var))
         .collect::<Result<Vec<_>, _>>()?;
+    let admin_keys = config
+        .server
+        .admin_api_key_envs
+        .iter()
+        .enumerate()
+        .map(|(i, var)| resolve_secret(env, &format!("server.admin_api_key_envs[{i}]"), var))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut router = Router::new(
         RouteTable::from_config(config),
         backends,
@@ -186,6 +195,7 @@ fn build_live(
     Ok(Live {
         router,
         client_keys: Arc::new(ClientKeys::new(&client_keys)),
+        admin_keys: Arc::new(ClientKeys::new(&admin_keys)),
     })
 }
 
@@ -263,41 +273,17 @@ fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
 }
 
 /// Serve `app` on `listener` until `shutdown` resolves; then stop accepting and give
-/// in-flight requests `grace` to finish before returning.
+/// in-flight requests `grace` to finish before returning. The other server limits
+/// (connections, timeouts) are the defaults; `http_server::serve` takes them all.
 pub async fn run(
     listener: TcpListener,
     app: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
-    let shutdown = async move {
-        shutdown.await;
-        let _ = signalled_tx.send(());
+    let limits = ServerLimits {
+        grace,
+        ..ServerLimits::default()
     };
-    // Without TCP_NODELAY a small SSE frame written after the previous one waits for the
-    // client's delayed ACK (~40 ms per frame on a kept-alive connection).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(%err, "cannot set TCP_NODELAY");
-        }
-    });
-    // The peer address as a request extension: without API keys it names the client.
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .into_future();
-    tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => return result,
-        _ = signalled_rx => {}
-    }
-    tracing::info!(grace = %humantime::format_duration(grace), "shutting down: draining in-flight requests");
-    match tokio::time::timeout(grace, server).await {
-        Ok(result) => result,
-        Err(_) => {
-            tracing::warn!("grace period over; closing the remaining connections");
-            Ok(())
-        }
-    }
+    http_server::serve(listener, app, shutdown, limits).await
 }

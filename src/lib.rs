@@ -8,6 +8,7 @@
 //! - [`cli`]: the `lifeboat` subcommands, one file each.
 //! - [`config`]: the strict TOML config, overrides and secrets by reference.
 //! - [`app`]: shared state, the axum app and the server entry (listener + shutdown).
+//! - [`http_server`]: the accept loop: connection cap, header/body/idle timeouts, drain.
 //! - [`api`]: the OpenAI wire format, validation, errors → HTTP, SSE.
 //! - [`router`]: route table and the commit point; decides who serves.
 //! - [`backend`]: the `Backend` trait and the engine-neutral event stream.
@@ -29,6 +30,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod http_server;
 pub mod huge_pages;
 pub mod metrics;
 pub mod mock_upstream;

@@ -23,6 +23,10 @@ fn main() {
         }
     };
     runtime.block_on(run());
+    // Dropping the runtime would wait for every `spawn_blocking` task, so a prompt render
+    // or tokenization still running would hold the exit after SIGTERM's drain; renders are
+    // bounded by fuel, and this bounds the wait whatever else is still running.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
 }
 
 async fn run() {

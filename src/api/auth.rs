@@ -1,4 +1,5 @@
-//! Client authentication: an optional set of accepted API keys, compared in constant time.
+//! Client and admin authentication: optional sets of accepted API keys, compared in
+//! constant time.
 
 use std::net::SocketAddr;
 
@@ -53,8 +54,23 @@ fn digest(key: &str) -> [u8; 32] {
 /// names the client for the local engine's fair admission (a [`ClientId`] extension): by
 /// its key when keys are configured, else by its address (an unchecked key would let one
 /// client pose as many).
-pub(crate) async fn require_key(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+pub(crate) async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let keys = state.live().client_keys.clone();
+    check(&keys, request, next).await
+}
+
+/// Middleware for `/metrics`, `/health` and `/ready`: an admin key, sent the same way,
+/// when `server.admin_api_key_envs` lists any; open otherwise.
+pub(crate) async fn require_admin_key(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let keys = state.live().admin_keys.clone();
+    check(&keys, request, next).await
+}
+
+async fn check(keys: &ClientKeys, mut request: Request, next: Next) -> Response {
     if keys.is_open() {
         // Requests built in-process (`oneshot` in tests) have no peer: the anonymous client.
         let client = request
@@ -65,8 +81,25 @@ pub(crate) async fn require_key(State(state): State<AppState>, mut request: Requ
         request.extensions_mut().insert(client);
         return next.run(request).await;
     }
+    let client = match presented_key(&request) {
+        None => {
+            return ApiError::Unauthorized(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+            )
+            .into_response();
+        }
+        Some(key) if keys.accepts(key) => ClientId::from_api_key(key),
+        Some(_) => return ApiError::Unauthorized("Incorrect API key provided.").into_response(),
+    };
+    // With keys, the key (by its hash) names the client for the local model's fairness.
+    request.extensions_mut().insert(client);
+    next.run(request).await
+}
+
+/// The key in `Authorization: Bearer KEY`, else in `x-api-key`.
+fn presented_key(request: &Request) -> Option<&str> {
     let headers = request.headers();
-    let presented = headers
+    headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
@@ -78,19 +111,7 @@ pub(crate) async fn require_key(State(state): State<AppState>, mut request: Requ
                 .get("x-api-key")
                 .and_then(|v| v.to_str().ok())
                 .map(str::trim)
-        });
-    match presented {
-        None => ApiError::Unauthorized(
-            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
-        )
-        .into_response(),
-        Some(key) if keys.accepts(key) => {
-            let client = ClientId::from_api_key(key);
-            request.extensions_mut().insert(client);
-            next.run(request).await
-        }
-        Some(_) => ApiError::Unauthorized("Incorrect API key provided.").into_response(),
-    }
+        })
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
 //! The HTTP boundary: knows the OpenAI wire format, knows nothing about routing policy.
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
-//! `GET /v1/models/{id}`, `GET /health`, `GET /ready`, `GET /metrics`. Every error,
-//! including unknown URLs, wrong methods and panics, is an OpenAI error body.
+//! `GET /v1/models/{id}`, `GET /health`, `GET /ready`, `GET /metrics` (the last three behind
+//! `server.admin_api_key_envs` when set). Every error, including unknown URLs, wrong
+//! methods and panics, is an OpenAI error body.
 
 pub mod auth;
 pub mod error;
@@ -33,11 +34,18 @@ pub fn routes(state: AppState) -> Router {
         .route("/models/{*id}", get(models::get))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
         .layer(DefaultBodyLimit::max(state.max_body_bytes));
-    Router::new()
-        .nest("/v1", v1)
+    // Operational endpoints: open unless admin keys are configured.
+    let admin = Router::new()
         .route("/health", get(status::health))
         .route("/ready", get(status::ready))
         .route("/metrics", get(status::metrics))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_admin_key,
+        ));
+    Router::new()
+        .nest("/v1", v1)
+        .merge(admin)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

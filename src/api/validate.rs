@@ -13,6 +13,8 @@ use crate::backend::{ChatMessage, Endpoint, GenerationRequest, Prompt, SamplingP
 pub const MAX_N: u32 = 128;
 /// Most stop sequences accepted (OpenAI allows 4, DeepSeek 16; lifeboat the larger).
 pub const MAX_STOP: usize = 16;
+/// Accepted `repetition_penalty` (1 is none; 1.1–1.3 is usual).
+pub const REPETITION_PENALTY_RANGE: (f32, f32) = (0.01, 100.0);
 /// Largest `top_logprobs` accepted.
 pub const MAX_TOP_LOGPROBS: u32 = 20;
 
@@ -187,10 +189,14 @@ fn common(c: Common, sampling: &mut SamplingParams) -> Result<(String, bool, boo
     check_range("top_p", sampling.top_p, 0.0, 1.0)?;
     check_range("presence_penalty", sampling.presence_penalty, -2.0, 2.0)?;
     check_range("frequency_penalty", sampling.frequency_penalty, -2.0, 2.0)?;
-    if let Some(p) = sampling.repetition_penalty.filter(|p| *p <= 0.0) {
+    // A temperature of 1e-45 is within OpenAI's range and is forwarded to a remote as
+    // sent; the local sampler treats it as greedy, which it is in all but exact ties.
+    let (low, high) = REPETITION_PENALTY_RANGE;
+    if let Some(p) = sampling.repetition_penalty.filter(|p| !(low..=high).contains(p)) {
+        // Not OpenAI's parameter (vLLM's): a tiny one divided logits into infinities.
         return Err(ValidationError::invalid(
             "repetition_penalty",
-            format!("Invalid 'repetition_penalty': must be greater than 0, got {p}."),
+            format!("Invalid 'repetition_penalty': must be between {low} and {high}, got {p}."),
         ));
     }
     if sampling.max_tokens == Some(0) {
@@ -515,6 +521,11 @@ mod tests {
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#,
                 Some("temperature"),
                 "between 0 and 2, got 3",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"repetition_penalty":1e-45}"#,
+                Some("repetition_penalty"),
+                "between 0.01 and 100",
             ),
             (
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":0}"#,

@@ -14,6 +14,7 @@ use crate::{
     app::{self, AppState},
     config::{Config, Overrides, ProcessEnv},
     engine::hub::DEFAULT_MODEL,
+    http_server::{self, ServerLimits},
     shutdown,
 };
 
@@ -119,11 +120,11 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     }
     tracing::info!(%addr, "lifeboat listening; OpenAI base URL http://{addr}/v1");
     spawn_reloader(args, state.clone());
-    app::run(
+    http_server::serve(
         listener,
         app::app(state),
         shutdown::signal(),
-        config.server.shutdown_grace,
+        ServerLimits::from_config(&config.server),
     )
     .await
     .map_err(|e| CliError::Runtime(format!("server error: {e}")))

@@ -177,6 +177,24 @@ pub struct ServerConfig {
     /// Names of environment variables that each hold one accepted client API key.
     /// Empty (the default) means no client authentication.
     pub client_api_key_envs: Vec<String>,
+    /// Names of environment variables that each hold one admin key, required on
+    /// `/metrics`, `/health` and `/ready` when any is set. Empty (the default) leaves them
+    /// open, as a Prometheus scraper expects.
+    pub admin_api_key_envs: Vec<String>,
+    /// Open client connections at most; past it new ones wait in the kernel's backlog
+    /// until one closes. Default 1024.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers. On HTTP/1 hyper also runs
+    /// this timer while a kept-alive connection waits for its next request. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send a whole request body, from its headers on (a
+    /// body that stops coming, or is shorter than its `Content-Length`). Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -186,6 +204,11 @@ impl Default for ServerConfig {
             max_body_bytes: 8 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
             client_api_key_envs: Vec::new(),
+            admin_api_key_envs: Vec::new(),
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }

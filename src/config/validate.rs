@@ -18,6 +18,27 @@ impl Config {
         for (i, env) in self.server.client_api_key_envs.iter().enumerate() {
             check_env_name(&format!("server.client_api_key_envs[{i}]"), env)?;
         }
+        for (i, env) in self.server.admin_api_key_envs.iter().enumerate() {
+            check_env_name(&format!("server.admin_api_key_envs[{i}]"), env)?;
+        }
+        if self.server.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                "server.max_connections",
+                "must be greater than 0",
+            ));
+        }
+        for (field, value) in [
+            ("header_read_timeout", self.server.header_read_timeout),
+            ("body_read_timeout", self.server.body_read_timeout),
+            ("idle_timeout", self.server.idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::invalid(
+                    format!("server.{field}"),
+                    "must be greater than 0",
+                ));
+            }
+        }
         for (i, env) in self.alerts.webhook_envs.iter().enumerate() {
             check_env_name(&format!("alerts.webhook_envs[{i}]"), env)?;
         }

@@ -1,5 +1,13 @@
 //! Chat templates from `tokenizer_config.json`, rendered with minijinja plus the
 //! Python-compatible string methods (`.strip()`, `.split()`, …) that real templates use.
+//!
+//! A template is code from a Hub repo, so it runs bounded: [`RENDER_FUEL`] instructions
+//! (an endless loop ends in an error), [`MAX_RENDER_BYTES`] of output written through a
+//! capped writer (a string doubled into the output stops at the cap instead of growing
+//! in memory), and minijinja's own cap on `'x' * n` (100 MB). What fuel cannot bound is
+//! a string doubled in a variable and never written: each doubling is a few instructions.
+//! So [`ChatTemplate::new`] renders a sample conversation once and refuses a template
+//! that runs out of fuel or past the size cap there, before any request is served.
 
 use super::tool_calls::ToolCallFormat;
 use minijinja::{Environment, ErrorKind, Value as JinjaValue, context};
@@ -9,6 +17,16 @@ use super::EngineError;
 use crate::backend::ChatMessage;
 
 const TEMPLATE_NAME: &str = "chat";
+
+/// Instructions one render may execute. The R1 template takes about 28 per message
+/// (2 760 for 100 turns), so this leaves room for templates a hundred times busier on
+/// thousand-message prompts, and ends a runaway loop in under a second (0.83 s in the
+/// opt-level-1 dev build).
+pub const RENDER_FUEL: u64 = 20_000_000;
+
+/// Largest rendered prompt. The request body is capped at `server.max_body_bytes`
+/// (default 8 MiB), and a template adds markup, not multiples of the text.
+pub const MAX_RENDER_BYTES: usize = 64 * 1024 * 1024;
 
 /// A compiled chat template with the special tokens it refers to.
 #[derive(Debug)]
@@ -48,9 +66,10 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.add_filter("tojson", python_tojson);
+        env.set_fuel(Some(RENDER_FUEL));
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
             .map_err(|err| EngineError::Template(format!("cannot compile the chat template: {err}")))?;
-        Ok(ChatTemplate {
+        let template = ChatTemplate {
             env,
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
@@ -58,7 +77,39 @@ impl ChatTemplate {
             uses_think: source.contains("think>"),
             tool_calls: ToolCallFormat::detect(source),
             source: source.to_string(),
-        })
+        };
+        template.check_bounded()?;
+        Ok(template)
+    }
+
+    /// Render a sample conversation (system, tools, two turns) once and refuse the
+    /// template if it runs out of fuel or writes past [`MAX_RENDER_BYTES`]. Other errors
+    /// are the template's own rules (some refuse a system message) and pass.
+    fn check_bounded(&self) -> Result<(), EngineError> {
+        let messages = [
+            ChatMessage::text("system", "You are a helpful assistant."),
+            ChatMessage::text("user", "What is 2+2?"),
+            ChatMessage::text("assistant", "4"),
+            ChatMessage::text("user", "And 3+3?"),
+        ];
+        let tools = serde_json::json!([{"type": "function", "function": {
+            "name": "add", "description": "Add two numbers",
+            "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}
+        }}]);
+        for tools in [None, Some(&tools)] {
+            match self.render_bounded(&messages, tools) {
+                Err(RenderError::Runaway(message)) => {
+                    return Err(EngineError::Template(format!(
+                        "refused: rendering a sample conversation {message}"
+                    )));
+                }
+                Err(RenderError::Template(err)) => {
+                    tracing::debug!(%err, "the chat template refused the sample conversation");
+                }
+                Ok(_) => {}
+            }
+        }
+        Ok(())
     }
 
     /// The template text.
@@ -117,20 +168,83 @@ impl ChatTemplate {
 
     /// The prompt for `messages`, ending with the assistant's turn opened.
     pub fn render(&self, messages: &[ChatMessage], tools: Option<&Value>) -> Result<String, EngineError> {
+        self.render_bounded(messages, tools).map_err(|err| match err {
+            RenderError::Runaway(message) => {
+                EngineError::Template(format!("refused: the chat template {message}"))
+            }
+            RenderError::Template(err) => {
+                EngineError::Template(format!("cannot render the chat template: {err}"))
+            }
+        })
+    }
+
+    /// Render within [`RENDER_FUEL`] and [`MAX_RENDER_BYTES`].
+    fn render_bounded(&self, messages: &[ChatMessage], tools: Option<&Value>) -> Result<String, RenderError> {
         let messages: Vec<Value> = messages.iter().map(message_json).collect();
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
-            .map_err(|err| EngineError::Template(err.to_string()))?;
-        template
-            .render(context! {
+            .map_err(RenderError::Template)?;
+        let mut out = CappedWriter {
+            bytes: Vec::new(),
+            cap: MAX_RENDER_BYTES,
+            overflowed: false,
+        };
+        let rendered = template.render_captured_to(
+            context! {
                 messages => JinjaValue::from_serialize(&messages),
                 tools => tools.map(JinjaValue::from_serialize),
                 add_generation_prompt => true,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
-            })
-            .map_err(|err| EngineError::Template(format!("cannot render the chat template: {err}")))
+            },
+            &mut out,
+        );
+        match rendered {
+            _ if out.overflowed => Err(RenderError::Runaway(format!(
+                "wrote more than {MAX_RENDER_BYTES} bytes"
+            ))),
+            Err(err) if err.kind() == ErrorKind::OutOfFuel => Err(RenderError::Runaway(format!(
+                "ran more than {RENDER_FUEL} instructions (out of fuel)"
+            ))),
+            Err(err) => Err(RenderError::Template(err)),
+            Ok(_) => String::from_utf8(out.bytes).map_err(|err| {
+                RenderError::Template(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("the output is not UTF-8: {err}"),
+                ))
+            }),
+        }
+    }
+}
+
+/// Why a render failed: a runaway (fuel or size), or the template's own error.
+#[derive(Debug)]
+enum RenderError {
+    Runaway(String),
+    Template(minijinja::Error),
+}
+
+/// Collects the rendered prompt and fails the write past `cap` bytes, which ends the
+/// render (minijinja stops at the first failed write).
+struct CappedWriter {
+    bytes: Vec<u8>,
+    cap: usize,
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len().saturating_add(buf.len()) > self.cap {
+            self.overflowed = true;
+            return Err(std::io::Error::other("the rendered prompt is too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -263,6 +377,47 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{}: {e}", case.name));
             assert_eq!(rendered, case.target, "{}", case.name);
         }
+    }
+
+    #[test]
+    fn runaway_templates_are_refused_when_loaded() {
+        let cases = [
+            (
+                "nested loops",
+                "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+                "out of fuel",
+            ),
+            (
+                "string doubled to 100 MB",
+                "{% set ns = namespace(s='abc') %}{% for i in range(25) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+                "more than",
+            ),
+            (
+                "repeat then double",
+                "{% set ns = namespace(s='x' * 50000000) %}{% for i in range(3) %}{{ ns.s }}{% endfor %}",
+                "more than",
+            ),
+        ];
+        for (name, source, expected) in cases {
+            let err = ChatTemplate::new(source, "", "").expect_err(name).to_string();
+            assert!(err.contains("refused") && err.contains(expected), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_template_that_runs_away_on_some_input_is_stopped_per_render() {
+        let source = "{% for m in messages %}{% if m.content == 'spin' %}\
+            {% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}\
+            {% endif %}{{ m.content }}{% endfor %}";
+        let template = ChatTemplate::new(source, "", "").expect("the sample conversation is fine");
+        let err = template
+            .render(&[msg("user", "spin")], None)
+            .expect_err("runs away");
+        assert!(err.to_string().contains("out of fuel"), "{err}");
+        assert_eq!(
+            template.render(&[msg("user", "hi")], None).expect("renders"),
+            "hi"
+        );
     }
 
     #[test]

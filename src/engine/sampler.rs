@@ -22,6 +22,16 @@ const DEFAULT_TEMPERATURE: f32 = 1.0;
 /// candidates for top-k/top-p (each weighs at least e^-12 ≈ 6e-6 of the best token).
 const CANDIDATE_SPAN: f32 = 12.0;
 
+/// Temperatures below this sample greedily. Scaling by `1 / T` overflows `f32` for a tiny
+/// `T` (1e-45 made every logit infinite and the request a 500), and long before that the
+/// draw is the argmax in all but exact ties (at 1e-4 a logit 0.01 behind weighs e^-100).
+const MIN_TEMPERATURE: f32 = 1e-4;
+
+/// The repetition penalty is clamped into this range, where dividing or multiplying a
+/// logit (at most a few hundred) stays finite and non-zero. The API refuses values
+/// outside a narrower range; this guards every other caller.
+const REPETITION_PENALTY_RANGE: (f32, f32) = (1e-6, 1e6);
+
 /// Below this many tokens the nucleus search just sorts.
 const SORT_BELOW: usize = 64;
 
@@ -42,7 +52,8 @@ pub enum SamplingMode {
 pub fn sampling_mode(params: &SamplingParams) -> SamplingMode {
     let temperature = params.temperature.unwrap_or(DEFAULT_TEMPERATURE);
     let top_k = params.top_k.filter(|k| *k > 0).map(|k| k as usize);
-    if temperature <= 0.0 || top_k == Some(1) {
+    // A NaN temperature is greedy too.
+    if temperature.is_nan() || temperature < MIN_TEMPERATURE || top_k == Some(1) {
         return SamplingMode::Greedy;
     }
     SamplingMode::Sample {
@@ -83,7 +94,7 @@ impl Sampler {
             mode: sampling_mode(params),
             rng: StdRng::seed_from_u64(seed),
             penalties: Penalties {
-                repetition: params.repetition_penalty.unwrap_or(1.0),
+                repetition: repetition_penalty(params.repetition_penalty),
                 presence: params.presence_penalty.unwrap_or(0.0),
                 frequency: params.frequency_penalty.unwrap_or(0.0),
                 seen: prompt.iter().map(|&t| (t, ())).collect(),
@@ -195,6 +206,16 @@ impl Sampler {
             self.candidates
                 .extend(self.weights.iter().enumerate().map(|(t, &w)| (w, t as u32)));
         }
+    }
+}
+
+/// The repetition penalty to apply: 1 (none) when unset or NaN, else clamped into
+/// [`REPETITION_PENALTY_RANGE`].
+fn repetition_penalty(requested: Option<f32>) -> f32 {
+    let (low, high) = REPETITION_PENALTY_RANGE;
+    match requested {
+        Some(p) if !p.is_nan() => p.clamp(low, high),
+        _ => 1.0,
     }
 }
 
@@ -601,6 +622,38 @@ mod tests {
             .expect_err("nothing to draw");
         assert!(err.to_string().contains("NaN or -inf"), "{err}");
         assert!(Sampler::new(&greedy, 1, &[]).sample(&none).is_err());
+    }
+
+    #[test]
+    fn tiny_temperatures_and_penalties_still_sample() {
+        // 1e-45 made `1 / T` and `logit / penalty` infinite: no token, a 500.
+        let logits = logits(&[0.5, 2.0, -1.0, 1.0]);
+        for params in [
+            SamplingParams {
+                temperature: Some(1e-45),
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                temperature: Some(1.0),
+                repetition_penalty: Some(1e-45),
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                temperature: Some(0.0),
+                repetition_penalty: Some(f32::MAX),
+                ..SamplingParams::default()
+            },
+        ] {
+            let mut sampler = Sampler::new(&params, 3, &[0, 1, 2, 3]);
+            assert!(sampler.sample(&logits).is_ok(), "{params:?}");
+        }
+        assert_eq!(
+            sampling_mode(&SamplingParams {
+                temperature: Some(1e-45),
+                ..SamplingParams::default()
+            }),
+            SamplingMode::Greedy
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 use lifeboat::{
     app::{self, AppState},
     config::Config,
+    http_server::{self, ServerLimits},
     mock_upstream::{MockSettings, MockUpstream},
 };
 use serde_json::{Value, json};
@@ -72,6 +73,25 @@ pub async fn spawn_app_with(
     tweak: impl FnOnce(&mut Config),
     env: HashMap<String, String>,
 ) -> TestApp {
+    spawn_app_limited(
+        settings,
+        tweak,
+        env,
+        ServerLimits {
+            grace: Duration::from_secs(5),
+            ..ServerLimits::default()
+        },
+    )
+    .await
+}
+
+/// [`spawn_app_with`] served with `limits` (connection cap, timeouts, grace).
+pub async fn spawn_app_limited(
+    settings: MockSettings,
+    tweak: impl FnOnce(&mut Config),
+    env: HashMap<String, String>,
+    limits: ServerLimits,
+) -> TestApp {
     let mock = Arc::new(MockUpstream::start(settings).await.expect("mock starts"));
     let mut config = test_config(&mock);
     tweak(&mut config);
@@ -79,13 +99,13 @@ pub async fn spawn_app_with(
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (tx, rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(app::run(
+    let server = tokio::spawn(http_server::serve(
         listener,
         app::app(state.clone()),
         async {
             let _ = rx.await;
         },
-        Duration::from_secs(5),
+        limits,
     ));
     lifeboat::upstream::install_crypto_provider();
     TestApp {
