@@ -50,10 +50,12 @@ pub struct AlertsConfig {
 pub struct RouterConfig {
     /// Consecutive failures that open a remote's breaker. Default 3.
     pub failure_threshold: u32,
-    /// First cooldown of an open breaker before one trial request. Default 5 s.
+    /// First cooldown of an open breaker before one trial (the probe's, when probing is on,
+    /// which costs one unbilled `GET /models`). Default 1 s.
     #[serde(with = "humantime_serde")]
     pub cooldown: Duration,
-    /// Cooldowns double on repeated trips, up to this. Default 60 s.
+    /// Cooldowns double on repeated trips, up to this: a recovered gateway is back within
+    /// it. Default 2 s.
     #[serde(with = "humantime_serde")]
     pub max_cooldown: Duration,
     /// Error share over the last minute that opens a breaker (with at least
@@ -86,8 +88,8 @@ impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
             failure_threshold: 3,
-            cooldown: Duration::from_secs(5),
-            max_cooldown: Duration::from_secs(60),
+            cooldown: Duration::from_secs(1),
+            max_cooldown: Duration::from_secs(2),
             error_rate_threshold: 0.5,
             error_rate_min_requests: 4,
             max_retries: 1,

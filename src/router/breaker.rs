@@ -19,9 +19,9 @@ use tokio::{sync::watch, time::Instant};
 pub struct BreakerConfig {
     /// Consecutive failures that open the breaker. Default 3.
     pub failure_threshold: u32,
-    /// First cooldown before a trial. Default 5 s.
+    /// First cooldown before a trial. Default 1 s.
     pub cooldown: Duration,
-    /// Cooldowns double per repeated trip up to this. Default 60 s.
+    /// Cooldowns double per repeated trip up to this. Default 2 s.
     pub max_cooldown: Duration,
     /// Error share over `rate_window` that opens the breaker. Default 0.5.
     pub error_rate_threshold: f64,
@@ -36,8 +36,8 @@ impl Default for BreakerConfig {
     fn default() -> Self {
         BreakerConfig {
             failure_threshold: 3,
-            cooldown: Duration::from_secs(5),
-            max_cooldown: Duration::from_secs(60),
+            cooldown: Duration::from_secs(1),
+            max_cooldown: Duration::from_secs(2),
             error_rate_threshold: 0.5,
             min_requests: 4,
             rate_window: Duration::from_secs(60),

@@ -213,9 +213,11 @@ impl Router {
         }
     }
 
-    /// Probe every remote in the background every `probe_interval`. A probe goes through
-    /// the breaker like a request: it can open it, and when the cooldown is over it is
-    /// the trial, so no client request has to be. Tasks end when the router is dropped.
+    /// Probe every remote in the background every `probe_interval`, and as soon as an
+    /// open breaker's cooldown ends. A probe goes through the breaker like a request: it
+    /// can open it, and when the cooldown is over it is the trial, so no client request
+    /// has to be and a recovered gateway is back within a cooldown. Tasks end when the
+    /// router is dropped.
     pub fn spawn_probes(self: &Arc<Self>) {
         let interval = self.settings.probe_interval;
         if interval.is_zero() {
@@ -226,12 +228,27 @@ impl Router {
             let id = id.clone();
             tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(interval).await;
+                    let wait = match router.upgrade() {
+                        Some(router) => router.next_probe_in(&id, interval),
+                        None => return,
+                    };
+                    tokio::time::sleep(wait).await;
                     let Some(router) = router.upgrade() else { return };
                     crate::tasks::survive("probe", router.probe_once(&id)).await;
                 }
             });
         }
+    }
+
+    /// When to probe `id` next: after `interval`, or when its open breaker's cooldown ends.
+    fn next_probe_in(&self, id: &str, interval: std::time::Duration) -> std::time::Duration {
+        self.breakers
+            .get(id)
+            .and_then(CircuitBreaker::retry_in)
+            // A moment past the end of the cooldown, so the probe finds it over.
+            .map_or(interval, |cooldown| {
+                interval.min(cooldown + std::time::Duration::from_millis(1))
+            })
     }
 
     /// One probe of backend `id`, if its breaker lets it through.
