@@ -1,7 +1,9 @@
 //! What failover costs a client: (1) with the gateway's breaker open, a request for the
 //! remote model is answered by the local model — compared with asking the local model
 //! directly; (2) with the breaker closed and the gateway refusing connections, the time
-//! from the request to the local answer's first token. Tiny local model, mock gateway.
+//! from the request to the local answer's first token; (3) with lifeboat's defaults, a
+//! gateway that starts to hang: the time from the fault to each client's answer, for
+//! requests in flight when it began and for new ones. Tiny local model, mock gateway.
 //!
 //! `cargo bench --bench failover_latency [-- --requests 300]`
 
@@ -152,6 +154,8 @@ async fn main() {
         }
     }
 
+    let (in_flight, new, rounds) = hang(&client, model.path()).await;
+
     println!(
         "failover_latency: time to first token, streamed, tiny local model, {requests} requests per row\n"
     );
@@ -167,4 +171,78 @@ async fn main() {
         (via_open.value_at_quantile(0.99) as f64 - direct.value_at_quantile(0.99) as f64) / 1000.0,
         (refused.value_at_quantile(0.5) as f64 - direct2.value_at_quantile(0.5) as f64) / 1000.0,
     );
+    println!(
+        "\nA hanging gateway, lifeboat's defaults (30 s deadlines, adaptive), {rounds} faults: time from \
+         the fault to the first token (streams) or the whole answer (JSON), 8 clients each, half streaming\n"
+    );
+    println!("| requests | n | p50 ms | p90 ms | p99 ms |");
+    println!("|---|---|---|---|---|");
+    row("in flight when the hang began", &in_flight);
+    row("sent 0.5 s into the hang", &new);
+}
+
+/// (3): rounds of a hang with lifeboat's defaults; returns the times from the fault to
+/// the answers of requests sent at the fault and 0.5 s into it, and the round count.
+async fn hang(client: &reqwest::Client, model: &std::path::Path) -> (Histogram<u64>, Histogram<u64>, usize) {
+    const ROUNDS: usize = 5;
+    const CLIENTS: usize = 8;
+    let mock = MockUpstream::start(MockSettings::default()).await.expect("mock");
+    let mut config = mock.gateway_config();
+    config.local.model = Some(model.to_path_buf());
+    config.local.served_model_name = Some("local-model".into());
+    let url = serve(&config, client).await;
+    let (mut in_flight, mut new) = (histogram(), histogram());
+    for _ in 0..ROUNDS {
+        // Healthy traffic first, so the deadlines have something to adapt to.
+        for i in 0..24 {
+            answer_after(client, &url, i % 2 == 0, Instant::now()).await;
+        }
+        mock.set_fault(FaultMode::Hang).await.expect("fault");
+        let fault = Instant::now();
+        let wave = |delay: Duration| {
+            (0..CLIENTS)
+                .map(|i| {
+                    let (client, url) = (client.clone(), url.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        answer_after(&client, &url, i % 2 == 0, fault).await
+                    })
+                })
+                .collect::<Vec<_>>()
+        };
+        let (first, second) = (wave(Duration::ZERO), wave(Duration::from_millis(500)));
+        for (tasks, into) in [(first, &mut in_flight), (second, &mut new)] {
+            for task in tasks {
+                if let Ok(Some(us)) = task.await {
+                    into.saturating_record(us);
+                }
+            }
+        }
+        mock.set_fault(FaultMode::None).await.expect("recover");
+        // Back on the gateway (within the 2 s cooldown) before the next round.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    (in_flight, new, ROUNDS)
+}
+
+/// Microseconds from `since` to the first token of a streamed answer or to the whole of
+/// a JSON one; `None` for a failed request.
+async fn answer_after(client: &reqwest::Client, url: &str, stream: bool, since: Instant) -> Option<u64> {
+    if stream {
+        let started = Instant::now();
+        let waited = started.duration_since(since).as_micros() as u64;
+        return ttft(client, url, "deepseek-chat").await.map(|us| us + waited);
+    }
+    let body = json!({
+        "model": "deepseek-chat",
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 4,
+        "temperature": 0,
+    });
+    let response = client.post(url).json(&body).send().await.ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    response.bytes().await.ok()?;
+    Some(since.elapsed().as_micros() as u64)
 }
