@@ -10,6 +10,7 @@ mod bench;
 mod chat_api;
 mod cli;
 mod failover;
+mod gateway_keys;
 mod gguf_local;
 mod gguf_models;
 mod hostile_gateway;
