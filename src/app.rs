@@ -15,7 +15,14 @@ use axum::{
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tower_http::{catch_panic::CatchPanicLayer, trace::TraceLayer};
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    classify::{
+        ClassifiedResponse, ClassifyResponse, NeverClassifyEos, ServerErrorsAsFailures,
+        ServerErrorsFailureClass, SharedClassifier,
+    },
+    trace::TraceLayer,
+};
 
 use crate::{
     api::{self, auth::ClientKeys, types::ErrorResponse},
@@ -280,7 +287,32 @@ fn router_settings(config: &Config, env: &dyn EnvSource) -> Result<RouterSetting
 pub fn app(state: AppState) -> axum::Router {
     api::routes(state)
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new(SharedClassifier::new(ProbesAreAnswers)))
+}
+
+/// tower-http's default classification (a 5xx is a failure, logged at ERROR), except for
+/// readiness answers: a `/ready` 503 says "do not send me traffic yet" to a probe that
+/// asks every few seconds, and is logged at debug with the other responses.
+#[derive(Debug, Clone, Copy)]
+struct ProbesAreAnswers;
+
+impl ClassifyResponse for ProbesAreAnswers {
+    type FailureClass = ServerErrorsFailureClass;
+    type ClassifyEos = NeverClassifyEos<ServerErrorsFailureClass>;
+
+    fn classify_response<B>(
+        self,
+        res: &Response<B>,
+    ) -> ClassifiedResponse<Self::FailureClass, Self::ClassifyEos> {
+        if res.extensions().get::<api::ProbeAnswer>().is_some() {
+            return ClassifiedResponse::Ready(Ok(()));
+        }
+        ServerErrorsAsFailures::new().classify_response(res)
+    }
+
+    fn classify_error<E: std::fmt::Display + 'static>(self, error: &E) -> Self::FailureClass {
+        ServerErrorsAsFailures::new().classify_error(error)
+    }
 }
 
 /// A panic is a bug: log it, answer with a generic OpenAI error, keep the server up.

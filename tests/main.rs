@@ -18,6 +18,7 @@ mod hub;
 mod local_admission;
 mod local_engine;
 mod logits;
+mod readiness;
 mod reload;
 mod retries;
 mod streaming;
