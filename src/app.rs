@@ -14,12 +14,21 @@ use axum::{
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tower_http::{catch_panic::CatchPanicLayer, trace::TraceLayer};
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    classify::{
+        ClassifiedResponse, ClassifyResponse, NeverClassifyEos, ServerErrorsAsFailures,
+        ServerErrorsFailureClass, SharedClassifier,
+    },
+    trace::TraceLayer,
+};
 
 use crate::{
     api::{self, auth::ClientKeys, types::ErrorResponse},
     backend::Backend,
-    config::{Config, ConfigError, DeadlineMode, EnvSource, read_secret_file, resolve_secret},
+    config::{
+        Config, ConfigError, DeadlineMode, EnvSource, RemoteConfig, Secret, read_secret_file, resolve_secret,
+    },
     engine::{LocalBackend, LocalSettings},
     http_server::{self, ServerLimits},
     metrics,
@@ -31,7 +40,7 @@ use crate::{
         policy::RetryRules,
         retry::{Backoff, RetryBudget},
     },
-    upstream::RemoteBackend,
+    upstream::{RemoteBackend, keys::GatewayKey},
 };
 
 /// What a reload (SIGHUP) replaces: the router (routes, remotes and their keys) and the
@@ -156,15 +165,12 @@ fn build_live(
 ) -> Result<Live, ConfigError> {
     let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
     for (name, remote) in &config.remotes {
-        let key = match (&remote.api_key_env, &remote.api_key_file) {
-            (Some(var), _) => Some(resolve_secret(env, &format!("remotes.{name}.api_key_env"), var)?),
-            (None, Some(path)) => Some(read_secret_file(&format!("remotes.{name}.api_key_file"), path)?),
-            (None, None) => None,
-        };
-        let backend = RemoteBackend::new(name.clone(), remote, key).map_err(|err| ConfigError::Invalid {
-            key: format!("remotes.{name}"),
-            message: err.message,
-        })?;
+        let keys = remote_keys(name, remote, env)?;
+        let backend =
+            RemoteBackend::with_keys(name.clone(), remote, keys).map_err(|err| ConfigError::Invalid {
+                key: format!("remotes.{name}"),
+                message: err.message,
+            })?;
         backends.push(Arc::new(backend));
     }
     backends.extend(local);
@@ -197,6 +203,42 @@ fn build_live(
         client_keys: Arc::new(ClientKeys::new(&client_keys)),
         admin_keys: Arc::new(ClientKeys::new(&admin_keys)),
     })
+}
+
+/// A remote's keys, read afresh (a reload re-reads them: key rotation), each error naming
+/// the key path. The same key under two names is refused: rotating between copies of one
+/// key would park and count it as two.
+fn remote_keys(
+    name: &str,
+    remote: &RemoteConfig,
+    env: &dyn EnvSource,
+) -> Result<Vec<GatewayKey>, ConfigError> {
+    let mut named: Vec<(String, Secret)> = Vec::new();
+    if let Some(var) = &remote.api_key_env {
+        let at = format!("remotes.{name}.api_key_env");
+        named.push((at.clone(), resolve_secret(env, &at, var)?));
+    }
+    if let Some(path) = &remote.api_key_file {
+        let at = format!("remotes.{name}.api_key_file");
+        named.push((at.clone(), read_secret_file(&at, path)?));
+    }
+    for (i, var) in remote.api_key_envs.iter().enumerate() {
+        let at = format!("remotes.{name}.api_key_envs[{i}]");
+        named.push((at.clone(), resolve_secret(env, &at, var)?));
+    }
+    let mut keys: Vec<GatewayKey> = Vec::with_capacity(named.len());
+    for (at, secret) in named {
+        if let Some(twin) = keys.iter().find(|k| k.secret == secret) {
+            return Err(ConfigError::Invalid {
+                message: format!("holds the same key as {}", twin.source),
+                key: at,
+            });
+        }
+        let key = GatewayKey::new(secret, at.clone())
+            .map_err(|message| ConfigError::Invalid { key: at, message })?;
+        keys.push(key);
+    }
+    Ok(keys)
 }
 
 fn router_settings(config: &Config, env: &dyn EnvSource) -> Result<RouterSettings, ConfigError> {
@@ -255,7 +297,32 @@ fn router_settings(config: &Config, env: &dyn EnvSource) -> Result<RouterSetting
 pub fn app(state: AppState) -> axum::Router {
     api::routes(state)
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new(SharedClassifier::new(ProbesAreAnswers)))
+}
+
+/// tower-http's default classification (a 5xx is a failure, logged at ERROR), except for
+/// readiness answers: a `/ready` 503 says "do not send me traffic yet" to a probe that
+/// asks every few seconds, and is logged at debug with the other responses.
+#[derive(Debug, Clone, Copy)]
+struct ProbesAreAnswers;
+
+impl ClassifyResponse for ProbesAreAnswers {
+    type FailureClass = ServerErrorsFailureClass;
+    type ClassifyEos = NeverClassifyEos<ServerErrorsFailureClass>;
+
+    fn classify_response<B>(
+        self,
+        res: &Response<B>,
+    ) -> ClassifiedResponse<Self::FailureClass, Self::ClassifyEos> {
+        if res.extensions().get::<api::ProbeAnswer>().is_some() {
+            return ClassifiedResponse::Ready(Ok(()));
+        }
+        ServerErrorsAsFailures::new().classify_response(res)
+    }
+
+    fn classify_error<E: std::fmt::Display + 'static>(self, error: &E) -> Self::FailureClass {
+        ServerErrorsAsFailures::new().classify_error(error)
+    }
 }
 
 /// A panic is a bug: log it, answer with a generic OpenAI error, keep the server up.

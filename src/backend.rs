@@ -414,9 +414,20 @@ impl BackendKind {
 /// Whether a backend can take requests now, and why not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendStatus {
-    pub ready: bool,
+    pub readiness: Readiness,
     /// `ready`, a load phase such as `loading`, or the failure.
     pub detail: String,
+}
+
+/// Where a backend stands for `/ready`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Takes requests.
+    Ready,
+    /// Will take requests once loaded and warm (downloading, loading, warming up).
+    Starting,
+    /// Will not take requests without a restart (a model that failed to load).
+    Failed,
 }
 
 /// Anything that can answer a generation request.
@@ -437,7 +448,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// router's job).
     fn status(&self) -> BackendStatus {
         BackendStatus {
-            ready: true,
+            readiness: Readiness::Ready,
             detail: "ready".into(),
         }
     }

@@ -12,7 +12,8 @@
 //! - [`api`]: the OpenAI wire format, validation, errors → HTTP, SSE.
 //! - [`router`]: route table and the commit point; decides who serves.
 //! - [`backend`]: the `Backend` trait and the engine-neutral event stream.
-//! - [`upstream`]: the remote gateway over reqwest, SSE parsing, error classification.
+//! - [`upstream`]: the remote gateway over reqwest, its keys (rotation and parking), SSE
+//!   parsing, error classification.
 //! - [`engine`]: the local model on candle: loader, tokenizer, chat template, sampler,
 //!   the engine thread, and the tiny test model.
 //! - [`bench`]: `lifeboat bench`: latency, throughput, errors and $/MTok of any

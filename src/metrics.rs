@@ -48,6 +48,12 @@ pub const BACKGROUND_PANICS_TOTAL: &str = "lifeboat_background_task_panics_total
 /// (`local.stalled_client_timeout`).
 pub const LOCAL_STALLED_CLIENTS_TOTAL: &str = "lifeboat_local_stalled_clients_total";
 
+/// Calls made to a gateway with each of its keys, by `backend` and `key` (the key's
+/// fingerprint: 8 hex digits of its SHA-256, never the key).
+pub const GATEWAY_KEY_REQUESTS_TOTAL: &str = "lifeboat_gateway_key_requests_total";
+/// Keys parked after a 401 or 402, by `backend`, `key` (fingerprint) and `status`.
+pub const GATEWAY_KEY_PARKED_TOTAL: &str = "lifeboat_gateway_key_parked_total";
+
 /// Latency buckets in seconds, from 1 ms to 10 min.
 const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -98,6 +104,11 @@ fn describe() {
     metrics::describe_gauge!(AVAILABILITY_RATIO, "Successful attempts and probes over a window");
     metrics::describe_gauge!(BREAKER_STATE, "Breaker state: 0 closed, 1 half-open, 2 open");
     metrics::describe_counter!(BREAKER_TRANSITIONS_TOTAL, "Breaker state changes");
+    metrics::describe_counter!(
+        GATEWAY_KEY_REQUESTS_TOTAL,
+        "Gateway calls per key (by the key's SHA-256 fingerprint)"
+    );
+    metrics::describe_counter!(GATEWAY_KEY_PARKED_TOTAL, "Gateway keys parked after a 401 or 402");
     metrics::describe_counter!(
         LOCAL_STALLED_CLIENTS_TOTAL,
         "Local sequences cancelled because the client stopped reading"
@@ -157,6 +168,16 @@ pub fn request_finished(endpoint: &'static str, backend: &str, status: u16, elap
         .increment(1);
     metrics::histogram!(REQUEST_DURATION_SECONDS, "endpoint" => endpoint, "backend" => backend.to_string())
         .record(elapsed.as_secs_f64());
+}
+
+pub fn gateway_key_request(backend: &str, key: &str) {
+    metrics::counter!(GATEWAY_KEY_REQUESTS_TOTAL, "backend" => backend.to_string(), "key" => key.to_string())
+        .increment(1);
+}
+
+pub fn gateway_key_parked(backend: &str, key: &str, status: u16) {
+    metrics::counter!(GATEWAY_KEY_PARKED_TOTAL, "backend" => backend.to_string(), "key" => key.to_string(), "status" => status.to_string())
+        .increment(1);
 }
 
 pub fn local_stalled_client() {

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod error;
 mod generate;
 mod models;
+mod readiness;
 mod sse;
 mod status;
 pub mod types;
@@ -24,6 +25,7 @@ use axum::{
 
 use crate::app::AppState;
 use error::ApiError;
+pub(crate) use status::ProbeAnswer;
 
 /// All routes with their state; `app::app` adds the cross-cutting layers.
 pub fn routes(state: AppState) -> Router {

@@ -8,6 +8,7 @@ use axum::{
 };
 use serde_json::json;
 
+use super::readiness;
 use crate::app::AppState;
 
 /// `GET /health`: the process is up and answering; each backend's breaker and its reason.
@@ -50,36 +51,46 @@ pub(crate) async fn health(State(state): State<AppState>) -> Response {
     Json(json!({ "status": "ok", "backends": backends })).into_response()
 }
 
-/// `GET /ready`: 200 when every configured backend can take requests (a local model is
-/// loaded and warm), else 503 with each backend's phase.
+/// Marks a readiness answer so the trace layer logs it at debug, whatever its status: a
+/// probe asks every few seconds, and a 503 there is an answer, not a server fault (an
+/// ERROR line per probe would drown the log of a box that is merely starting).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ProbeAnswer;
+
+/// `GET /ready`: 200 when every route has a usable target (`ready`, or `degraded` with
+/// the failed parts listed); 503 while a backend is still starting, when some route has
+/// none (`not_ready`), or when nothing is configured (`no_backend`). See [`readiness`].
 pub(crate) async fn ready(State(state): State<AppState>) -> Response {
     let router = state.router();
     let backends = router.backend_ids();
     let statuses = router.backend_statuses();
+    let verdict = readiness::judge(router.routes().public(), &statuses);
     let details: serde_json::Map<String, serde_json::Value> = statuses
         .iter()
         .map(|(id, s)| (id.clone(), json!(s.detail)))
         .collect();
-    if statuses.iter().any(|(_, s)| !s.ready) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "not_ready", "backends": backends, "phases": details })),
-        )
-            .into_response();
-    }
-    if router.has_backends() {
-        Json(json!({ "status": "ready", "backends": backends, "phases": details })).into_response()
+    let code = if verdict.state.serves() {
+        StatusCode::OK
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({
-                "status": "no_backend",
-                "message": "no backend is configured: pass --remote-url or --model (or set [remotes] / [local] in the config file)",
-                "backends": backends,
-            })),
-        )
-            .into_response()
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = match verdict.state {
+        readiness::State::NoBackend => json!({
+            "status": verdict.state.as_str(),
+            "message": "no backend is configured: pass --remote-url or --model (or set [remotes] / [local] in the config file)",
+            "backends": backends,
+        }),
+        _ => json!({
+            "status": verdict.state.as_str(),
+            "backends": backends,
+            "phases": details,
+            "degraded": verdict.degraded,
+            "unserved_routes": verdict.unserved,
+        }),
+    };
+    let mut response = (code, Json(body)).into_response();
+    response.extensions_mut().insert(ProbeAnswer);
+    response
 }
 
 /// `GET /metrics`: Prometheus text format (availability gauges refreshed first).

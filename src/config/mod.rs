@@ -226,6 +226,14 @@ pub struct RemoteConfig {
     /// Or a file holding the key (a mounted secret); re-read on SIGHUP, so a key can be
     /// rotated without a restart.
     pub api_key_file: Option<PathBuf>,
+    /// Or several environment variables, one key each (key rotation): used round-robin;
+    /// on 429, 402 or 401 the next key is tried before the next target, and a key that got
+    /// 401 or 402 is parked for `key_cooldown`. Set one of `api_key_env`, `api_key_envs`
+    /// and `api_key_file`.
+    pub api_key_envs: Vec<String>,
+    /// How long a key that got 401 or 402 is left out before it is tried again. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub key_cooldown: Duration,
     /// Models served under the same name at the gateway and by lifeboat.
     pub models: Vec<String>,
     /// TCP + TLS connect deadline. Default 5 s.
@@ -300,6 +308,8 @@ impl Default for RemoteConfig {
             base_url: String::new(),
             api_key_env: None,
             api_key_file: None,
+            api_key_envs: Vec::new(),
+            key_cooldown: Duration::from_secs(60),
             models: Vec::new(),
             connect_timeout: Duration::from_secs(5),
             first_token_timeout: Duration::from_secs(30),
@@ -503,7 +513,10 @@ impl Config {
             remote.base_url = url.clone();
         }
         if let Some(env) = &overrides.remote_api_key_env {
+            // The flag names the key: it replaces whatever source the file gave.
             remote.api_key_env = Some(env.clone());
+            remote.api_key_file = None;
+            remote.api_key_envs.clear();
         }
         if !overrides.remote_models.is_empty() {
             remote.models = overrides.remote_models.clone();
@@ -654,6 +667,67 @@ mod tests {
         let config = parse("[local]\nstalled_client_timeout = \"2m\"\n").expect("humantime");
         assert_eq!(config.local.stalled_client_timeout, Duration::from_secs(120));
     }
+    #[test]
+    fn several_gateway_keys_are_checked() {
+        let remote = "[remotes.g]\nbase_url = \"http://x/v1\"\n";
+        let config = parse(&format!(
+            "{remote}api_key_envs = [\"K1\", \"K2\"]\nkey_cooldown = \"2m\"\n"
+        ))
+        .expect("parses");
+        config.validate().expect("two keys");
+        assert_eq!(config.remotes["g"].api_key_envs, ["K1", "K2"]);
+        assert_eq!(config.remotes["g"].key_cooldown, Duration::from_secs(120));
+        assert_eq!(RemoteConfig::default().key_cooldown, Duration::from_secs(60));
+        for (keys, at, says) in [
+            (
+                "api_key_envs = [\"K1\", \"sk-live-123\"]",
+                "remotes.g.api_key_envs[1]:",
+                "never hold the key",
+            ),
+            (
+                "api_key_envs = [\"K1\", \"K1\"]",
+                "remotes.g.api_key_envs[1]:",
+                "already listed as api_key_envs[0]",
+            ),
+            (
+                "api_key_env = \"K0\"\napi_key_envs = [\"K1\"]",
+                "remotes.g.api_key_envs:",
+                "not api_key_env and api_key_envs",
+            ),
+            (
+                "api_key_envs = [\"K1\"]\napi_key_file = \"/k\"",
+                "remotes.g.api_key_file:",
+                "not api_key_envs and api_key_file",
+            ),
+            (
+                "api_key_env = \"K0\"\napi_key_file = \"/k\"",
+                "remotes.g.api_key_file:",
+                "not api_key_env and api_key_file",
+            ),
+            (
+                "api_key_envs = [\"K1\"]\nkey_cooldown = \"0s\"",
+                "remotes.g.key_cooldown:",
+                "greater than 0",
+            ),
+        ] {
+            let config = parse(&format!("{remote}{keys}\n")).expect("parses");
+            let err = config.validate().expect_err(keys).to_string();
+            assert!(err.starts_with(at) && err.contains(says), "{keys}: {err}");
+        }
+
+        // The flag names the key: it replaces the file's list.
+        let mut config = parse(&format!("{remote}api_key_envs = [\"K1\", \"K2\"]\n")).expect("parses");
+        config
+            .apply(&Overrides {
+                remote_api_key_env: Some("K3".into()),
+                ..Overrides::default()
+            })
+            .expect("applies");
+        config.validate().expect("one source left");
+        assert_eq!(config.remotes["g"].api_key_env.as_deref(), Some("K3"));
+        assert!(config.remotes["g"].api_key_envs.is_empty());
+    }
+
     #[test]
     fn egress_policies_are_checked() {
         let local_only = "[[routes]]\nname = \"private\"\negress = \"local-only\"\n";

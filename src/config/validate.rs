@@ -46,21 +46,13 @@ impl Config {
         for (name, remote) in &self.remotes {
             let key = |field: &str| format!("remotes.{name}.{field}");
             check_base_url(&key("base_url"), &remote.base_url)?;
-            if let Some(env) = &remote.api_key_env {
-                check_env_name(&key("api_key_env"), env)?;
-            }
             if remote.probe == ProbeKind::Chat && remote.probe_model.is_none() && remote.models.is_empty() {
                 return Err(ConfigError::invalid(
                     key("probe_model"),
                     "a chat probe needs a model: set probe_model or list models",
                 ));
             }
-            if remote.api_key_env.is_some() && remote.api_key_file.is_some() {
-                return Err(ConfigError::invalid(
-                    key("api_key_file"),
-                    "set api_key_env or api_key_file, not both",
-                ));
-            }
+            check_key_sources(name, remote)?;
             for (field, value) in [
                 ("connect_timeout", remote.connect_timeout),
                 ("first_token_timeout", remote.first_token_timeout),
@@ -340,6 +332,52 @@ fn check_base_url(key: &str, url: &str) -> Result<(), ConfigError> {
         return Err(ConfigError::invalid(
             key,
             format!("{shown:?} must not have a query or fragment"),
+        ));
+    }
+    Ok(())
+}
+
+/// A remote's key comes from one place: `api_key_env`, `api_key_envs` (several keys, each
+/// named once) or `api_key_file`. Mixing them would leave the order and the rotation of the
+/// keys to guesswork, so it is refused.
+fn check_key_sources(name: &str, remote: &super::RemoteConfig) -> Result<(), ConfigError> {
+    let key = |field: &str| format!("remotes.{name}.{field}");
+    if let Some(env) = &remote.api_key_env {
+        check_env_name(&key("api_key_env"), env)?;
+    }
+    for (i, env) in remote.api_key_envs.iter().enumerate() {
+        let at = key(&format!("api_key_envs[{i}]"));
+        check_env_name(&at, env)?;
+        if let Some(first) = remote.api_key_envs[..i].iter().position(|e| e == env) {
+            return Err(ConfigError::invalid(
+                at,
+                format!("{env} is already listed as api_key_envs[{first}]"),
+            ));
+        }
+    }
+    let sources = [
+        ("api_key_env", remote.api_key_env.is_some()),
+        ("api_key_envs", !remote.api_key_envs.is_empty()),
+        ("api_key_file", remote.api_key_file.is_some()),
+    ];
+    let set: Vec<&str> = sources
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(field, _)| *field)
+        .collect();
+    if set.len() > 1 {
+        return Err(ConfigError::invalid(
+            key(set[1]),
+            format!(
+                "set one of api_key_env, api_key_envs or api_key_file, not {}",
+                set.join(" and ")
+            ),
+        ));
+    }
+    if remote.key_cooldown.is_zero() {
+        return Err(ConfigError::invalid(
+            key("key_cooldown"),
+            "must be greater than 0",
         ));
     }
     Ok(())

@@ -58,7 +58,7 @@ pub use models::Arch;
 
 use crate::backend::{
     Backend, BackendError, BackendKind, BackendRequest, BackendStatus, Continuation, ErrorKind, EventStream,
-    Origin, Prompt,
+    Origin, Prompt, Readiness,
 };
 
 /// Fix the number of CPU threads candle uses for this process. Unless `RAYON_NUM_THREADS`
@@ -392,7 +392,11 @@ impl Backend for LocalBackend {
     fn status(&self) -> BackendStatus {
         let phase = self.phase();
         BackendStatus {
-            ready: phase == Phase::Ready,
+            readiness: match phase {
+                Phase::Ready => Readiness::Ready,
+                Phase::Failed(_) => Readiness::Failed,
+                Phase::Downloading | Phase::Loading | Phase::WarmingUp => Readiness::Starting,
+            },
             detail: match phase {
                 Phase::Failed(message) => format!("failed: {message}"),
                 other => other.as_str().to_string(),

@@ -192,6 +192,10 @@ pub struct MockSettings {
     /// Bytes sent by `giant_line` and `giant_body` (unless the reader gives up first).
     /// Default 2 GiB.
     pub giant_bytes: u64,
+    /// A request whose `Authorization: Bearer <key>` names a key listed here is answered
+    /// in that key's mode instead of the current one (one key rate-limited or out of
+    /// credit while another is fine). Default empty.
+    pub key_faults: BTreeMap<String, FaultMode>,
 }
 
 impl Default for MockSettings {
@@ -209,6 +213,7 @@ impl Default for MockSettings {
             max_tokens_limit: 8192,
             latency_profile: None,
             giant_bytes: 2 << 30,
+            key_faults: BTreeMap::new(),
         }
     }
 }
@@ -251,7 +256,12 @@ impl Shared {
     /// Count a request and decide the mode it is served in.
     fn admit(&self, path: &str, headers: &HeaderMap, body: &Value) -> (FaultMode, MockSettings) {
         let mut inner = self.lock();
-        let mode = inner.mode;
+        let key_fault = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|key| inner.settings.key_faults.get(key).copied());
+        let mode = key_fault.unwrap_or(inner.mode);
         *inner.counts.entry(mode).or_default() += 1;
         if let Some(left) = inner.remaining.as_mut() {
             *left = left.saturating_sub(1);

@@ -327,6 +327,11 @@ impl Router {
         !self.backends.is_empty()
     }
 
+    /// The route table (`/ready` checks that every route has a usable target).
+    pub fn routes(&self) -> &RouteTable {
+        &self.table
+    }
+
     /// Ids of the configured backends.
     pub fn backend_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.backends.keys().cloned().collect();

@@ -2,14 +2,16 @@
 //! connections. It always streams from the gateway (so the first-token and idle deadlines
 //! apply to every request) and always asks for usage.
 
+pub mod keys;
 pub mod sse;
 pub mod stream;
 
 use std::sync::Once;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures_util::StreamExt;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use serde::{Serialize, ser::SerializeMap};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -18,6 +20,7 @@ use crate::{
     backend::{Backend, BackendError, BackendKind, BackendRequest, ErrorKind, EventStream, Origin},
     config::{ProbeKind, RemoteConfig, Secret},
 };
+use keys::{GatewayKey, KeyRing, KeyVerdict};
 use stream::{Deadlines, ResponseLimits, classify_send_error, classify_status, error_chain};
 
 /// Largest error body read from the gateway; the rest is not needed for a message.
@@ -29,17 +32,33 @@ pub struct RemoteBackend {
     id: String,
     /// Base URL with a trailing `/`, so joining `chat/completions` keeps its `/v1`.
     base_url: reqwest::Url,
-    api_key: Option<Secret>,
+    /// Its keys (none for a gateway without auth), rotated on 429/402/401.
+    keys: KeyRing,
     client: reqwest::Client,
     config: RemoteConfig,
 }
 
 impl RemoteBackend {
-    /// Build the client for `config` (already validated); `api_key` is the resolved secret.
+    /// Build the client for `config` (already validated) with one key (or none).
     pub fn new(
         id: impl Into<String>,
         config: &RemoteConfig,
         api_key: Option<Secret>,
+    ) -> Result<Self, BackendError> {
+        let id = id.into();
+        let keys = api_key
+            .map(|secret| GatewayKey::new(secret, format!("remotes.{id}.api_key_env")))
+            .transpose()
+            .map_err(|message| BackendError::new(ErrorKind::Unauthorized, Origin::Upstream, message))?;
+        RemoteBackend::with_keys(id, config, keys.into_iter().collect())
+    }
+
+    /// Build the client for `config` (already validated) with its resolved `keys`, used
+    /// round-robin (see [`keys`]); a key that got 401/402 is parked for `key_cooldown`.
+    pub fn with_keys(
+        id: impl Into<String>,
+        config: &RemoteConfig,
+        keys: Vec<GatewayKey>,
     ) -> Result<Self, BackendError> {
         let mut base = config.base_url.trim_end_matches('/').to_string();
         base.push('/');
@@ -68,7 +87,7 @@ impl RemoteBackend {
         Ok(RemoteBackend {
             id: id.into(),
             base_url,
-            api_key,
+            keys: KeyRing::new(keys, config.key_cooldown),
             client,
             config: config.clone(),
         })
@@ -169,8 +188,10 @@ impl Backend for RemoteBackend {
                     .json(&body)
             }
         };
-        if let Some(key) = &self.api_key {
-            builder = builder.bearer_auth(key.expose());
+        // An unparked key if there is one (see `KeyRing::probe_key`).
+        let key = self.keys.probe_key();
+        if let Some(key) = key {
+            builder = builder.header(AUTHORIZATION, key.header.clone());
         }
         let deadline = self.config.connect_timeout + self.config.first_token_timeout;
         let response = match tokio::time::timeout(deadline, builder.send()).await {
@@ -185,72 +206,40 @@ impl Backend for RemoteBackend {
             Ok(Ok(response)) => response,
         };
         if response.status().is_success() {
+            if let Some(key) = key {
+                self.keys.unpark(key);
+            }
             return Ok(());
         }
         let status = response.status();
         let headers = response.headers().clone();
         let body = read_limited(response, Instant::now() + deadline).await;
-        Err(classify_status(
-            status,
-            &headers,
-            &body,
-            self.api_key.as_ref().map(Secret::expose),
-        ))
+        let error = classify_status(status, &headers, &body, key.map(|k| k.secret.expose()));
+        if let Some(key) = key
+            && KeyVerdict::of_status(error.status) == KeyVerdict::Park
+        {
+            self.keys.park(key, &self.id, &error);
+        }
+        Err(error)
     }
 
+    /// One attempt as the router sees it: with several keys, a 429, 402 or 401 moves on
+    /// to the next key within the attempt's own first-token deadline, and only when every
+    /// key is spent does the attempt fail (with the last status, so the router fails over).
     async fn generate(&self, request: BackendRequest) -> Result<EventStream, BackendError> {
-        // The router's adaptive deadlines shorten the configured ones, never lengthen them.
-        let adaptive = request.deadlines;
-        let deadlines = Deadlines {
-            started: Instant::now(),
-            first_token: adaptive.map_or(self.config.first_token_timeout, |d| {
-                d.first_token.min(self.config.first_token_timeout)
-            }),
-            idle: adaptive.map_or(self.config.idle_timeout, |d| d.idle.min(self.config.idle_timeout)),
-            total: self.config.total_timeout,
-        };
+        let deadlines = self.deadlines(&request);
         let url = self
             .base_url
             .join(request.request.endpoint.path())
             .map_err(|err| BackendError::new(ErrorKind::Internal, Origin::Upstream, err.to_string()))?;
         let body = serde_json::to_vec(&Self::upstream_body(&request))
             .map_err(|err| BackendError::new(ErrorKind::Internal, Origin::Upstream, err.to_string()))?;
-        let mut builder = self
-            .client
-            .post(url)
-            .header(CONTENT_TYPE, "application/json")
-            .header(reqwest::header::ACCEPT, "text/event-stream")
-            .body(body);
-        if let Some(key) = &self.api_key {
-            let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
-                BackendError::new(
-                    ErrorKind::Unauthorized,
-                    Origin::Upstream,
-                    "the gateway API key contains characters not allowed in an HTTP header",
-                )
-            })?;
-            value.set_sensitive(true);
-            builder = builder.header(AUTHORIZATION, value);
-        }
-
-        let (response_deadline, phase) = deadlines.next(false, deadlines.started);
-        let response = match tokio::time::timeout_at(response_deadline, builder.send()).await {
-            Err(_) => return Err(deadlines.timeout_error(phase)),
-            Ok(Err(err)) => return Err(classify_send_error(&err)),
-            Ok(Ok(response)) => response,
+        let body = Bytes::from(body);
+        let response = if self.keys.is_empty() {
+            self.send(&url, &body, None, &deadlines).await?
+        } else {
+            self.send_rotating(&url, &body, &deadlines).await?
         };
-
-        let status = response.status();
-        if !status.is_success() {
-            let headers = response.headers().clone();
-            let body = read_limited(response, response_deadline).await;
-            return Err(classify_status(
-                status,
-                &headers,
-                &body,
-                self.api_key.as_ref().map(Secret::expose),
-            ));
-        }
         let is_json = response
             .headers()
             .get(CONTENT_TYPE)
@@ -266,6 +255,89 @@ impl Backend for RemoteBackend {
             Box::pin(response.bytes_stream()),
             deadlines,
             limits,
+        ))
+    }
+}
+
+// === impl RemoteBackend: sending ===
+
+impl RemoteBackend {
+    /// The configured deadlines, shortened (never lengthened) by the router's adaptive ones.
+    fn deadlines(&self, request: &BackendRequest) -> Deadlines {
+        let adaptive = request.deadlines;
+        Deadlines {
+            started: Instant::now(),
+            first_token: adaptive.map_or(self.config.first_token_timeout, |d| {
+                d.first_token.min(self.config.first_token_timeout)
+            }),
+            idle: adaptive.map_or(self.config.idle_timeout, |d| d.idle.min(self.config.idle_timeout)),
+            total: self.config.total_timeout,
+        }
+    }
+
+    /// Send with each usable key in turn until one gets past the status line.
+    async fn send_rotating(
+        &self,
+        url: &reqwest::Url,
+        body: &Bytes,
+        deadlines: &Deadlines,
+    ) -> Result<reqwest::Response, BackendError> {
+        let mut attempt = self.keys.attempt();
+        let mut last: Option<BackendError> = None;
+        while let Some(key) = attempt.next_key() {
+            crate::metrics::gateway_key_request(&self.id, &key.fingerprint);
+            let error = match self.send(url, body, Some(key), deadlines).await {
+                Ok(response) => return Ok(response),
+                Err(error) => error,
+            };
+            match KeyVerdict::of_status(error.status) {
+                // Not about the key: another key would fare no better.
+                KeyVerdict::Keep => return Err(error),
+                KeyVerdict::TryNext => {}
+                KeyVerdict::Park => self.keys.park(key, &self.id, &error),
+            }
+            tracing::debug!(backend = %self.id, key = %key.fingerprint, status = ?error.status, "trying the gateway's next key");
+            last = Some(error);
+        }
+        // Either the last key's own answer, or (no key was usable at all) the status that
+        // parked the last of them.
+        Err(last.unwrap_or_else(|| self.keys.all_parked_error()))
+    }
+
+    /// One HTTP call with `key`; `Ok` once a 2xx status line arrived.
+    async fn send(
+        &self,
+        url: &reqwest::Url,
+        body: &Bytes,
+        key: Option<&GatewayKey>,
+        deadlines: &Deadlines,
+    ) -> Result<reqwest::Response, BackendError> {
+        let mut builder = self
+            .client
+            .post(url.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .body(body.clone());
+        if let Some(key) = key {
+            builder = builder.header(AUTHORIZATION, key.header.clone());
+        }
+        let (response_deadline, phase) = deadlines.next(false, deadlines.started);
+        let response = match tokio::time::timeout_at(response_deadline, builder.send()).await {
+            Err(_) => return Err(deadlines.timeout_error(phase)),
+            Ok(Err(err)) => return Err(classify_send_error(&err)),
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let headers = response.headers().clone();
+        let body = read_limited(response, response_deadline).await;
+        Err(classify_status(
+            status,
+            &headers,
+            &body,
+            key.map(|k| k.secret.expose()),
         ))
     }
 }
