@@ -7,6 +7,7 @@ mod common;
 mod bad_input;
 mod batching;
 mod bench;
+mod chains;
 mod chat_api;
 mod cli;
 mod failover;
