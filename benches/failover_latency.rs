@@ -73,9 +73,16 @@ async fn serve(config: &lifeboat::config::Config, client: &reqwest::Client) -> S
         std::future::pending(),
         Duration::ZERO,
     ));
-    for _ in 0..200 {
+    for _ in 0..2000 {
+        // `ready`, not just 200: a box whose gateway serves is 200 `degraded` while its
+        // local model still loads.
         let ready = client.get(format!("http://{addr}/ready")).send().await;
-        if ready.is_ok_and(|r| r.status().is_success()) {
+        if let Ok(ready) = ready
+            && ready
+                .json::<serde_json::Value>()
+                .await
+                .is_ok_and(|r| r["status"] == "ready")
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

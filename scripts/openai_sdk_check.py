@@ -60,14 +60,18 @@ def admin(url, mode, count=None):
         return json.load(response)
 
 
-def wait_ready(base_url, seconds):
+def wait_ready(base_url, seconds, pause=0.2):
+    """Until /ready says "ready": every backend loaded and warm (a box whose gateway serves
+    answers 200 "degraded" while its local model still loads)."""
     deadline = time.time() + seconds
     while time.time() < deadline:
         try:
-            with urllib.request.urlopen(base_url.removesuffix("/v1") + "/ready", timeout=5):
-                return
-        except Exception:  # noqa: BLE001 - 503 while the model loads
-            time.sleep(0.2)
+            with urllib.request.urlopen(base_url.removesuffix("/v1") + "/ready", timeout=5) as response:
+                if json.load(response).get("status") == "ready":
+                    return
+        except Exception:  # noqa: BLE001 - 503 while nothing can serve yet
+            pass
+        time.sleep(pause)
     raise RuntimeError(f"{base_url} did not become ready in {seconds} s")
 
 
@@ -116,12 +120,7 @@ def main():
         "stderr",
     )
     local = openai.OpenAI(base_url=m.group(1), api_key="unused", max_retries=0, timeout=30)
-    for _ in range(200):
-        try:
-            with urllib.request.urlopen(m.group(1).removesuffix("/v1") + "/ready", timeout=5):
-                break
-        except Exception:  # noqa: BLE001 - 503 while the model loads
-            time.sleep(0.05)
+    wait_ready(m.group(1), 10, pause=0.05)
     expected = "Lifeboat keeps the lights on when the gateway goes dark."
     gguf_server = gguf = coder_server = coder = None
     if os.environ.get("LIFEBOAT_SDK_GGUF"):

@@ -5,7 +5,7 @@
 
 use crate::common;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc};
 
 use common::{TestApp, spawn_app_with};
 use lifeboat::{
@@ -61,17 +61,12 @@ async fn chain(b_context_window: Option<u32>, a_context_window: Option<u32>) -> 
         HashMap::new(),
     )
     .await;
-    for _ in 0..500 {
-        if app.get("/ready").await.status() == 200 {
-            return Chain {
-                app,
-                b,
-                _model: model,
-            };
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    common::wait_until_ready(&app).await;
+    Chain {
+        app,
+        b,
+        _model: model,
     }
-    panic!("not ready");
 }
 
 /// (backend, fallback reason) of one JSON request for `chat` with `content`.

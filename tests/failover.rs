@@ -51,13 +51,8 @@ pub(crate) async fn failover_app_with(
         HashMap::new(),
     )
     .await;
-    for _ in 0..500 {
-        if app.get("/ready").await.status() == 200 {
-            return Failover { app, _model: model };
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("not ready");
+    common::wait_until_ready(&app).await;
+    Failover { app, _model: model }
 }
 
 /// One client request; panics on anything a client would notice. Returns the backend.
@@ -456,12 +451,7 @@ async fn breaker_changes_are_posted_to_webhooks() {
         env,
     )
     .await;
-    for _ in 0..500 {
-        if app.get("/ready").await.status() == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    common::wait_until_ready(&app).await;
     app.mock.set_fault(FaultMode::Http402).await.expect("fault");
     assert_eq!(ask(&app, false).await, "local");
     app.mock.set_fault(FaultMode::None).await.expect("recover");

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use lifeboat::{api::validate, backend::Endpoint, upstream::sse::SseParser};
+use lifeboat::{api::validate, backend::Endpoint};
 
 /// Every file under `tests/fuzz/{corpus,artifacts}/TARGET` (artifacts are crashes found
 /// and fixed: regression cases).
@@ -29,20 +29,6 @@ fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     found
 }
 
-/// What `fuzz_targets/sse_parser.rs` does with one input.
-fn feed_sse(data: &[u8]) {
-    let Some((&split, stream)) = data.split_first() else {
-        return;
-    };
-    let chunk = usize::from(split).max(1);
-    let mut parser = SseParser::new();
-    let mut frames = Vec::new();
-    for piece in stream.chunks(chunk) {
-        let _ = parser.push(piece, &mut frames);
-        frames.clear();
-    }
-}
-
 #[test]
 fn every_corpus_input_passes_both_parsers_without_a_panic() {
     let requests = inputs("parse_request");
@@ -56,7 +42,7 @@ fn every_corpus_input_passes_both_parsers_without_a_panic() {
         let outcome = std::panic::catch_unwind(|| {
             let _ = validate::parse(Endpoint::ChatCompletions, data);
             let _ = validate::parse(Endpoint::Completions, data);
-            feed_sse(data);
+            lifeboat::upstream::sse::fuzz_input(data);
         });
         assert!(outcome.is_ok(), "{} panicked", path.display());
     }

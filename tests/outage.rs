@@ -49,16 +49,11 @@ async fn outage_app(settings: MockSettings) -> Outage {
         HashMap::new(),
     )
     .await;
-    for _ in 0..500 {
-        if app.get("/ready").await.status() == 200 {
-            return Outage {
-                app: Arc::new(app),
-                _model: model,
-            };
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    common::wait_until_ready(&app).await;
+    Outage {
+        app: Arc::new(app),
+        _model: model,
     }
-    panic!("not ready");
 }
 
 /// What one client request got.

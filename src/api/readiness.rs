@@ -5,9 +5,10 @@
 //! configured: its breaker says whether to call it *now*, and a gateway that is down is
 //! exactly what the local model is for, so a breaker never takes the box out of service.
 //! The local model is usable once loaded and warm. A part that failed for good (a model
-//! that could not be loaded) degrades the answer (200, listed under `degraded`) as long
-//! as the routes are still served: a readiness probe that turned 503 would take a box out
-//! of service whose gateway serves fine, and a restart would not bring the model back.
+//! that could not be loaded) or is still loading degrades the answer (200, listed under
+//! `degraded`) as long as the routes are still served: a readiness probe that turned 503
+//! would take a box out of service whose gateway serves fine — for the whole of a long
+//! model download, or for good when the model cannot load.
 
 use std::collections::HashMap;
 
@@ -32,8 +33,7 @@ pub(crate) enum State {
     Ready,
     /// Every route is served; something failed (200).
     Degraded,
-    /// A backend is still loading or warming up (503 until it is done, so the first
-    /// failover does not pay the load; a load that fails turns into `Degraded`).
+    /// Some route waits for a backend that is still loading or warming up (503).
     Starting,
     /// Some route has no usable target (503).
     NotReady,
@@ -62,7 +62,7 @@ impl State {
 pub(crate) fn judge(routes: &[std::sync::Arc<Route>], statuses: &[(String, BackendStatus)]) -> Verdict {
     let mut degraded: Vec<String> = statuses
         .iter()
-        .filter(|(_, s)| s.readiness == Readiness::Failed)
+        .filter(|(_, s)| s.readiness != Readiness::Ready)
         .map(|(id, s)| format!("{id}: {}", s.detail))
         .collect();
     if statuses.is_empty() {
@@ -93,10 +93,12 @@ pub(crate) fn judge(routes: &[std::sync::Arc<Route>], statuses: &[(String, Backe
     }
     let starting = statuses.iter().any(|(_, s)| s.readiness == Readiness::Starting);
     let nothing_served = !routes.is_empty() && unserved.len() == routes.len();
-    let state = if starting {
-        State::Starting
-    } else if required_unserved || nothing_served {
-        State::NotReady
+    let state = if required_unserved || nothing_served {
+        if starting {
+            State::Starting
+        } else {
+            State::NotReady
+        }
     } else if degraded.is_empty() {
         State::Ready
     } else {
@@ -191,7 +193,7 @@ mod tests {
     }
 
     #[test]
-    fn loading_holds_readiness_back_and_everything_up_is_ready() {
+    fn loading_degrades_a_served_box_and_holds_back_one_that_waits_for_it() {
         let routes = [route(
             "deepseek-chat",
             &[("gateway", "deepseek-chat"), ("local", "tiny")],
@@ -201,8 +203,12 @@ mod tests {
             &routes,
             &[gateway.clone(), status("local", Readiness::Starting, "loading")],
         );
-        assert_eq!(verdict.state, State::Starting);
-        assert!(verdict.degraded.is_empty());
+        assert_eq!(verdict.state, State::Degraded, "the gateway serves meanwhile");
+        assert_eq!(verdict.degraded, ["local: loading"]);
+        let private = [route("private", &[("local", "tiny")])];
+        let verdict = judge(&private, &[status("local", Readiness::Starting, "loading")]);
+        assert_eq!(verdict.state, State::Starting, "nothing serves until it loads");
+        assert!(!verdict.state.serves());
         let verdict = judge(&routes, &[gateway, status("local", Readiness::Ready, "ready")]);
         assert_eq!(verdict.state, State::Ready);
         assert!(verdict.degraded.is_empty() && verdict.unserved.is_empty());

@@ -144,6 +144,36 @@ impl SseParser {
     }
 }
 
+/// One fuzz input through the parser, for the `sse_parser` fuzz target and the replay of
+/// its corpus in `cargo test`: the first byte picks the chunk size, the second the event
+/// cap (64 B to 16 KiB, small enough to be reached), the rest is the stream. Panics if a
+/// frame passes the cap; an error ends the stream, as it does upstream.
+#[doc(hidden)]
+pub fn fuzz_input(data: &[u8]) {
+    let [split, cap, stream @ ..] = data else {
+        return;
+    };
+    let chunk = usize::from(*split).max(1);
+    let max_frame = 64 * (usize::from(*cap) + 1);
+    let mut parser = SseParser::with_max_frame(max_frame);
+    let mut frames = Vec::new();
+    for piece in stream.chunks(chunk) {
+        let result = parser.push(piece, &mut frames);
+        for frame in frames.drain(..) {
+            if let SseFrame::Data(data) = frame {
+                assert!(
+                    data.len() <= max_frame,
+                    "a {}-byte frame passed the {max_frame}-byte cap",
+                    data.len()
+                );
+            }
+        }
+        if result.is_err() {
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

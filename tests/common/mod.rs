@@ -158,6 +158,22 @@ impl TestApp {
     }
 }
 
+/// Wait until `/ready` says `ready`: every backend loaded and warm (a box whose gateway
+/// serves answers 200 `degraded` while its local model still loads).
+pub async fn wait_until_ready(app: &TestApp) {
+    for _ in 0..6000 {
+        let ready: Value = app.get("/ready").await.json().await.unwrap_or_default();
+        if ready["status"] == "ready" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "never ready: {}",
+        app.get("/ready").await.text().await.unwrap_or_default()
+    );
+}
+
 /// A minimal valid chat request.
 pub fn chat_body(stream: bool) -> Value {
     json!({
