@@ -319,7 +319,7 @@ pub async fn run(
         .pool_max_idle_per_host(max_concurrency)
         .tcp_nodelay(true)
         .build()
-        .map_err(|e| BenchError::Client(crate::upstream::stream::error_chain(&e)))?;
+        .map_err(|e| BenchError::Client(crate::upstream::classify::error_chain(&e)))?;
     let started_at = chrono::Utc::now();
     let shared = Shared::default();
     shared.lock().targets = plan

@@ -2,6 +2,7 @@
 //! connections. It always streams from the gateway (so the first-token and idle deadlines
 //! apply to every request) and always asks for usage.
 
+pub mod classify;
 pub mod keys;
 pub mod sse;
 pub mod stream;
@@ -20,8 +21,9 @@ use crate::{
     backend::{Backend, BackendError, BackendKind, BackendRequest, ErrorKind, EventStream, Origin},
     config::{ProbeKind, RemoteConfig, Secret},
 };
+use classify::{classify_send_error, classify_status, error_chain};
 use keys::{GatewayKey, KeyRing, KeyVerdict};
-use stream::{Deadlines, ResponseLimits, classify_send_error, classify_status, error_chain};
+use stream::{Deadlines, ResponseLimits};
 
 /// Largest error body read from the gateway; the rest is not needed for a message.
 const MAX_ERROR_BODY: usize = 64 * 1024;
