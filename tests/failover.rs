@@ -57,42 +57,9 @@ pub(crate) async fn failover_app_with(
 
 /// One client request; panics on anything a client would notice. Returns the backend.
 pub(crate) async fn ask(app: &TestApp, stream: bool) -> String {
-    let body = json!({
-        "model": "deepseek-chat",
-        "messages": [{"role": "user", "content": "Are you there?"}],
-        "max_tokens": 6,
-        "temperature": 0,
-        "stream": stream,
-    });
-    let response = app.post_json("/v1/chat/completions", &body).await;
-    let status = response.status();
-    let backend = response
-        .headers()
-        .get("x-lifeboat-backend")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("?")
-        .to_string();
-    let text = response.text().await.expect("body");
-    assert_eq!(status, 200, "client saw an error: {text}");
-    if stream {
-        let sse = SseBody::parse(&text);
-        assert_eq!(sse.done_count(), 1, "{text}");
-        let chunks = sse.json();
-        assert!(
-            chunks.iter().all(|c| c.get("error").is_none()),
-            "in-band error: {text}"
-        );
-        assert!(
-            chunks
-                .iter()
-                .any(|c| c["choices"][0]["finish_reason"].is_string()),
-            "truncated stream: {text}"
-        );
-    } else {
-        let body: Value = serde_json::from_str(&text).expect("json");
-        assert!(body["choices"][0]["finish_reason"].is_string(), "{body}");
-    }
-    backend
+    let answer = crate::outage::ask(app, stream).await;
+    assert_eq!(answer.error, None, "the client noticed: {answer:?}");
+    answer.backend
 }
 
 /// `CLIENTS` concurrent clients, `ROUNDS` requests each, half of them streaming.

@@ -58,15 +58,16 @@ async fn outage_app(settings: MockSettings) -> Outage {
 
 /// What one client request got.
 #[derive(Debug)]
-struct Answer {
+pub(crate) struct Answer {
     stream: bool,
-    backend: String,
+    pub(crate) backend: String,
     /// HTTP error, in-band error or truncated answer: anything a client would notice.
-    error: Option<String>,
+    pub(crate) error: Option<String>,
     latency: Duration,
 }
 
-async fn ask(app: &TestApp, stream: bool) -> Answer {
+/// One client request and what the client got.
+pub(crate) async fn ask(app: &TestApp, stream: bool) -> Answer {
     let body = json!({
         "model": "deepseek-chat",
         "messages": [{"role": "user", "content": "Are you there?"}],
