@@ -154,6 +154,49 @@ impl GenerationRequest {
             client: ClientId::default(),
         }
     }
+
+    /// The bytes of text this request puts in a prompt (before a template adds its own):
+    /// messages, tool calls, offered tools and a continuation. Counted without copying;
+    /// the local engine refuses by it before tokenizing, the router estimates tokens by it.
+    pub fn prompt_bytes(&self) -> usize {
+        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        let mut bytes = match &self.prompt {
+            Prompt::Chat(messages) => messages
+                .iter()
+                .map(|m| {
+                    text(&m.content)
+                        + text(&m.reasoning_content)
+                        + text(&m.name)
+                        + text(&m.tool_call_id)
+                        + m.tool_calls.as_ref().map_or(0, json_bytes)
+                })
+                .sum(),
+            Prompt::Text(prompts) => prompts.iter().map(String::len).sum(),
+        };
+        bytes += self.raw.get("tools").map_or(0, json_bytes);
+        if let Some(continuation) = &self.continuation {
+            bytes += continuation.reasoning.len() + continuation.content.len();
+        }
+        bytes
+    }
+}
+
+/// The length of `value` as compact JSON, without building the string.
+fn json_bytes(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail; a value that could not be written counts as 0.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 /// Who sent a request, as far as fairness goes: a short, non-secret name. The API layer
@@ -167,7 +210,11 @@ impl ClientId {
     /// itself never leaves the auth layer, and 64 bits of a hash reveal nothing usable.
     pub fn from_api_key(key: &str) -> ClientId {
         use sha2::Digest;
-        let digest = sha2::Sha256::digest(key.as_bytes());
+        ClientId::from_key_digest(&sha2::Sha256::digest(key.as_bytes()).into())
+    }
+
+    /// [`ClientId::from_api_key`] from the key's SHA-256, when the caller has it already.
+    pub fn from_key_digest(digest: &[u8; 32]) -> ClientId {
         let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         ClientId(format!("key:{hex}"))
     }

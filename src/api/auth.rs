@@ -36,12 +36,14 @@ impl ClientKeys {
 
     /// Whether `presented` is one of the keys; every key is compared, match or not.
     pub fn accepts(&self, presented: &str) -> bool {
-        let presented = digest(presented);
+        self.accepts_digest(&digest(presented))
+    }
+
+    /// [`ClientKeys::accepts`] for a key already hashed.
+    fn accepts_digest(&self, presented: &[u8; 32]) -> bool {
         self.digests
             .iter()
-            .fold(subtle::Choice::from(0), |found, key| {
-                found | key.ct_eq(&presented)
-            })
+            .fold(subtle::Choice::from(0), |found, key| found | key.ct_eq(presented))
             .into()
     }
 }
@@ -88,8 +90,14 @@ async fn check(keys: &ClientKeys, mut request: Request, next: Next) -> Response 
             )
             .into_response();
         }
-        Some(key) if keys.accepts(key) => ClientId::from_api_key(key),
-        Some(_) => return ApiError::Unauthorized("Incorrect API key provided.").into_response(),
+        Some(key) => {
+            // Hashed once: for the comparison and for the client's name.
+            let presented = digest(key);
+            if !keys.accepts_digest(&presented) {
+                return ApiError::Unauthorized("Incorrect API key provided.").into_response();
+            }
+            ClientId::from_key_digest(&presented)
+        }
     };
     // With keys, the key (by its hash) names the client for the local model's fairness.
     request.extensions_mut().insert(client);

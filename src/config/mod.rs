@@ -370,6 +370,17 @@ pub struct RouteConfig {
     pub fallbacks: Vec<FallbackConfig>,
 }
 
+impl RouteConfig {
+    /// The model name at one remote of this route: the entry's own `remote_model` (a
+    /// fallback's or the canary's), else the route's `remote_model`, else its name.
+    pub fn model_at(&self, entry_model: Option<&String>) -> String {
+        entry_model
+            .or(self.remote_model.as_ref())
+            .cloned()
+            .unwrap_or_else(|| self.name.clone())
+    }
+}
+
 /// Longest `fallbacks` list of a route.
 pub const MAX_FALLBACKS: usize = 8;
 

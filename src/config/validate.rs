@@ -3,12 +3,29 @@
 
 use std::collections::HashSet;
 
-use super::{Config, ConfigError, Egress, ProbeKind};
+use super::{Config, ConfigError, Egress, ProbeKind, RemoteConfig, RouteConfig};
 
 impl Config {
     /// Check everything that parsing cannot: URLs, references between sections,
     /// duplicate model names, non-zero limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check_server()?;
+        // Every public model name (remote models, the local model's, routes and aliases)
+        // is served once.
+        let mut public: HashSet<String> = HashSet::new();
+        for (name, remote) in &self.remotes {
+            check_remote(name, remote, &mut public)?;
+        }
+        self.check_router()?;
+        self.check_local(&mut public)?;
+        for (i, route) in self.routes.iter().enumerate() {
+            self.check_route(i, route, &mut public)?;
+        }
+        Ok(())
+    }
+
+    /// `[server]` and `[alerts]`.
+    fn check_server(&self) -> Result<(), ConfigError> {
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError::invalid(
                 "server.max_body_bytes",
@@ -42,72 +59,11 @@ impl Config {
         for (i, env) in self.alerts.webhook_envs.iter().enumerate() {
             check_env_name(&format!("alerts.webhook_envs[{i}]"), env)?;
         }
-        let mut public: HashSet<String> = HashSet::new();
-        for (name, remote) in &self.remotes {
-            let key = |field: &str| format!("remotes.{name}.{field}");
-            check_base_url(&key("base_url"), &remote.base_url)?;
-            if remote.probe == ProbeKind::Chat && remote.probe_model.is_none() && remote.models.is_empty() {
-                return Err(ConfigError::invalid(
-                    key("probe_model"),
-                    "a chat probe needs a model: set probe_model or list models",
-                ));
-            }
-            check_key_sources(name, remote)?;
-            for (field, value) in [
-                ("connect_timeout", remote.connect_timeout),
-                ("first_token_timeout", remote.first_token_timeout),
-                ("idle_timeout", remote.idle_timeout),
-                ("total_timeout", remote.total_timeout),
-            ] {
-                if value.is_zero() {
-                    return Err(ConfigError::invalid(key(field), "must be greater than 0"));
-                }
-            }
-            for (field, value, floor) in [
-                ("max_frame_bytes", remote.max_frame_bytes, 1024),
-                ("max_json_body_bytes", remote.max_json_body_bytes, 1024),
-                ("max_answer_bytes", remote.max_answer_bytes, 1024),
-            ] {
-                if value < floor {
-                    return Err(ConfigError::invalid(
-                        key(field),
-                        format!("must be at least {floor} bytes (got {value}); one answer chunk is larger"),
-                    ));
-                }
-            }
-            if !(remote.deadline_multiplier.is_finite() && remote.deadline_multiplier >= 1.0) {
-                return Err(ConfigError::invalid(
-                    key("deadline_multiplier"),
-                    format!("must be at least 1 (got {})", remote.deadline_multiplier),
-                ));
-            }
-            if remote.context_window == Some(0) {
-                return Err(ConfigError::invalid(
-                    key("context_window"),
-                    "must be greater than 0",
-                ));
-            }
-            if remote.egress == Egress::LocalOnly {
-                return Err(ConfigError::invalid(
-                    key("egress"),
-                    "a remote cannot be local-only; add a [[routes]] entry with egress = \"local-only\"",
-                ));
-            }
-            for (i, model) in remote.models.iter().enumerate() {
-                if model.trim().is_empty() {
-                    return Err(ConfigError::invalid(
-                        key(&format!("models[{i}]")),
-                        "must not be empty",
-                    ));
-                }
-                if !public.insert(model.clone()) {
-                    return Err(ConfigError::invalid(
-                        key(&format!("models[{i}]")),
-                        format!("model name {model:?} is already served by another remote or route"),
-                    ));
-                }
-            }
-        }
+        Ok(())
+    }
+
+    /// `[router]`.
+    fn check_router(&self) -> Result<(), ConfigError> {
         if self.router.failure_threshold == 0 {
             return Err(ConfigError::invalid(
                 "router.failure_threshold",
@@ -131,6 +87,11 @@ impl Config {
                 format!("must be between 0 and 10, got {}", self.router.retry_budget_ratio),
             ));
         }
+        Ok(())
+    }
+
+    /// `[local]`; its served name joins `public`.
+    fn check_local(&self, public: &mut HashSet<String>) -> Result<(), ConfigError> {
         if self.local.queue_capacity == 0 {
             return Err(ConfigError::invalid(
                 "local.queue_capacity",
@@ -185,82 +146,158 @@ impl Config {
                 format!("model name {name:?} is already served by a remote"),
             ));
         }
-        for (i, route) in self.routes.iter().enumerate() {
-            let key = |field: &str| format!("routes[{i}].{field}");
-            if route.name.trim().is_empty() {
-                return Err(ConfigError::invalid(key("name"), "must not be empty"));
-            }
-            if route.egress == Egress::LocalOnly {
-                if self.local.model.is_none() {
-                    return Err(ConfigError::invalid(
-                        key("egress"),
-                        "is local-only but no local model is configured (local.model / --model)",
-                    ));
-                }
-                if !route.remote.is_empty() {
-                    return Err(ConfigError::invalid(
-                        key("remote"),
-                        "must not be set on a local-only route: nothing leaves the box",
-                    ));
-                }
-            } else if !self.remotes.contains_key(&route.remote) {
-                let known: Vec<&str> = self.remotes.keys().map(String::as_str).collect();
+        Ok(())
+    }
+
+    /// `routes[i]`: its remote, canary and chain exist, its names are new.
+    fn check_route(
+        &self,
+        i: usize,
+        route: &RouteConfig,
+        public: &mut HashSet<String>,
+    ) -> Result<(), ConfigError> {
+        let key = |field: &str| format!("routes[{i}].{field}");
+        if route.name.trim().is_empty() {
+            return Err(ConfigError::invalid(key("name"), "must not be empty"));
+        }
+        if route.egress == Egress::LocalOnly {
+            if self.local.model.is_none() {
                 return Err(ConfigError::invalid(
-                    key("remote"),
-                    format!(
-                        "no remote named {:?} (defined remotes: {})",
-                        route.remote,
-                        if known.is_empty() {
-                            "none".to_string()
-                        } else {
-                            known.join(", ")
-                        }
-                    ),
+                    key("egress"),
+                    "is local-only but no local model is configured (local.model / --model)",
                 ));
             }
-            if let Some(canary) = &route.canary {
-                if !(canary.share > 0.0 && canary.share < 1.0) {
-                    return Err(ConfigError::invalid(
-                        key("canary.share"),
-                        format!("must be between 0 and 1 (exclusive), got {}", canary.share),
-                    ));
-                }
-                if !self.remotes.contains_key(&canary.remote) {
-                    return Err(ConfigError::invalid(
-                        key("canary.remote"),
-                        format!("no remote named {:?}", canary.remote),
-                    ));
-                }
-                if route.egress == Egress::LocalOnly {
-                    return Err(ConfigError::invalid(
-                        key("canary"),
-                        "a local-only route cannot have a canary",
-                    ));
-                }
+            if !route.remote.is_empty() {
+                return Err(ConfigError::invalid(
+                    key("remote"),
+                    "must not be set on a local-only route: nothing leaves the box",
+                ));
             }
-            self.check_fallbacks(i, route)?;
-            for (j, name) in std::iter::once(&route.name).chain(&route.aliases).enumerate() {
-                if !public.insert(name.clone()) {
-                    let field = if j == 0 {
-                        "name".to_string()
+        } else if !self.remotes.contains_key(&route.remote) {
+            let known: Vec<&str> = self.remotes.keys().map(String::as_str).collect();
+            return Err(ConfigError::invalid(
+                key("remote"),
+                format!(
+                    "no remote named {:?} (defined remotes: {})",
+                    route.remote,
+                    if known.is_empty() {
+                        "none".to_string()
                     } else {
-                        format!("aliases[{}]", j - 1)
-                    };
-                    return Err(ConfigError::invalid(
-                        key(&field),
-                        format!("model name {name:?} is defined twice"),
-                    ));
-                }
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+        if let Some(canary) = &route.canary {
+            if !(canary.share > 0.0 && canary.share < 1.0) {
+                return Err(ConfigError::invalid(
+                    key("canary.share"),
+                    format!("must be between 0 and 1 (exclusive), got {}", canary.share),
+                ));
+            }
+            if !self.remotes.contains_key(&canary.remote) {
+                return Err(ConfigError::invalid(
+                    key("canary.remote"),
+                    format!("no remote named {:?}", canary.remote),
+                ));
+            }
+            if route.egress == Egress::LocalOnly {
+                return Err(ConfigError::invalid(
+                    key("canary"),
+                    "a local-only route cannot have a canary",
+                ));
+            }
+        }
+        self.check_fallbacks(i, route)?;
+        for (j, name) in std::iter::once(&route.name).chain(&route.aliases).enumerate() {
+            if !public.insert(name.clone()) {
+                let field = if j == 0 {
+                    "name".to_string()
+                } else {
+                    format!("aliases[{}]", j - 1)
+                };
+                return Err(ConfigError::invalid(
+                    key(&field),
+                    format!("model name {name:?} is defined twice"),
+                ));
             }
         }
         Ok(())
     }
 }
 
+/// `remotes.NAME`: URL, keys, deadlines and caps; its models join `public`.
+fn check_remote(name: &str, remote: &RemoteConfig, public: &mut HashSet<String>) -> Result<(), ConfigError> {
+    let key = |field: &str| format!("remotes.{name}.{field}");
+    check_base_url(&key("base_url"), &remote.base_url)?;
+    if remote.probe == ProbeKind::Chat && remote.probe_model.is_none() && remote.models.is_empty() {
+        return Err(ConfigError::invalid(
+            key("probe_model"),
+            "a chat probe needs a model: set probe_model or list models",
+        ));
+    }
+    check_key_sources(name, remote)?;
+    for (field, value) in [
+        ("connect_timeout", remote.connect_timeout),
+        ("first_token_timeout", remote.first_token_timeout),
+        ("idle_timeout", remote.idle_timeout),
+        ("total_timeout", remote.total_timeout),
+    ] {
+        if value.is_zero() {
+            return Err(ConfigError::invalid(key(field), "must be greater than 0"));
+        }
+    }
+    for (field, value, floor) in [
+        ("max_frame_bytes", remote.max_frame_bytes, 1024),
+        ("max_json_body_bytes", remote.max_json_body_bytes, 1024),
+        ("max_answer_bytes", remote.max_answer_bytes, 1024),
+    ] {
+        if value < floor {
+            return Err(ConfigError::invalid(
+                key(field),
+                format!("must be at least {floor} bytes (got {value}); one answer chunk is larger"),
+            ));
+        }
+    }
+    if !(remote.deadline_multiplier.is_finite() && remote.deadline_multiplier >= 1.0) {
+        return Err(ConfigError::invalid(
+            key("deadline_multiplier"),
+            format!("must be at least 1 (got {})", remote.deadline_multiplier),
+        ));
+    }
+    if remote.context_window == Some(0) {
+        return Err(ConfigError::invalid(
+            key("context_window"),
+            "must be greater than 0",
+        ));
+    }
+    if remote.egress == Egress::LocalOnly {
+        return Err(ConfigError::invalid(
+            key("egress"),
+            "a remote cannot be local-only; add a [[routes]] entry with egress = \"local-only\"",
+        ));
+    }
+    for (i, model) in remote.models.iter().enumerate() {
+        if model.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                key(&format!("models[{i}]")),
+                "must not be empty",
+            ));
+        }
+        if !public.insert(model.clone()) {
+            return Err(ConfigError::invalid(
+                key(&format!("models[{i}]")),
+                format!("model name {model:?} is already served by another remote or route"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Config {
     /// A route's chain: known remotes, not too long, no target twice (a cycle would call
     /// a failing gateway again), none on a local-only route.
-    fn check_fallbacks(&self, i: usize, route: &super::RouteConfig) -> Result<(), ConfigError> {
+    fn check_fallbacks(&self, i: usize, route: &RouteConfig) -> Result<(), ConfigError> {
         let key = |field: String| format!("routes[{i}].{field}");
         if route.fallbacks.is_empty() {
             return Ok(());
@@ -281,13 +318,7 @@ impl Config {
                 ),
             ));
         }
-        let model_of = |remote_model: &Option<String>| {
-            remote_model
-                .clone()
-                .or_else(|| route.remote_model.clone())
-                .unwrap_or_else(|| route.name.clone())
-        };
-        let mut seen = vec![(route.remote.clone(), model_of(&route.remote_model))];
+        let mut seen = vec![(route.remote.clone(), route.model_at(None))];
         for (j, fallback) in route.fallbacks.iter().enumerate() {
             if !self.remotes.contains_key(&fallback.remote) {
                 return Err(ConfigError::invalid(
@@ -295,7 +326,10 @@ impl Config {
                     format!("no remote named {:?}", fallback.remote),
                 ));
             }
-            let target = (fallback.remote.clone(), model_of(&fallback.remote_model));
+            let target = (
+                fallback.remote.clone(),
+                route.model_at(fallback.remote_model.as_ref()),
+            );
             if seen.contains(&target) {
                 return Err(ConfigError::invalid(
                     key(format!("fallbacks[{j}]")),
@@ -340,7 +374,7 @@ fn check_base_url(key: &str, url: &str) -> Result<(), ConfigError> {
 /// A remote's key comes from one place: `api_key_env`, `api_key_envs` (several keys, each
 /// named once) or `api_key_file`. Mixing them would leave the order and the rotation of the
 /// keys to guesswork, so it is refused.
-fn check_key_sources(name: &str, remote: &super::RemoteConfig) -> Result<(), ConfigError> {
+fn check_key_sources(name: &str, remote: &RemoteConfig) -> Result<(), ConfigError> {
     let key = |field: &str| format!("remotes.{name}.{field}");
     if let Some(env) = &remote.api_key_env {
         check_env_name(&key("api_key_env"), env)?;

@@ -5,8 +5,6 @@
 
 use std::sync::{Arc, atomic::Ordering};
 
-use serde_json::Value;
-
 use super::{Shared, local_error};
 use crate::backend::{BackendError, ErrorKind, GenerationRequest, Prompt};
 
@@ -64,7 +62,7 @@ pub(super) fn check_n(n: u32, max_n: u32) -> Result<(), BackendError> {
 
 /// Refuse a prompt by its size before it is rendered or tokenized.
 pub(super) fn check_prompt_bytes(request: &GenerationRequest, context: usize) -> Result<usize, BackendError> {
-    let bytes = prompt_bytes(request);
+    let bytes = request.prompt_bytes();
     let limit = context.saturating_mul(MAX_PROMPT_BYTES_PER_TOKEN);
     if bytes <= limit {
         return Ok(bytes);
@@ -127,48 +125,6 @@ fn prompt_param(prompt: &Prompt) -> &'static str {
     }
 }
 
-/// The bytes of text a request puts in its prompt (before the template adds its own):
-/// messages, tool calls, offered tools and a continuation. Counted without copying.
-pub(super) fn prompt_bytes(request: &GenerationRequest) -> usize {
-    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
-    let mut bytes = match &request.prompt {
-        Prompt::Chat(messages) => messages
-            .iter()
-            .map(|m| {
-                text(&m.content)
-                    + text(&m.reasoning_content)
-                    + text(&m.name)
-                    + text(&m.tool_call_id)
-                    + m.tool_calls.as_ref().map_or(0, json_bytes)
-            })
-            .sum(),
-        Prompt::Text(prompts) => prompts.iter().map(String::len).sum(),
-    };
-    bytes += request.raw.get("tools").map_or(0, json_bytes);
-    if let Some(continuation) = &request.continuation {
-        bytes += continuation.reasoning.len() + continuation.content.len();
-    }
-    bytes
-}
-
-/// The length of `value` as compact JSON, without building the string.
-fn json_bytes(value: &Value) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    // Writing to a counter cannot fail; a value that could not be written counts as 0.
-    let _ = serde_json::to_writer(&mut count, value);
-    count.0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,7 +137,7 @@ mod tests {
     #[test]
     fn prompt_bytes_count_every_text_the_template_renders() {
         let mut request = chat("hello");
-        assert_eq!(prompt_bytes(&request), 5);
+        assert_eq!(request.prompt_bytes(), 5);
         request.raw.insert("tools".into(), serde_json::json!([{"a": 1}]));
         let mut assistant = ChatMessage::text("assistant", "ok");
         assistant.tool_calls = Some(serde_json::json!(["x"]));
@@ -190,9 +146,9 @@ mod tests {
             reasoning: "r".into(),
             content: "c".into(),
         });
-        assert_eq!(prompt_bytes(&request), 5 + 2 + 5 + 9 + 2);
+        assert_eq!(request.prompt_bytes(), 5 + 2 + 5 + 9 + 2);
         request.prompt = Prompt::Text(vec!["abc".into(), "de".into()]);
-        assert_eq!(prompt_bytes(&request), 5 + 9 + 2);
+        assert_eq!(request.prompt_bytes(), 5 + 9 + 2);
     }
 
     #[test]

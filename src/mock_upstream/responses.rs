@@ -264,7 +264,18 @@ async fn generate(shared: Arc<Shared>, headers: HeaderMap, body: Bytes, chat: bo
         pace.wait().await;
         return Json(answer.full()).into_response();
     }
-    let body = match mode {
+    let body = stream_body(mode, &settings, answer, first_delay);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// The SSE body of a streamed answer in `mode`: the answer itself (cut, stalled or late
+/// in the modes that do that) or the fault's own bytes.
+fn stream_body(mode: FaultMode, settings: &MockSettings, answer: Answer, first_delay: Duration) -> Body {
+    match mode {
         FaultMode::Keepalive => {
             let interval = settings.keepalive_interval;
             Body::from_stream(futures_util::stream::unfold((), move |()| async move {
@@ -299,12 +310,7 @@ async fn generate(shared: Arc<Shared>, headers: HeaderMap, body: Bytes, chat: bo
             let keepalive = (mode == FaultMode::Slow).then_some(settings.keepalive_interval);
             answer_stream(answer, first_delay, settings.inter_token_delay, cut, keepalive)
         }
-    };
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(body)
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    }
 }
 
 fn count_prompt_words(request: &serde_json::Map<String, Value>) -> u64 {

@@ -22,7 +22,7 @@ use super::{
 use crate::{
     backend::{
         AttemptDeadlines, Backend, BackendError, BackendKind, BackendRequest, ErrorKind, EventStream,
-        GenerationRequest, Origin, Prompt, TimeoutPhase,
+        GenerationRequest, Origin, TimeoutPhase,
     },
     metrics,
     router::breaker::Permit,
@@ -379,14 +379,7 @@ fn rescued(backend: &str) -> BackendError {
 /// cannot hold it: ~4 bytes per prompt token (OpenAI's rule of thumb for English) plus
 /// the answer's `max_tokens`. It only decides skips; a backend still checks exactly.
 fn estimated_tokens(request: &GenerationRequest) -> u64 {
-    let bytes: usize = match &request.prompt {
-        Prompt::Chat(messages) => messages
-            .iter()
-            .map(|m| m.content.as_ref().map_or(0, String::len))
-            .sum(),
-        Prompt::Text(texts) => texts.iter().map(String::len).sum(),
-    };
-    (bytes as u64).div_ceil(4) + u64::from(request.sampling.max_tokens.unwrap_or(0))
+    (request.prompt_bytes() as u64).div_ceil(4) + u64::from(request.sampling.max_tokens.unwrap_or(0))
 }
 
 #[cfg(test)]

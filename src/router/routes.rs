@@ -4,7 +4,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use crate::{
-    config::{Config, Egress},
+    config::{Config, Egress, RouteConfig},
     engine::LOCAL_BACKEND_ID,
 };
 
@@ -117,43 +117,8 @@ impl RouteTable {
             );
         }
         for route in &config.routes {
-            let remote = Target {
-                backend: route.remote.clone(),
-                model: route.remote_model.clone().unwrap_or_else(|| route.name.clone()),
-            };
-            let chain = route.fallbacks.iter().map(|f| Target {
-                backend: f.remote.clone(),
-                model: f
-                    .remote_model
-                    .clone()
-                    .or_else(|| route.remote_model.clone())
-                    .unwrap_or_else(|| route.name.clone()),
-            });
-            let remotes: Vec<Target> = std::iter::once(remote).chain(chain).collect();
-            let targets = match route.egress {
-                Egress::RemotePreferred => remotes.into_iter().chain(fallback.clone()).collect(),
-                Egress::RemoteOnly => remotes,
-                Egress::LocalOnly => local.clone().into_iter().collect(),
-            };
             table.add(
-                Route {
-                    name: route.name.clone(),
-                    targets,
-                    continue_locally: route.continue_locally,
-                    hedge: route.hedge,
-                    hedge_after: route.hedge_after,
-                    canary: route.canary.as_ref().map(|c| Canary {
-                        target: Target {
-                            backend: c.remote.clone(),
-                            model: c
-                                .remote_model
-                                .clone()
-                                .or_else(|| route.remote_model.clone())
-                                .unwrap_or_else(|| route.name.clone()),
-                        },
-                        share: c.share,
-                    }),
-                },
+                configured_route(route, local.as_ref(), fallback.as_ref()),
                 &route.aliases,
             );
         }
@@ -177,6 +142,38 @@ impl RouteTable {
     /// The route for a public name or alias.
     pub fn resolve(&self, model: &str) -> Option<&Arc<Route>> {
         self.by_name.get(model)
+    }
+}
+
+/// A `[[routes]]` entry: its remote, then its `fallbacks` in order, then (per its egress)
+/// the local model; `local` is the local target, `fallback` the same when it backs up
+/// remote-preferred routes.
+fn configured_route(route: &RouteConfig, local: Option<&Target>, fallback: Option<&Target>) -> Route {
+    let target = |backend: &str, entry_model: Option<&String>| Target {
+        backend: backend.to_string(),
+        model: route.model_at(entry_model),
+    };
+    let remotes = std::iter::once(target(&route.remote, None)).chain(
+        route
+            .fallbacks
+            .iter()
+            .map(|f| target(&f.remote, f.remote_model.as_ref())),
+    );
+    let targets = match route.egress {
+        Egress::RemotePreferred => remotes.chain(fallback.cloned()).collect(),
+        Egress::RemoteOnly => remotes.collect(),
+        Egress::LocalOnly => local.cloned().into_iter().collect(),
+    };
+    Route {
+        name: route.name.clone(),
+        targets,
+        continue_locally: route.continue_locally,
+        hedge: route.hedge,
+        hedge_after: route.hedge_after,
+        canary: route.canary.as_ref().map(|c| Canary {
+            target: target(&c.remote, c.remote_model.as_ref()),
+            share: c.share,
+        }),
     }
 }
 
