@@ -177,7 +177,7 @@ impl Backend for InstantBackend {
     async fn generate(&self, _request: BackendRequest) -> Result<EventStream, BackendError> {
         let delta = ChoiceDelta {
             content: Some("ok".into()),
-            finish_reason: Some("stop".into()),
+            finish_reason: Some(lifeboat::backend::FinishReason::Stop),
             ..ChoiceDelta::default()
         };
         Ok(Box::pin(futures_util::stream::iter([Ok(

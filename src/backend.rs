@@ -113,11 +113,8 @@ pub struct GenerationRequest {
     pub include_usage: bool,
     pub prompt: Prompt,
     pub sampling: SamplingParams,
-    /// Whether the request carries `tools` (a capability the local engine may lack).
-    pub has_tools: bool,
-    /// Set when a backend must continue an answer another backend started and lost: the
-    /// assistant text already sent to the client, to be prefilled, never repeated.
-    pub continuation: Option<Continuation>,
+    /// The tools a chat request offers and its `tool_choice`; `None` when it offers none.
+    pub tools: Option<Tools>,
     /// The client's JSON body, verbatim. A remote forwards it with only `model`,
     /// `stream` and `stream_options` changed, so fields lifeboat does not know survive.
     pub raw: Map<String, Value>,
@@ -148,19 +145,18 @@ impl GenerationRequest {
                 n: sampling.n.max(1),
                 ..sampling
             },
-            has_tools: false,
-            continuation: None,
+            tools: None,
             raw,
             client: ClientId::default(),
         }
     }
 
     /// The bytes of text this request puts in a prompt (before a template adds its own):
-    /// messages, tool calls, offered tools and a continuation. Counted without copying;
-    /// the local engine refuses by it before tokenizing, the router estimates tokens by it.
+    /// messages, tool calls and offered tools. Counted without copying; the local engine
+    /// refuses by it before tokenizing, the router estimates tokens by it.
     pub fn prompt_bytes(&self) -> usize {
         let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
-        let mut bytes = match &self.prompt {
+        let bytes: usize = match &self.prompt {
             Prompt::Chat(messages) => messages
                 .iter()
                 .map(|m| {
@@ -173,11 +169,11 @@ impl GenerationRequest {
                 .sum(),
             Prompt::Text(prompts) => prompts.iter().map(String::len).sum(),
         };
-        bytes += self.raw.get("tools").map_or(0, json_bytes);
-        if let Some(continuation) = &self.continuation {
-            bytes += continuation.reasoning.len() + continuation.content.len();
-        }
         bytes
+            + self
+                .tools
+                .as_ref()
+                .map_or(0, |tools| json_bytes(&tools.definitions))
     }
 }
 
@@ -241,11 +237,51 @@ impl fmt::Display for ClientId {
     }
 }
 
-/// The part of an answer already delivered to the client.
+/// The part of an answer already delivered to the client, which another backend is to
+/// continue: prefilled, never repeated.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Continuation {
+    /// Reasoning text already sent.
     pub reasoning: String,
+    /// Answer text already sent.
     pub content: String,
+}
+
+/// The tools a chat request offers, parsed once by the API layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tools {
+    /// Names of the offered functions, in request order.
+    pub functions: Vec<String>,
+    /// How the model may use them.
+    pub choice: ToolChoice,
+    /// The `tools` array as the client sent it: chat templates render definitions (their
+    /// JSON Schemas included) verbatim, and a remote forwards the raw body anyway.
+    pub definitions: Value,
+}
+
+impl Tools {
+    /// The functions the model may call, or `None` when it may call none (nothing
+    /// offered, or `tool_choice: "none"`).
+    pub fn callable(&self) -> Option<&[String]> {
+        (self.choice != ToolChoice::None && !self.functions.is_empty()).then_some(self.functions.as_slice())
+    }
+}
+
+/// `tool_choice`: whether and which tool the model must call.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ToolChoice {
+    /// The model decides (the default when tools are offered).
+    #[default]
+    Auto,
+    /// The model must not call a tool.
+    None,
+    /// The model must call some tool.
+    Required,
+    /// The model must call this function.
+    Function(String),
+    /// A form lifeboat does not interpret (e.g. a list of allowed tools): a remote gets
+    /// it verbatim, the local model treats it as `Auto`.
+    Other,
 }
 
 /// One attempt's request to one backend.
@@ -253,10 +289,13 @@ pub struct Continuation {
 pub struct BackendRequest {
     /// The model name at this backend (a route may rename it).
     pub model: String,
+    /// What the client asked, shared by every attempt.
     pub request: Arc<GenerationRequest>,
     /// Deadlines the router derived from what this backend has shown lately; a remote
     /// takes the shorter of these and its configured ones. `None`: configured only.
     pub deadlines: Option<AttemptDeadlines>,
+    /// Set when this attempt continues an answer another backend started and lost.
+    pub continuation: Option<Continuation>,
 }
 
 impl BackendRequest {
@@ -266,7 +305,17 @@ impl BackendRequest {
             model: model.into(),
             request,
             deadlines: None,
+            continuation: None,
         }
+    }
+
+    /// [`GenerationRequest::prompt_bytes`] plus the continuation this attempt prefills.
+    pub fn prompt_bytes(&self) -> usize {
+        self.request.prompt_bytes()
+            + self
+                .continuation
+                .as_ref()
+                .map_or(0, |c| c.reasoning.len() + c.content.len())
     }
 }
 
@@ -299,10 +348,129 @@ pub struct ChoiceDelta {
     /// Chat content, or the text of a legacy completion.
     pub content: Option<String>,
     pub reasoning_content: Option<String>,
-    /// OpenAI tool-call deltas, passed through as JSON.
-    pub tool_calls: Option<Vec<Value>>,
+    /// Tool-call fragments; a call's pieces share its `index`.
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
+    /// OpenAI `logprobs` of this delta, as the backend produced it.
     pub logprobs: Option<Value>,
-    pub finish_reason: Option<String>,
+    /// Set on a choice's last delta.
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// Why a choice ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A natural end: an end-of-sequence token or a stop sequence.
+    Stop,
+    /// `max_tokens` or the context window was reached.
+    Length,
+    /// The model called tools.
+    ToolCalls,
+    /// The provider filtered the content.
+    ContentFilter,
+    /// A reason lifeboat does not know (e.g. DeepSeek's `insufficient_system_resource`),
+    /// passed through as the backend said it.
+    Other(String),
+}
+
+impl FinishReason {
+    /// The OpenAI wire value.
+    pub fn as_str(&self) -> &str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
+            FinishReason::ContentFilter => "content_filter",
+            FinishReason::Other(reason) => reason,
+        }
+    }
+
+    /// From the OpenAI wire value.
+    pub fn from_wire(reason: &str) -> FinishReason {
+        match reason {
+            "stop" => FinishReason::Stop,
+            "length" => FinishReason::Length,
+            "tool_calls" => FinishReason::ToolCalls,
+            "content_filter" => FinishReason::ContentFilter,
+            other => FinishReason::Other(other.to_string()),
+        }
+    }
+}
+
+impl fmt::Display for FinishReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for FinishReason {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for FinishReason {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let reason = std::borrow::Cow::<str>::deserialize(deserializer)?;
+        Ok(FinishReason::from_wire(&reason))
+    }
+}
+
+/// A fragment of one tool call: the first carries its id and function name, the ones
+/// after it pieces of the arguments, all with the call's `index`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ToolCallDelta {
+    /// Which call of the choice this fragment belongs to.
+    #[serde(default)]
+    pub index: u32,
+    /// The call's id (first fragment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `function` (first fragment).
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The function's name and a piece of its arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<FunctionCallDelta>,
+    /// Provider extras (e.g. a signature a client must send back), passed through.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl ToolCallDelta {
+    /// Add the next fragment of the same call: the function's name and arguments arrive
+    /// in pieces and are concatenated; the other fields are taken when given.
+    pub fn absorb(&mut self, next: ToolCallDelta) {
+        if next.id.is_some() {
+            self.id = next.id;
+        }
+        if next.kind.is_some() {
+            self.kind = next.kind;
+        }
+        if let Some(piece) = next.function {
+            let function = self.function.get_or_insert_with(FunctionCallDelta::default);
+            for (whole, piece) in [
+                (&mut function.name, piece.name),
+                (&mut function.arguments, piece.arguments),
+            ] {
+                if let Some(piece) = piece {
+                    whole.get_or_insert_with(String::new).push_str(&piece);
+                }
+            }
+        }
+        self.extra
+            .extend(next.extra.into_iter().filter(|(_, value)| !value.is_null()));
+    }
+}
+
+/// The function part of a [`ToolCallDelta`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FunctionCallDelta {
+    /// The function's name (first fragment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A piece of the JSON arguments; the pieces concatenated are the whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
 }
 
 impl ChoiceDelta {
@@ -336,15 +504,6 @@ impl GenerationEvent {
 
 /// The stream a backend hands back. Dropping it cancels the generation.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<GenerationEvent, BackendError>> + Send>>;
-
-/// Where an error came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    /// The remote gateway.
-    Upstream,
-    /// The in-process engine.
-    Local,
-}
 
 /// Which deadline of an attempt ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -414,8 +573,8 @@ impl ErrorKind {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct BackendError {
+    /// What went wrong.
     pub kind: ErrorKind,
-    pub origin: Origin,
     /// Human-readable detail; never contains a secret.
     pub message: String,
     /// The upstream HTTP status, when there was one.
@@ -428,11 +587,10 @@ pub struct BackendError {
 }
 
 impl BackendError {
-    /// An error of `kind` from `origin` with a message and nothing else.
-    pub fn new(kind: ErrorKind, origin: Origin, message: impl Into<String>) -> Self {
+    /// An error of `kind` with a message and nothing else.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         BackendError {
             kind,
-            origin,
             message: message.into(),
             status: None,
             retry_after: None,
@@ -442,7 +600,11 @@ impl BackendError {
     }
 }
 
-/// Remote gateway or in-process model.
+/// The id the local model is known by in config, headers and metrics. Code tells local
+/// from remote by [`BackendKind`], never by comparing ids with this.
+pub const LOCAL_BACKEND_ID: &str = "local";
+
+/// Remote gateway or in-process model: the one way lifeboat says which side served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
     Remote,
@@ -524,4 +686,79 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Start generating. Errors known before the first event (refused connection, HTTP
     /// status) come back here; later ones arrive inside the stream.
     async fn generate(&self, request: BackendRequest) -> Result<EventStream, BackendError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finish_reasons_round_trip_including_ones_lifeboat_does_not_know() {
+        for wire in [
+            "stop",
+            "length",
+            "tool_calls",
+            "content_filter",
+            "insufficient_system_resource",
+        ] {
+            let reason: FinishReason = serde_json::from_value(Value::from(wire)).expect("any string");
+            assert_eq!(
+                serde_json::to_value(&reason).expect("serializes"),
+                Value::from(wire)
+            );
+        }
+        assert_eq!(FinishReason::from_wire("length"), FinishReason::Length);
+        assert_eq!(
+            FinishReason::from_wire("insufficient_system_resource"),
+            FinishReason::Other("insufficient_system_resource".into())
+        );
+    }
+
+    #[test]
+    fn tool_call_fragments_absorb_into_one_call() {
+        let fragments: Vec<ToolCallDelta> = serde_json::from_value(serde_json::json!([
+            {"index": 1, "id": "c1", "type": "function", "function": {"name": "get_", "arguments": ""}},
+            {"index": 1, "function": {"name": "weather", "arguments": "{\"city\":"}, "extra_content": {"sig": "s"}},
+            {"index": 1, "function": {"arguments": "\"Paris\"}"}, "extra_content": null},
+        ]))
+        .expect("fragments");
+        let mut whole = ToolCallDelta::default();
+        for fragment in fragments {
+            whole.absorb(fragment);
+        }
+        assert_eq!(whole.id.as_deref(), Some("c1"));
+        assert_eq!(whole.kind.as_deref(), Some("function"));
+        let function = whole.function.expect("function");
+        assert_eq!(function.name.as_deref(), Some("get_weather"));
+        assert_eq!(function.arguments.as_deref(), Some("{\"city\":\"Paris\"}"));
+        assert_eq!(
+            whole.extra["extra_content"]["sig"], "s",
+            "a provider's extras survive"
+        );
+    }
+
+    #[test]
+    fn tools_are_callable_only_when_offered_and_not_declined() {
+        let tools = |functions: &[&str], choice: ToolChoice| Tools {
+            functions: functions.iter().map(|f| f.to_string()).collect(),
+            choice,
+            definitions: Value::Null,
+        };
+        let offered = ["get_weather", "get_time"];
+        let names = vec!["get_weather".to_string(), "get_time".to_string()];
+        assert_eq!(
+            tools(&offered, ToolChoice::Auto).callable(),
+            Some(names.as_slice())
+        );
+        assert_eq!(
+            tools(&offered, ToolChoice::Function("get_time".into())).callable(),
+            Some(names.as_slice())
+        );
+        assert_eq!(
+            tools(&offered, ToolChoice::Other).callable(),
+            Some(names.as_slice())
+        );
+        assert_eq!(tools(&offered, ToolChoice::None).callable(), None);
+        assert_eq!(tools(&[], ToolChoice::Required).callable(), None);
+    }
 }

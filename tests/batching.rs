@@ -73,7 +73,7 @@ async fn run(backend: &LocalBackend, prompt: &str, params: SamplingParams) -> (V
                     .push_str(delta.reasoning_content.as_deref().unwrap_or(""));
                 choices[index].0.push_str(delta.content.as_deref().unwrap_or(""));
                 if let Some(reason) = delta.finish_reason {
-                    choices[index].1 = reason;
+                    choices[index].1 = reason.to_string();
                 }
             }
             GenerationEvent::Usage(usage) => completion = usage.completion_tokens,

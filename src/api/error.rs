@@ -13,7 +13,7 @@ use super::{
     validate::ValidationError,
 };
 use crate::{
-    backend::{BackendError, ErrorKind, Origin},
+    backend::{BackendError, BackendKind, ErrorKind},
     router::RouteError,
 };
 
@@ -175,11 +175,10 @@ impl ApiError {
             // the client gets the classification, the log gets the (redacted) detail.
             ApiError::Route(RouteError::Backend {
                 backend,
+                backend_kind: BackendKind::Remote,
                 error,
                 attempts,
-            }) if error.origin == Origin::Upstream => {
-                (upstream_failure_message(backend, error, *attempts), None, None)
-            }
+            }) => (upstream_failure_message(backend, error, *attempts), None, None),
             other => (other.to_string(), None, None),
         };
         ErrorBody {
@@ -191,9 +190,10 @@ impl ApiError {
     }
 
     /// Build from a failure after the commit point (sent in-band).
-    pub fn from_stream(backend: &str, error: BackendError) -> ApiError {
+    pub fn from_stream(backend: &str, backend_kind: BackendKind, error: BackendError) -> ApiError {
         ApiError::Route(RouteError::Backend {
             backend: backend.to_string(),
+            backend_kind,
             error,
             attempts: 1,
         })
@@ -214,6 +214,7 @@ impl IntoResponse for ApiError {
             backend,
             error,
             attempts,
+            ..
         }) = &self
         {
             headers.insert("x-lifeboat-attempts", HeaderValue::from(*attempts));
@@ -251,7 +252,8 @@ mod tests {
     fn backend_error(kind: ErrorKind) -> ApiError {
         ApiError::Route(RouteError::Backend {
             backend: "g".into(),
-            error: BackendError::new(kind, Origin::Upstream, "detail"),
+            backend_kind: BackendKind::Remote,
+            error: BackendError::new(kind, "detail"),
             attempts: 1,
         })
     }
@@ -284,11 +286,12 @@ mod tests {
     #[test]
     fn a_gateways_own_words_reach_the_client_only_for_its_own_mistakes() {
         let leaky = "Incorrect key sk-live-123 for Org org-internal-42 at http://10.0.0.7:8000";
-        let mut error = BackendError::new(ErrorKind::ServerError, Origin::Upstream, leaky);
+        let mut error = BackendError::new(ErrorKind::ServerError, leaky);
         error.status = Some(500);
         error.code = Some("org-internal-42".into());
         let body = ApiError::Route(RouteError::Backend {
             backend: "gateway".into(),
+            backend_kind: BackendKind::Remote,
             error,
             attempts: 2,
         })
@@ -299,10 +302,11 @@ mod tests {
         );
         assert_eq!(body.code.as_deref(), Some("upstream_error"));
 
-        let mut bad = BackendError::new(ErrorKind::BadRequest, Origin::Upstream, "bad temperature");
+        let mut bad = BackendError::new(ErrorKind::BadRequest, "bad temperature");
         bad.param = Some("temperature".into());
         let body = ApiError::Route(RouteError::Backend {
             backend: "gateway".into(),
+            backend_kind: BackendKind::Remote,
             error: bad,
             attempts: 1,
         })
@@ -315,10 +319,11 @@ mod tests {
 
     #[test]
     fn rate_limit_carries_retry_after_rounded_up() {
-        let mut error = BackendError::new(ErrorKind::RateLimited, Origin::Upstream, "slow down");
+        let mut error = BackendError::new(ErrorKind::RateLimited, "slow down");
         error.retry_after = Some(Duration::from_millis(1500));
         let response = ApiError::Route(RouteError::Backend {
             backend: "g".into(),
+            backend_kind: BackendKind::Remote,
             error,
             attempts: 2,
         })

@@ -12,18 +12,20 @@ use axum::{
 };
 use futures_util::StreamExt;
 use rand::{Rng, distr::Alphanumeric};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::time::Instant;
 
 use super::{
     error::ApiError,
     sse,
-    types::{AssistantMessage, ChatChoice, Completion, TextChoice},
+    types::{AssistantMessage, ChatChoice, Completion, TextChoice, ToolCall},
     validate,
 };
 use crate::{
     app::AppState,
-    backend::{ChoiceDelta, ClientId, Endpoint, GenerationEvent, Usage},
+    backend::{
+        BackendKind, ChoiceDelta, ClientId, Endpoint, FinishReason, GenerationEvent, ToolCallDelta, Usage,
+    },
     metrics::{self, InFlight},
     router::Routed,
 };
@@ -36,6 +38,7 @@ pub(crate) struct ResponseMeta {
     pub model: String,
     pub endpoint: Endpoint,
     pub backend: String,
+    pub backend_kind: BackendKind,
     pub include_usage: bool,
     pub started: Instant,
 }
@@ -59,6 +62,7 @@ impl ResponseMeta {
             model: routed.model.clone(),
             endpoint,
             backend: routed.backend.clone(),
+            backend_kind: routed.backend_kind,
             include_usage,
             started,
         }
@@ -164,9 +168,9 @@ struct ChoiceAcc {
     content: Option<String>,
     reasoning: Option<String>,
     /// Tool calls by their `index`.
-    tool_calls: BTreeMap<u64, Map<String, Value>>,
+    tool_calls: BTreeMap<u32, ToolCallDelta>,
     logprobs: Option<Value>,
-    finish_reason: Option<String>,
+    finish_reason: Option<FinishReason>,
 }
 
 impl ChoiceAcc {
@@ -178,9 +182,7 @@ impl ChoiceAcc {
             self.reasoning.get_or_insert_with(String::new).push_str(&text);
         }
         for call in delta.tool_calls.into_iter().flatten() {
-            let Value::Object(call) = call else { continue };
-            let index = call.get("index").and_then(Value::as_u64).unwrap_or(0);
-            merge_tool_call(self.tool_calls.entry(index).or_default(), call);
+            self.tool_calls.entry(call.index).or_default().absorb(call);
         }
         if let Some(logprobs) = delta.logprobs {
             match &mut self.logprobs {
@@ -192,34 +194,14 @@ impl ChoiceAcc {
             self.finish_reason = delta.finish_reason;
         }
     }
-}
 
-/// Merge one tool-call delta: strings inside `function` are concatenated (arguments
-/// arrive in pieces), other fields are set once.
-fn merge_tool_call(acc: &mut Map<String, Value>, delta: Map<String, Value>) {
-    for (key, value) in delta {
-        match (key.as_str(), value) {
-            ("index", _) => {}
-            ("function", Value::Object(function)) => {
-                let Value::Object(target) =
-                    acc.entry("function").or_insert_with(|| Value::Object(Map::new()))
-                else {
-                    continue;
-                };
-                for (field, piece) in function {
-                    match (target.get_mut(&field), piece) {
-                        (Some(Value::String(existing)), Value::String(piece)) => existing.push_str(&piece),
-                        (_, piece) => {
-                            target.insert(field, piece);
-                        }
-                    }
-                }
-            }
-            (_, Value::Null) => {}
-            (_, value) => {
-                acc.insert(key, value);
-            }
-        }
+    /// The whole tool calls, in index order.
+    fn take_tool_calls(&mut self) -> Option<Vec<ToolCall>> {
+        let calls: Vec<ToolCall> = std::mem::take(&mut self.tool_calls)
+            .into_values()
+            .map(ToolCall::from)
+            .collect();
+        (!calls.is_empty()).then_some(calls)
     }
 }
 
@@ -251,7 +233,7 @@ async fn collect(mut routed: Routed, meta: &ResponseMeta) -> Result<Response, Ap
             Err(error) => {
                 // Nothing was sent yet, so a late failure is still a clean error response.
                 metrics::stream_failed(&meta.backend, error.kind);
-                return Err(ApiError::from_stream(&meta.backend, error));
+                return Err(ApiError::from_stream(&meta.backend, meta.backend_kind, error));
             }
         }
     }
@@ -264,15 +246,15 @@ async fn collect(mut routed: Routed, meta: &ResponseMeta) -> Result<Response, Ap
             model: meta.model.clone(),
             choices: choices
                 .into_iter()
-                .map(|(index, acc)| {
-                    let tool_calls: Vec<Value> = acc.tool_calls.into_values().map(Value::Object).collect();
+                .map(|(index, mut acc)| {
+                    let tool_calls = acc.take_tool_calls();
                     ChatChoice {
                         index,
                         message: AssistantMessage {
                             role: "assistant",
                             content: acc.content,
                             reasoning_content: acc.reasoning,
-                            tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
+                            tool_calls,
                         },
                         logprobs: acc.logprobs,
                         finish_reason: acc.finish_reason,
@@ -319,15 +301,13 @@ mod tests {
             json!([{"index": 0, "function": {"arguments": "\"Paris\"}"}}]),
         ];
         for piece in pieces {
-            let Value::Array(calls) = piece else {
-                unreachable!()
-            };
+            let calls: Vec<ToolCallDelta> = serde_json::from_value(piece).expect("tool-call deltas");
             acc.add(ChoiceDelta {
                 tool_calls: Some(calls),
                 ..ChoiceDelta::default()
             });
         }
-        let calls: Vec<Value> = acc.tool_calls.into_values().map(Value::Object).collect();
+        let calls = serde_json::to_value(acc.take_tool_calls()).expect("serializes");
         assert_eq!(
             calls[0],
             json!({"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}})

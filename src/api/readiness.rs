@@ -118,7 +118,7 @@ pub(crate) fn judge(routes: &[std::sync::Arc<Route>], statuses: &[(String, Backe
 /// `[[routes]]` entry with `egress = "local-only"` has its own name and does count.
 fn is_local_catalogue_entry(route: &Route) -> bool {
     match route.targets.as_slice() {
-        [only] => only.backend == crate::engine::LOCAL_BACKEND_ID && only.model == route.name,
+        [only] => only.kind == crate::backend::BackendKind::Local && only.model == route.name,
         _ => false,
     }
 }
@@ -135,9 +135,9 @@ mod tests {
             name: name.into(),
             targets: targets
                 .iter()
-                .map(|(backend, model)| Target {
-                    backend: (*backend).into(),
-                    model: (*model).into(),
+                .map(|(backend, model)| match *backend {
+                    crate::backend::LOCAL_BACKEND_ID => Target::local(*model),
+                    remote => Target::remote(remote, *model),
                 })
                 .collect(),
             continue_locally: false,

@@ -75,7 +75,8 @@ impl StreamState {
                     metrics::stream_failed(&self.meta.backend, error.kind);
                     tracing::warn!(backend = %self.meta.backend, kind = error.kind.as_str(), error = %error, "stream failed after the first byte");
                     let body = ErrorResponse {
-                        error: ApiError::from_stream(&self.meta.backend, error).body(),
+                        error: ApiError::from_stream(&self.meta.backend, self.meta.backend_kind, error)
+                            .body(),
                     };
                     self.finish(502);
                     self.queued.push_back(Event::default().data("[DONE]"));
@@ -121,7 +122,7 @@ impl StreamState {
                         tool_calls: delta.tool_calls.as_deref(),
                     },
                     logprobs: delta.logprobs.as_ref(),
-                    finish_reason: delta.finish_reason.as_deref(),
+                    finish_reason: delta.finish_reason.as_ref(),
                 }],
                 None,
             ),
@@ -130,7 +131,7 @@ impl StreamState {
                     index: delta.index,
                     text: delta.content.as_deref().unwrap_or(""),
                     logprobs: delta.logprobs.as_ref(),
-                    finish_reason: delta.finish_reason.as_deref(),
+                    finish_reason: delta.finish_reason.as_ref(),
                 }],
                 None,
             ),

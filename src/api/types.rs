@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::backend::Usage;
+use crate::backend::{FinishReason, FunctionCallDelta, ToolCallDelta, Usage};
 
 // === requests ===
 
@@ -222,7 +222,7 @@ pub struct ChatChunkChoice<'a> {
     pub index: u32,
     pub delta: ChatDelta<'a>,
     pub logprobs: Option<&'a Value>,
-    pub finish_reason: Option<&'a str>,
+    pub finish_reason: Option<&'a FinishReason>,
 }
 
 #[derive(Debug, Serialize)]
@@ -234,7 +234,7 @@ pub struct ChatDelta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tool_calls: Option<&'a [Value]>,
+    pub tool_calls: Option<&'a [ToolCallDelta]>,
 }
 
 #[derive(Debug, Serialize)]
@@ -242,7 +242,7 @@ pub struct TextChunkChoice<'a> {
     pub index: u32,
     pub text: &'a str,
     pub logprobs: Option<&'a Value>,
-    pub finish_reason: Option<&'a str>,
+    pub finish_reason: Option<&'a FinishReason>,
 }
 
 /// A complete (non-streamed) response.
@@ -262,7 +262,7 @@ pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
     pub logprobs: Option<Value>,
-    pub finish_reason: Option<String>,
+    pub finish_reason: Option<FinishReason>,
 }
 
 #[derive(Debug, Serialize)]
@@ -272,7 +272,31 @@ pub struct AssistantMessage {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tool_calls: Option<Vec<Value>>,
+    pub tool_calls: Option<Vec<ToolCall>>,
+}
+
+/// A whole tool call in a complete answer (no `index`: that only orders a stream's
+/// fragments).
+#[derive(Debug, Serialize)]
+pub struct ToolCall {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCallDelta,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+impl From<ToolCallDelta> for ToolCall {
+    fn from(call: ToolCallDelta) -> ToolCall {
+        ToolCall {
+            id: call.id,
+            kind: call.kind.unwrap_or_else(|| "function".into()),
+            function: call.function.unwrap_or_default(),
+            extra: call.extra,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -280,5 +304,5 @@ pub struct TextChoice {
     pub index: u32,
     pub text: String,
     pub logprobs: Option<Value>,
-    pub finish_reason: Option<String>,
+    pub finish_reason: Option<FinishReason>,
 }

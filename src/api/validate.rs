@@ -5,9 +5,11 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use super::types::{
-    ChatCompletionRequest, CompletionRequest, RequestMessage, Role, StopField, StreamOptions,
+    ChatCompletionRequest, CompletionRequest, RequestMessage, Role, StopField, StreamOptions, Tool,
 };
-use crate::backend::{ChatMessage, Endpoint, GenerationRequest, Prompt, SamplingParams, StopSequences};
+use crate::backend::{
+    ChatMessage, Endpoint, GenerationRequest, Prompt, SamplingParams, StopSequences, ToolChoice, Tools,
+};
 
 /// Largest `n` accepted (OpenAI's own limit is 128).
 pub const MAX_N: u32 = 128;
@@ -234,25 +236,7 @@ fn chat(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationError> {
             "Invalid 'top_logprobs': 'logprobs' must be true when 'top_logprobs' is set.",
         ));
     }
-    if let Some(tools) = &req.tools {
-        for (i, tool) in tools.iter().enumerate() {
-            if tool.kind != "function" && tool.kind != "custom" {
-                return Err(ValidationError::invalid(
-                    &format!("tools[{i}].type"),
-                    format!(
-                        "Invalid 'tools[{i}].type': expected 'function', got '{}'.",
-                        tool.kind
-                    ),
-                ));
-            }
-            if tool.kind == "function" && tool.function.as_ref().is_none_or(|f| f.name.is_empty()) {
-                return Err(ValidationError::invalid(
-                    &format!("tools[{i}].function.name"),
-                    format!("Missing required parameter: 'tools[{i}].function.name'."),
-                ));
-            }
-        }
-    }
+    let tools = tools(req.tools.as_deref(), req.tool_choice.as_ref(), raw.get("tools"))?;
     if let Some(format) = &req.response_format
         && !matches!(format.kind.as_str(), "text" | "json_object" | "json_schema")
     {
@@ -283,7 +267,6 @@ fn chat(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationError> {
         top_logprobs: req.top_logprobs,
         ..SamplingParams::default()
     };
-    let has_tools = req.tools.as_ref().is_some_and(|t| !t.is_empty());
     let (model, stream, include_usage) = common(
         Common {
             model: req.model,
@@ -301,11 +284,89 @@ fn chat(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationError> {
         include_usage,
         prompt: Prompt::Chat(messages),
         sampling,
-        has_tools,
-        continuation: None,
+        tools,
         raw,
         client: Default::default(),
     })
+}
+
+/// Check `tools` and `tool_choice` and type them; `None` when no tools are offered.
+/// `definitions` is the client's `tools` array, kept for chat templates.
+fn tools(
+    offered: Option<&[Tool]>,
+    choice: Option<&Value>,
+    definitions: Option<&Value>,
+) -> Result<Option<Tools>, ValidationError> {
+    let offered = offered.unwrap_or_default();
+    for (i, tool) in offered.iter().enumerate() {
+        if tool.kind != "function" && tool.kind != "custom" {
+            return Err(ValidationError::invalid(
+                &format!("tools[{i}].type"),
+                format!(
+                    "Invalid 'tools[{i}].type': expected 'function', got '{}'.",
+                    tool.kind
+                ),
+            ));
+        }
+        if tool.kind == "function" && tool.function.as_ref().is_none_or(|f| f.name.is_empty()) {
+            return Err(ValidationError::invalid(
+                &format!("tools[{i}].function.name"),
+                format!("Missing required parameter: 'tools[{i}].function.name'."),
+            ));
+        }
+    }
+    let choice = match choice {
+        None | Some(Value::Null) => ToolChoice::Auto,
+        Some(Value::String(mode)) => match mode.as_str() {
+            "auto" => ToolChoice::Auto,
+            "none" => ToolChoice::None,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(ValidationError::invalid(
+                    "tool_choice",
+                    format!(
+                        "Invalid 'tool_choice': expected 'none', 'auto', 'required' or an object, got '{other}'."
+                    ),
+                ));
+            }
+        },
+        Some(Value::Object(object)) => match object.get("type").and_then(Value::as_str) {
+            Some("function") => match object
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+            {
+                Some(name) if !name.is_empty() => ToolChoice::Function(name.to_string()),
+                _ => {
+                    return Err(ValidationError::invalid(
+                        "tool_choice.function.name",
+                        "Missing required parameter: 'tool_choice.function.name'.",
+                    ));
+                }
+            },
+            _ => ToolChoice::Other,
+        },
+        Some(other) => {
+            return Err(ValidationError::invalid(
+                "tool_choice",
+                format!(
+                    "Invalid type for 'tool_choice': expected a string or an object, got {}.",
+                    json_type(other)
+                ),
+            ));
+        }
+    };
+    if offered.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Tools {
+        functions: offered
+            .iter()
+            .filter_map(|tool| tool.function.as_ref().map(|f| f.name.clone()))
+            .collect(),
+        choice,
+        definitions: definitions.cloned().unwrap_or(Value::Null),
+    }))
 }
 
 /// Check one message and flatten its content to text.
@@ -440,8 +501,7 @@ fn completion(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationEr
         include_usage,
         prompt: Prompt::Text(prompts),
         sampling,
-        has_tools: false,
-        continuation: None,
+        tools: None,
         raw,
         client: Default::default(),
     })
@@ -548,6 +608,21 @@ mod tests {
                 "Missing",
             ),
             (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"sometimes"}"#,
+                Some("tool_choice"),
+                "got 'sometimes'",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tool_choice":{"type":"function","function":{}}}"#,
+                Some("tool_choice.function.name"),
+                "Missing",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tool_choice":7}"#,
+                Some("tool_choice"),
+                "got a number",
+            ),
+            (
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"yaml"}}"#,
                 Some("response_format.type"),
                 "got 'yaml'",
@@ -585,7 +660,10 @@ mod tests {
             "user": "u1", "brand_new_field": {"nested": true}
         }"#;
         let req = parse(Endpoint::ChatCompletions, body.as_bytes()).expect("valid");
-        assert!(req.stream && req.include_usage && req.has_tools);
+        assert!(req.stream && req.include_usage);
+        let tools = req.tools.as_ref().expect("tools");
+        assert_eq!(tools.choice, ToolChoice::Auto);
+        assert_eq!(tools.callable(), Some(&["f".to_string()][..]));
         assert_eq!(req.sampling.max_tokens, Some(20), "max_completion_tokens wins");
         assert_eq!(req.sampling.n, 2);
         assert_eq!(req.sampling.stop, StopSequences(vec!["END".into()]));
@@ -606,5 +684,35 @@ mod tests {
         assert_eq!(err.param(), Some("prompt"));
         let err = ok(r#"{"model":"m"}"#).expect_err("missing prompt");
         assert_eq!(err.param(), Some("prompt"));
+    }
+
+    #[test]
+    fn tools_and_tool_choice_are_typed_once() {
+        let chat = |extra: &str| {
+            let body = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
+            parse(Endpoint::ChatCompletions, body.as_bytes()).expect("valid")
+        };
+        let tools = r#","tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object"}}},{"type":"function","function":{"name":"get_time"}}]"#;
+        let offered = chat(tools).tools.expect("offered");
+        assert_eq!(offered.functions, ["get_weather", "get_time"]);
+        assert_eq!(offered.choice, ToolChoice::Auto);
+        assert_eq!(offered.definitions[0]["function"]["parameters"]["type"], "object");
+        let forced = chat(&format!(
+            r#"{tools},"tool_choice":{{"type":"function","function":{{"name":"get_time"}}}}"#
+        ));
+        assert_eq!(
+            forced.tools.expect("offered").choice,
+            ToolChoice::Function("get_time".into())
+        );
+        let declined = chat(&format!(r#"{tools},"tool_choice":"none""#))
+            .tools
+            .expect("offered");
+        assert_eq!(declined.callable(), None);
+        let allowed = chat(&format!(
+            r#"{tools},"tool_choice":{{"type":"allowed_tools","allowed_tools":{{}}}}"#
+        ));
+        assert_eq!(allowed.tools.expect("offered").choice, ToolChoice::Other);
+        assert_eq!(chat(r#","tools":[]"#).tools, None);
+        assert_eq!(chat("").tools, None);
     }
 }

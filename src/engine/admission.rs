@@ -6,7 +6,7 @@
 use std::sync::{Arc, atomic::Ordering};
 
 use super::{Shared, local_error};
-use crate::backend::{BackendError, ErrorKind, GenerationRequest, Prompt};
+use crate::backend::{BackendError, BackendRequest, ErrorKind, Prompt};
 
 /// A prompt longer than this many bytes per context token cannot fit: real tokenizers
 /// average 3–5 bytes of text per token (4 for English, less for code and CJK), so 8 leaves
@@ -61,8 +61,8 @@ pub(super) fn check_n(n: u32, max_n: u32) -> Result<(), BackendError> {
 }
 
 /// Refuse a prompt by its size before it is rendered or tokenized.
-pub(super) fn check_prompt_bytes(request: &GenerationRequest, context: usize) -> Result<usize, BackendError> {
-    let bytes = request.prompt_bytes();
+pub(super) fn check_prompt_bytes(attempt: &BackendRequest, context: usize) -> Result<usize, BackendError> {
+    let bytes = attempt.prompt_bytes();
     let limit = context.saturating_mul(MAX_PROMPT_BYTES_PER_TOKEN);
     if bytes <= limit {
         return Ok(bytes);
@@ -74,7 +74,7 @@ pub(super) fn check_prompt_bytes(request: &GenerationRequest, context: usize) ->
              long, more than {limit} bytes ({MAX_PROMPT_BYTES_PER_TOKEN} per token) can fit."
         ),
     );
-    err.param = Some(prompt_param(&request.prompt).into());
+    err.param = Some(prompt_param(&attempt.request.prompt).into());
     err.code = Some("context_length_exceeded".into());
     Err(err)
 }
@@ -128,33 +128,46 @@ fn prompt_param(prompt: &Prompt) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{ChatMessage, Continuation, SamplingParams};
+    use crate::backend::{ChatMessage, Continuation, GenerationRequest, SamplingParams, ToolChoice, Tools};
 
     fn chat(content: &str) -> GenerationRequest {
         GenerationRequest::chat("m", content, SamplingParams::default())
+    }
+
+    fn attempt(content: &str) -> BackendRequest {
+        BackendRequest::new("m", std::sync::Arc::new(chat(content)))
     }
 
     #[test]
     fn prompt_bytes_count_every_text_the_template_renders() {
         let mut request = chat("hello");
         assert_eq!(request.prompt_bytes(), 5);
-        request.raw.insert("tools".into(), serde_json::json!([{"a": 1}]));
+        request.tools = Some(Tools {
+            functions: vec!["a".into()],
+            choice: ToolChoice::Auto,
+            definitions: serde_json::json!([{"a": 1}]),
+        });
         let mut assistant = ChatMessage::text("assistant", "ok");
         assistant.tool_calls = Some(serde_json::json!(["x"]));
         request.prompt = Prompt::Chat(vec![ChatMessage::text("user", "hello"), assistant]);
-        request.continuation = Some(Continuation {
+        assert_eq!(request.prompt_bytes(), 5 + 2 + 5 + 9);
+        let mut with_continuation = BackendRequest::new("m", std::sync::Arc::new(request.clone()));
+        with_continuation.continuation = Some(Continuation {
             reasoning: "r".into(),
             content: "c".into(),
         });
-        assert_eq!(request.prompt_bytes(), 5 + 2 + 5 + 9 + 2);
+        assert_eq!(with_continuation.prompt_bytes(), 5 + 2 + 5 + 9 + 2);
         request.prompt = Prompt::Text(vec!["abc".into(), "de".into()]);
-        assert_eq!(request.prompt_bytes(), 5 + 9 + 2);
+        assert_eq!(request.prompt_bytes(), 5 + 9);
     }
 
     #[test]
     fn a_prompt_too_long_in_bytes_is_refused_before_tokenizing() {
-        assert_eq!(check_prompt_bytes(&chat(&"x".repeat(4096)), 512).ok(), Some(4096));
-        let err = check_prompt_bytes(&chat(&"x".repeat(4097)), 512).err();
+        assert_eq!(
+            check_prompt_bytes(&attempt(&"x".repeat(4096)), 512).ok(),
+            Some(4096)
+        );
+        let err = check_prompt_bytes(&attempt(&"x".repeat(4097)), 512).err();
         let err = err.expect("refused");
         assert_eq!(err.kind, ErrorKind::BadRequest);
         assert_eq!(err.param.as_deref(), Some("messages"));

@@ -58,7 +58,7 @@ pub use models::Arch;
 
 use crate::backend::{
     Backend, BackendError, BackendKind, BackendRequest, BackendStatus, Continuation, ErrorKind, EventStream,
-    Origin, Prompt, Readiness,
+    LOCAL_BACKEND_ID, Prompt, Readiness,
 };
 
 /// Fix the number of CPU threads candle uses for this process. Unless `RAYON_NUM_THREADS`
@@ -76,9 +76,6 @@ pub unsafe fn settle_cpu_threads() {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     }
 }
-
-/// Backend id of the local model (`x-lifeboat-backend: local`).
-pub const LOCAL_BACKEND_ID: &str = "local";
 
 /// Everything that can go wrong loading or running the local model.
 #[derive(Debug, thiserror::Error)]
@@ -270,12 +267,12 @@ impl LocalBackend {
             Phase::Failed(message) => format!("the local model failed to load: {message}"),
             phase => format!("the local model is not ready yet ({})", phase.as_str()),
         };
-        BackendError::new(ErrorKind::Unavailable, Origin::Local, message)
+        BackendError::new(ErrorKind::Unavailable, message)
     }
 }
 
 fn local_error(kind: ErrorKind, message: impl Into<String>) -> BackendError {
-    BackendError::new(kind, Origin::Local, message)
+    BackendError::new(kind, message)
 }
 
 /// The prompt text for a continuation: the assistant turn already opened by the
@@ -296,20 +293,6 @@ fn continue_text(mut text: String, uses_think: bool, continuation: &Continuation
         text.push_str(&continuation.content);
     }
     text
-}
-
-/// The function names a request offers as `tools`, unless `tool_choice` is `"none"`.
-fn offered_tools(raw: &serde_json::Map<String, serde_json::Value>) -> Option<Vec<String>> {
-    if raw.get("tool_choice").and_then(serde_json::Value::as_str) == Some("none") {
-        return None;
-    }
-    let names: Vec<String> = raw
-        .get("tools")?
-        .as_array()?
-        .iter()
-        .filter_map(|tool| tool.pointer("/function/name")?.as_str().map(str::to_string))
-        .collect();
-    (!names.is_empty()).then_some(names)
 }
 
 /// Render and tokenize the prompt; returns ids and whether the prompt leaves `<think>`
@@ -411,13 +394,13 @@ impl Backend for LocalBackend {
             .get()
             .cloned()
             .ok_or_else(|| self.unavailable())?;
-        let generation = request.request;
         // Cheapest first: nothing below is spent on a request refused here.
-        admission::check_n(generation.sampling.n, self.max_n)?;
-        let bytes = admission::check_prompt_bytes(&generation, info.dims.max_context)?;
+        admission::check_n(request.request.sampling.n, self.max_n)?;
+        let bytes = admission::check_prompt_bytes(&request, info.dims.max_context)?;
         let ticket =
             admission::QueueTicket::take(&self.shared, self.queue_capacity).ok_or_else(queue_full)?;
-        let (prompt, think_opened) = tokenize(info.clone(), generation.clone(), bytes).await?;
+        let generation = request.request.clone();
+        let (prompt, think_opened) = tokenize(info.clone(), request, bytes).await?;
         let params = generation.sampling.clone();
         let max_tokens = admission::fit_max_tokens(
             &generation.prompt,
@@ -434,7 +417,11 @@ impl Backend for LocalBackend {
             max_tokens,
             seed,
             think_opened,
-            tool_names: offered_tools(&generation.raw),
+            tool_names: generation
+                .tools
+                .as_ref()
+                .and_then(|tools| tools.callable())
+                .map(<[String]>::to_vec),
             events,
             client: generation.client.clone(),
             ticket: Some(ticket),
@@ -467,15 +454,15 @@ fn queue_full() -> BackendError {
 /// prompt, give the memory tokenization took back to the system.
 async fn tokenize(
     info: Arc<ModelInfo>,
-    generation: Arc<crate::backend::GenerationRequest>,
+    attempt: BackendRequest,
     bytes: usize,
 ) -> Result<(Vec<u32>, bool), BackendError> {
     tokio::task::spawn_blocking(move || {
         let prepared = prepare_prompt(
             &info,
-            &generation.prompt,
-            generation.raw.get("tools"),
-            generation.continuation.as_ref(),
+            &attempt.request.prompt,
+            attempt.request.tools.as_ref().map(|tools| &tools.definitions),
+            attempt.continuation.as_ref(),
         );
         if bytes >= admission::TRIM_AFTER_PROMPT_BYTES {
             crate::huge_pages::release_free_memory();
@@ -489,27 +476,6 @@ async fn tokenize(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tools_are_parsed_only_when_offered_and_not_declined() {
-        let raw = |body: serde_json::Value| body.as_object().cloned().unwrap_or_default();
-        let tools = serde_json::json!([
-            {"type": "function", "function": {"name": "get_weather"}},
-            {"type": "function", "function": {"name": "get_time"}},
-        ]);
-        assert_eq!(
-            offered_tools(&raw(serde_json::json!({"tools": tools}))),
-            Some(vec!["get_weather".to_string(), "get_time".to_string()])
-        );
-        let forced = serde_json::json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "get_time"}}});
-        assert!(offered_tools(&raw(forced)).is_some());
-        assert_eq!(
-            offered_tools(&raw(serde_json::json!({"tools": tools, "tool_choice": "none"}))),
-            None
-        );
-        assert_eq!(offered_tools(&raw(serde_json::json!({"tools": []}))), None);
-        assert_eq!(offered_tools(&raw(serde_json::json!({}))), None);
-    }
 
     #[test]
     fn continuation_prefills_in_the_r1_layout() {

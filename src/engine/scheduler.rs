@@ -29,7 +29,9 @@ use super::{
     worker::Job,
 };
 use crate::{
-    backend::{BackendError, ChoiceDelta, ClientId, ErrorKind, GenerationEvent, Origin, TimeoutPhase, Usage},
+    backend::{
+        BackendError, ChoiceDelta, ClientId, ErrorKind, FinishReason, GenerationEvent, TimeoutPhase, Usage,
+    },
     metrics,
 };
 
@@ -41,8 +43,23 @@ pub(super) const EVENT_BUFFER: usize = 64;
 /// prefilled in chunks and running streams keep getting tokens in between.
 const PREFILL_CHUNK: usize = 512;
 
-/// Finish reason of a sequence ended by a stop string (sent as `stop`).
-const STOP_STRING: &str = "stop_string";
+/// Why a sequence ended, as the engine tells it apart: a stop string's text was already
+/// cut at the match, so less is left to flush than after an end-of-sequence token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    EndOfSequence,
+    StopString,
+    Length,
+}
+
+impl Ending {
+    fn finish_reason(self) -> FinishReason {
+        match self {
+            Ending::EndOfSequence | Ending::StopString => FinishReason::Stop,
+            Ending::Length => FinishReason::Length,
+        }
+    }
+}
 
 /// How many sequences run together and how much KV cache they may hold.
 #[derive(Debug, Clone, Copy)]
@@ -101,8 +118,8 @@ impl Sequence {
 /// What a step did to a sequence.
 enum Outcome {
     Running,
-    /// Finished with this reason (`stop` or `length`).
-    Finished(&'static str),
+    /// Finished for this reason.
+    Finished(Ending),
     /// The client is gone.
     Cancelled,
 }
@@ -476,14 +493,21 @@ impl Scheduler {
         if let Some(reason) = finish {
             // After a stop string nothing more is decoded, but what the splitter and the
             // tool-call parser hold from before it goes out; otherwise all held text does.
-            let flushed = if reason == STOP_STRING {
+            let flushed = if reason == Ending::StopString {
                 flush_split(&mut sequence, String::new());
-                Ok(Some("stop"))
+                Ok(true)
             } else {
                 finish_text(&mut sequence, &self.info)
             };
             delivered = match flushed {
-                Ok(reason_after) => send_finish(&mut sequence, reason_after.unwrap_or(reason)),
+                Ok(stopped) => {
+                    let reason = if stopped {
+                        FinishReason::Stop
+                    } else {
+                        reason.finish_reason()
+                    };
+                    send_finish(&mut sequence, reason)
+                }
                 Err(err) => {
                     self.free_slot(sequence.slot);
                     return self.fail_job(job_id, err.to_string(), Some(sequence.out));
@@ -544,7 +568,6 @@ impl Scheduler {
             let mut out = sequence.out;
             out.replace_held(Err(BackendError::new(
                 ErrorKind::Timeout(TimeoutPhase::Idle),
-                Origin::Local,
                 format!(
                     "the local model stopped this answer: the client read nothing for {}",
                     humantime::format_duration(timeout)
@@ -574,11 +597,7 @@ impl Scheduler {
                         .map(|s| std::mem::replace(&mut s.out, fresh()))
                 })
                 .unwrap_or_else(fresh);
-            out.send(Err(BackendError::new(
-                ErrorKind::Internal,
-                Origin::Local,
-                message,
-            )));
+            out.send(Err(BackendError::new(ErrorKind::Internal, message)));
             if out.is_backed_up() {
                 self.draining.push(out);
             }
@@ -631,7 +650,7 @@ fn send_split(sequence: &mut Sequence, mut split: Split, finished: bool) -> bool
     if split.content.is_empty() && split.reasoning.is_empty() && calls.is_empty() {
         return true;
     }
-    let entries: Vec<serde_json::Value> = calls
+    let entries: Vec<_> = calls
         .iter()
         .enumerate()
         .map(|(n, call)| tool_calls::delta_entry(call, first_call + n))
@@ -652,7 +671,7 @@ fn advance(sequence: &mut Sequence, logits: &Tensor, info: &ModelInfo) -> Result
     let token = sequence.sampler.sample(logits)?;
     sequence.generated.push(token);
     if info.eos_ids.contains(&token) {
-        return Ok(Outcome::Finished("stop"));
+        return Ok(Outcome::Finished(Ending::EndOfSequence));
     }
     if let Some(text) = sequence.decoder.push(&info.tokenizer, token)? {
         let released = sequence.stops.push(&text);
@@ -661,19 +680,19 @@ fn advance(sequence: &mut Sequence, logits: &Tensor, info: &ModelInfo) -> Result
             return Ok(Outcome::Cancelled);
         }
         if released.stopped {
-            return Ok(Outcome::Finished(STOP_STRING));
+            return Ok(Outcome::Finished(Ending::StopString));
         }
     }
     if sequence.generated.len() >= sequence.job.max_tokens {
-        return Ok(Outcome::Finished("length"));
+        return Ok(Outcome::Finished(Ending::Length));
     }
     sequence.pending.push(token);
     Ok(Outcome::Running)
 }
 
 /// Flush what the decoder, stop matcher and reasoning splitter still hold. Returns
-/// `Some("stop")` when a stop string completed in the held text.
-fn finish_text(sequence: &mut Sequence, info: &ModelInfo) -> Result<Option<&'static str>, EngineError> {
+/// whether a stop string completed in the held text.
+fn finish_text(sequence: &mut Sequence, info: &ModelInfo) -> Result<bool, EngineError> {
     let tail = sequence.decoder.finish(&info.tokenizer)?;
     let released = sequence.stops.push(&tail);
     let mut text = released.text;
@@ -682,7 +701,7 @@ fn finish_text(sequence: &mut Sequence, info: &ModelInfo) -> Result<Option<&'sta
         text.push_str(&sequence.stops.finish());
     }
     flush_split(sequence, text);
-    Ok(stopped.then_some("stop"))
+    Ok(stopped)
 }
 
 /// Pass the last `text` and everything the reasoning splitter and tool-call parser hold.
@@ -696,10 +715,10 @@ fn flush_split(sequence: &mut Sequence, text: String) {
 
 /// The choice's last delta, with its finish reason (`tool_calls` when the model ended
 /// its turn after calling tools, as OpenAI reports it).
-fn send_finish(sequence: &mut Sequence, reason: &'static str) -> bool {
+fn send_finish(sequence: &mut Sequence, reason: FinishReason) -> bool {
     let called = sequence.tool_calls.as_ref().is_some_and(|p| p.calls() > 0);
-    let reason = if reason == "stop" && called {
-        "tool_calls"
+    let reason = if reason == FinishReason::Stop && called {
+        FinishReason::ToolCalls
     } else {
         reason
     };
@@ -708,7 +727,7 @@ fn send_finish(sequence: &mut Sequence, reason: &'static str) -> bool {
         index: sequence.index,
         role: first.then(|| "assistant".to_string()),
         content: first.then(String::new),
-        finish_reason: Some(reason.to_string()),
+        finish_reason: Some(reason),
         ..ChoiceDelta::default()
     };
     sequence.out.send(Ok(GenerationEvent::Delta(done)))

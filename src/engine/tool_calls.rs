@@ -14,9 +14,10 @@
 //! Text outside the markup stays content. A block that does not parse (broken JSON, no
 //! name, cut by `max_tokens`) is passed on as content, exactly as written: nothing is lost.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::reasoning::partial_tag;
+use crate::backend::{FunctionCallDelta, ToolCallDelta};
 
 /// How a model's template writes tool calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,14 +311,18 @@ fn deepseek_call(call: &str) -> Option<ToolCall> {
     })
 }
 
-/// The OpenAI `tool_calls` entry for the call numbered `index` of a choice.
-pub fn delta_entry(call: &ToolCall, index: usize) -> Value {
-    json!({
-        "index": index,
-        "id": call_id(),
-        "type": "function",
-        "function": {"name": call.name, "arguments": call.arguments},
-    })
+/// The whole of the call numbered `index` of a choice, as one delta.
+pub fn delta_entry(call: &ToolCall, index: usize) -> ToolCallDelta {
+    ToolCallDelta {
+        index: u32::try_from(index).unwrap_or(u32::MAX),
+        id: Some(call_id()),
+        kind: Some("function".into()),
+        function: Some(FunctionCallDelta {
+            name: Some(call.name.clone()),
+            arguments: Some(call.arguments.clone()),
+        }),
+        extra: Default::default(),
+    }
 }
 
 /// `call_` and 24 random letters and digits, the shape OpenAI's ids have.
@@ -484,7 +489,7 @@ mod tests {
 
     #[test]
     fn entries_have_the_openai_shape() {
-        let entry = delta_entry(&call("f", "{}"), 2);
+        let entry = serde_json::to_value(delta_entry(&call("f", "{}"), 2)).expect("serializes");
         assert_eq!(entry["index"], 2);
         assert_eq!(entry["type"], "function");
         assert_eq!(entry["function"]["name"], "f");

@@ -22,7 +22,7 @@ use super::{
 use crate::{
     backend::{
         AttemptDeadlines, Backend, BackendError, BackendKind, BackendRequest, ErrorKind, EventStream,
-        GenerationRequest, Origin, TimeoutPhase,
+        GenerationRequest, TimeoutPhase,
     },
     metrics,
     router::breaker::Permit,
@@ -62,7 +62,7 @@ struct Aim<'a> {
 #[derive(Debug, Default)]
 struct Trail {
     attempts: u32,
-    last_error: Option<(String, BackendError)>,
+    last_error: Option<(String, BackendKind, BackendError)>,
     /// Soonest an open breaker of a skipped target lets requests through again.
     retry_in: Option<Duration>,
     /// Why the request left the previous target (`x-lifeboat-fallback-reason`).
@@ -83,7 +83,7 @@ impl Trail {
     /// Count an attempt on `backend`, logging a failover if the last error was elsewhere.
     fn start(&mut self, backend: &str) {
         self.attempts += 1;
-        if let Some((from, error)) = &self.last_error
+        if let Some((from, _, error)) = &self.last_error
             && from != backend
         {
             metrics::failover(from, backend, error.kind);
@@ -91,9 +91,9 @@ impl Trail {
         }
     }
 
-    fn failed(&mut self, backend: &str, error: BackendError) {
+    fn failed(&mut self, backend: &dyn Backend, error: BackendError) {
         self.reason = Some(error.kind.as_str());
-        self.last_error = Some((backend.to_string(), error));
+        self.last_error = Some((backend.id().to_string(), backend.kind(), error));
     }
 
     /// The error for the client when `backend` refused with `error` for good.
@@ -101,17 +101,19 @@ impl Trail {
         // The local model refusing a request it cannot take (too long for its context)
         // after the gateway failed: the gateway's failure is the news.
         if backend.kind() == BackendKind::Local
-            && let Some((from, original)) = self.last_error
+            && let Some((from, from_kind, original)) = self.last_error
         {
             tracing::info!(%error, "the local model cannot take this request; reporting the gateway's failure");
             return RouteError::Backend {
                 backend: from,
+                backend_kind: from_kind,
                 error: original,
                 attempts: self.attempts,
             };
         }
         RouteError::Backend {
             backend: backend.id().to_string(),
+            backend_kind: backend.kind(),
             error,
             attempts: self.attempts,
         }
@@ -120,8 +122,9 @@ impl Trail {
     /// The error for the client when every target was tried or skipped.
     fn exhausted(self, route: &str) -> RouteError {
         match (self.last_error, self.retry_in) {
-            (Some((backend, error)), _) => RouteError::Backend {
+            (Some((backend, backend_kind, error)), _) => RouteError::Backend {
                 backend,
+                backend_kind,
                 error,
                 attempts: self.attempts,
             },
@@ -175,12 +178,12 @@ impl Router {
                     Decision::Retry(wait) => {
                         metrics::retry(backend.id(), error.kind);
                         tracing::debug!(backend = %backend.id(), wait = ?wait, "retrying");
-                        trail.failed(backend.id(), error);
+                        trail.failed(backend.as_ref(), error);
                         tokio::time::sleep(wait).await;
                         retries += 1;
                     }
                     Decision::FailOver => {
-                        trail.failed(backend.id(), error);
+                        trail.failed(backend.as_ref(), error);
                         break;
                     }
                     Decision::Answer => return Err(trail.answer(backend.as_ref(), error)),
@@ -222,6 +225,7 @@ impl Router {
         attempt.deadlines = self.adaptive_deadlines(backend.id(), &target.model);
         let plan = self.hedge_plan(route, backend);
         let hedge_model = plan.as_ref().map(|p| p.model.clone());
+        let hedge_backend = plan.as_ref().map(|p| p.local.id().to_string());
         let Some(outcome) = self
             .rescuable(backend.id(), hedge::attempt(backend, attempt, plan))
             .await
@@ -254,7 +258,8 @@ impl Router {
                     self.note(backend.id(), permit.failure(error.kind.as_str()));
                 }
                 return Attempt::Committed(Routed {
-                    backend: crate::engine::LOCAL_BACKEND_ID.to_string(),
+                    backend: hedge_backend.unwrap_or_default(),
+                    backend_kind: BackendKind::Local,
                     model: hedge_model.unwrap_or_default(),
                     attempts: trail.attempts + 1,
                     fallback_reason: Some("hedge"),
@@ -290,7 +295,7 @@ impl Router {
         }
         let watcher = self.after_commit(backend.id(), &target.model);
         let mut events = watcher.watch(events, permit, started);
-        if let Some((local, model)) = self.continuation_target(route, backend.id())
+        if let Some((local, model)) = self.continuation_target(route, backend)
             && request.sampling.n <= 1
         {
             events = continuing(events, request.clone(), backend.id().to_string(), local, model);
@@ -308,6 +313,7 @@ impl Router {
         }
         Attempt::Committed(Routed {
             backend: backend.id().to_string(),
+            backend_kind: backend.kind(),
             model: target.model.clone(),
             attempts: trail.attempts,
             fallback_reason: trail.reason,
@@ -370,7 +376,6 @@ impl Router {
 fn rescued(backend: &str) -> BackendError {
     BackendError::new(
         ErrorKind::Timeout(TimeoutPhase::FirstToken),
-        Origin::Upstream,
         format!("rescued: the breaker of `{backend}` opened while this request waited for its first token"),
     )
 }

@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 
 use super::*;
 use crate::{
-    backend::{ChoiceDelta, GenerationEvent, SamplingParams},
+    backend::{ChoiceDelta, FinishReason, GenerationEvent, SamplingParams},
     config::Config,
     router::{RouteTable, RouterSettings, breaker::BreakerState},
 };
@@ -54,7 +54,7 @@ fn scripted(id: &'static str, kind: BackendKind, script: &[Act], then: Act) -> A
 fn delta(content: Option<&str>, finish: Option<&str>) -> Result<GenerationEvent, BackendError> {
     Ok(GenerationEvent::Delta(ChoiceDelta {
         content: content.map(str::to_string),
-        finish_reason: finish.map(str::to_string),
+        finish_reason: finish.map(FinishReason::from_wire),
         ..ChoiceDelta::default()
     }))
 }
@@ -75,19 +75,15 @@ impl Backend for Scripted {
             .unwrap_or_else(|p| p.into_inner())
             .pop_front()
             .unwrap_or(self.then);
-        let origin = match self.kind {
-            BackendKind::Remote => Origin::Upstream,
-            BackendKind::Local => Origin::Local,
-        };
         match act {
             Act::Answer => Ok(Box::pin(futures_util::stream::iter(vec![
                 delta(Some(self.id), None),
                 delta(None, Some("stop")),
             ]))),
-            Act::Fail(kind) => Err(BackendError::new(kind, origin, "scripted failure")),
+            Act::Fail(kind) => Err(BackendError::new(kind, "scripted failure")),
             Act::CutAfterFirst => Ok(Box::pin(futures_util::stream::iter(vec![
                 delta(Some(self.id), None),
-                Err(BackendError::new(ErrorKind::StreamCut, origin, "cut")),
+                Err(BackendError::new(ErrorKind::StreamCut, "cut")),
             ]))),
             Act::Hang => Ok(Box::pin(futures_util::stream::pending())),
         }
@@ -183,6 +179,7 @@ async fn a_client_mistake_is_answered_not_failed_over() {
         backend,
         error,
         attempts,
+        ..
     }) = router.dispatch(request(true)).await
     else {
         panic!("a 400 reaches the client")

@@ -33,7 +33,7 @@ pub(super) enum Outcome {
 
 async fn start(backend: &dyn Backend, request: BackendRequest) -> Result<EventStream, BackendError> {
     match backend.generate(request).await {
-        Ok(events) => commit(events, backend.kind()).await,
+        Ok(events) => commit(events).await,
         Err(error) => Err(error),
     }
 }
@@ -102,7 +102,7 @@ mod tests {
 
     use super::*;
     use crate::backend::{
-        BackendKind, ChoiceDelta, ErrorKind, GenerationEvent, GenerationRequest, Origin, SamplingParams,
+        BackendKind, ChoiceDelta, ErrorKind, GenerationEvent, GenerationRequest, SamplingParams,
     };
 
     /// A backend whose first token (or failure) comes after `delay`.
@@ -137,11 +137,7 @@ mod tests {
             Ok(Box::pin(futures_util::stream::once(async move {
                 tokio::time::sleep(delay).await;
                 if fail {
-                    Err(BackendError::new(
-                        ErrorKind::ServerError,
-                        Origin::Upstream,
-                        "boom",
-                    ))
+                    Err(BackendError::new(ErrorKind::ServerError, "boom"))
                 } else {
                     Ok(GenerationEvent::Delta(ChoiceDelta {
                         content: Some(origin.as_str().to_string()),

@@ -22,10 +22,7 @@ pub use routes::{Canary, ModelInfo, Route, RouteTable, Target};
 
 use std::{collections::HashMap, sync::Arc};
 
-use crate::{
-    backend::{Backend, BackendError, BackendKind, EventStream},
-    engine::LOCAL_BACKEND_ID,
-};
+use crate::backend::{Backend, BackendError, BackendKind, EventStream};
 use breaker::{BreakerConfig, BreakerState, CircuitBreaker, Transition};
 use deadlines::{DeadlinePolicy, LatencyWindows};
 use health::{Availability, HealthEvent, HealthRecord, Source};
@@ -85,6 +82,8 @@ pub enum RouteError {
     #[error("{error}")]
     Backend {
         backend: String,
+        /// Remote or local: a gateway's own words are not passed to clients.
+        backend_kind: BackendKind,
         error: BackendError,
         /// Attempts made in all; more than one means lifeboat already retried.
         attempts: u32,
@@ -95,6 +94,8 @@ pub enum RouteError {
 pub struct Routed {
     /// Id of the backend that serves it (`x-lifeboat-backend`).
     pub backend: String,
+    /// Remote or local.
+    pub backend_kind: BackendKind,
     /// The model name that backend served (`model` field of the response).
     pub model: String,
     /// How many attempts were made (`x-lifeboat-attempts`).
@@ -110,6 +111,7 @@ impl std::fmt::Debug for Routed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Routed")
             .field("backend", &self.backend)
+            .field("backend_kind", &self.backend_kind)
             .field("model", &self.model)
             .field("attempts", &self.attempts)
             .field("fallback_reason", &self.fallback_reason)
@@ -386,8 +388,12 @@ impl Router {
 
     /// The local target that continues a broken stream of `served_by`, if the route
     /// asks for it.
-    fn continuation_target(&self, route: &Route, served_by: &str) -> Option<(Arc<dyn Backend>, String)> {
-        if !route.continue_locally || served_by == LOCAL_BACKEND_ID {
+    fn continuation_target(
+        &self,
+        route: &Route,
+        served_by: &dyn Backend,
+    ) -> Option<(Arc<dyn Backend>, String)> {
+        if !route.continue_locally || served_by.kind() == BackendKind::Local {
             return None;
         }
         let target = route.local_target()?;

@@ -103,7 +103,7 @@ pub fn counts_against_health(error: &BackendError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{Origin, TimeoutPhase};
+    use crate::backend::TimeoutPhase;
 
     #[test]
     fn only_client_mistakes_stay() {
@@ -122,12 +122,9 @@ mod tests {
             ErrorKind::Internal,
         ];
         for kind in kinds {
-            assert!(
-                fails_over(&BackendError::new(kind, Origin::Upstream, "x")),
-                "{kind:?}"
-            );
+            assert!(fails_over(&BackendError::new(kind, "x")), "{kind:?}");
         }
-        let bad = BackendError::new(ErrorKind::BadRequest, Origin::Upstream, "x");
+        let bad = BackendError::new(ErrorKind::BadRequest, "x");
         assert!(!fails_over(&bad) && !counts_against_health(&bad));
     }
 
@@ -144,7 +141,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn after_failure_retries_within_limits_then_fails_over() {
         let rules = rules(1, 10);
-        let server = BackendError::new(ErrorKind::ServerError, Origin::Upstream, "x");
+        let server = BackendError::new(ErrorKind::ServerError, "x");
         assert_eq!(
             after_failure(&server, BackendKind::Remote, 0, &rules),
             Decision::Retry(Duration::from_millis(100))
@@ -159,14 +156,14 @@ mod tests {
             Decision::FailOver,
             "the local model is never retried"
         );
-        let mut limited = BackendError::new(ErrorKind::RateLimited, Origin::Upstream, "x");
+        let mut limited = BackendError::new(ErrorKind::RateLimited, "x");
         limited.retry_after = Some(Duration::from_millis(1500));
         assert_eq!(
             after_failure(&limited, BackendKind::Remote, 0, &rules),
             Decision::Retry(Duration::from_millis(1500)),
             "Retry-After within the cap is honoured"
         );
-        let bad = BackendError::new(ErrorKind::BadRequest, Origin::Upstream, "x");
+        let bad = BackendError::new(ErrorKind::BadRequest, "x");
         assert_eq!(
             after_failure(&bad, BackendKind::Remote, 0, &rules),
             Decision::Answer
@@ -176,7 +173,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_empty_budget_fails_over_instead_of_retrying() {
         let rules = rules(3, 1);
-        let server = BackendError::new(ErrorKind::ServerError, Origin::Upstream, "x");
+        let server = BackendError::new(ErrorKind::ServerError, "x");
         assert!(matches!(
             after_failure(&server, BackendKind::Remote, 0, &rules),
             Decision::Retry(_)
@@ -191,19 +188,15 @@ mod tests {
     #[test]
     fn retry_after_beyond_the_cap_fails_over_at_once() {
         let cap = Duration::from_secs(2);
-        let mut limited = BackendError::new(ErrorKind::RateLimited, Origin::Upstream, "x");
+        let mut limited = BackendError::new(ErrorKind::RateLimited, "x");
         limited.retry_after = Some(Duration::from_secs(1));
         assert!(retries_same_backend(&limited, cap));
         limited.retry_after = Some(Duration::from_secs(3));
         assert!(!retries_same_backend(&limited, cap));
-        let timeout = BackendError::new(
-            ErrorKind::Timeout(TimeoutPhase::FirstToken),
-            Origin::Upstream,
-            "x",
-        );
+        let timeout = BackendError::new(ErrorKind::Timeout(TimeoutPhase::FirstToken), "x");
         assert!(!retries_same_backend(&timeout, cap));
         assert!(retries_same_backend(
-            &BackendError::new(ErrorKind::ServerError, Origin::Upstream, "x"),
+            &BackendError::new(ErrorKind::ServerError, "x"),
             cap
         ));
     }

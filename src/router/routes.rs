@@ -4,8 +4,8 @@
 use std::{collections::HashMap, sync::Arc};
 
 use crate::{
+    backend::{BackendKind, LOCAL_BACKEND_ID},
     config::{Config, Egress, RouteConfig},
-    engine::LOCAL_BACKEND_ID,
 };
 
 /// One place a public model name can be served.
@@ -15,6 +15,28 @@ pub struct Target {
     pub backend: String,
     /// Model name at that backend.
     pub model: String,
+    /// Remote or the local model.
+    pub kind: BackendKind,
+}
+
+impl Target {
+    /// `model` at the remote `backend`.
+    pub fn remote(backend: impl Into<String>, model: impl Into<String>) -> Target {
+        Target {
+            backend: backend.into(),
+            model: model.into(),
+            kind: BackendKind::Remote,
+        }
+    }
+
+    /// The local model, served as `model`.
+    pub fn local(model: impl Into<String>) -> Target {
+        Target {
+            backend: LOCAL_BACKEND_ID.to_string(),
+            model: model.into(),
+            kind: BackendKind::Local,
+        }
+    }
 }
 
 /// A public model name and where it is served, in order of preference.
@@ -35,7 +57,7 @@ pub struct Route {
 impl Route {
     /// The local model's target on this route, if it has one.
     pub fn local_target(&self) -> Option<&Target> {
-        self.targets.iter().find(|t| t.backend == LOCAL_BACKEND_ID)
+        self.targets.iter().find(|t| t.kind == BackendKind::Local)
     }
 }
 
@@ -69,10 +91,7 @@ impl RouteTable {
     /// `[[routes]]` entry with its aliases.
     pub fn from_config(config: &Config) -> RouteTable {
         let mut table = RouteTable::default();
-        let local = config.local.served_name().map(|name| Target {
-            backend: LOCAL_BACKEND_ID.to_string(),
-            model: name,
-        });
+        let local = config.local.served_name().map(Target::local);
         // With `local.fallback`, the local model backs up every remote-preferred route.
         let fallback = local.clone().filter(|_| config.local.fallback);
         let with_fallback =
@@ -87,10 +106,7 @@ impl RouteTable {
                 table.add(
                     Route {
                         name: model.clone(),
-                        targets: targets(Target {
-                            backend: remote.clone(),
-                            model: model.clone(),
-                        }),
+                        targets: targets(Target::remote(remote, model)),
                         continue_locally: settings.continue_locally,
                         hedge: settings.hedge,
                         hedge_after: settings.hedge_after,
@@ -104,10 +120,7 @@ impl RouteTable {
             table.add(
                 Route {
                     name: name.clone(),
-                    targets: vec![Target {
-                        backend: LOCAL_BACKEND_ID.to_string(),
-                        model: name,
-                    }],
+                    targets: vec![Target::local(name)],
                     continue_locally: false,
                     hedge: false,
                     hedge_after: None,
@@ -149,10 +162,8 @@ impl RouteTable {
 /// the local model; `local` is the local target, `fallback` the same when it backs up
 /// remote-preferred routes.
 fn configured_route(route: &RouteConfig, local: Option<&Target>, fallback: Option<&Target>) -> Route {
-    let target = |backend: &str, entry_model: Option<&String>| Target {
-        backend: backend.to_string(),
-        model: route.model_at(entry_model),
-    };
+    let target =
+        |backend: &str, entry_model: Option<&String>| Target::remote(backend, route.model_at(entry_model));
     let remotes = std::iter::once(target(&route.remote, None)).chain(
         route
             .fallbacks

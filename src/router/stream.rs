@@ -8,8 +8,8 @@ use futures_util::StreamExt;
 
 use crate::{
     backend::{
-        Backend, BackendError, BackendKind, BackendRequest, ChoiceDelta, ErrorKind, EventStream,
-        GenerationEvent, GenerationRequest, Origin,
+        Backend, BackendError, BackendRequest, ChoiceDelta, ErrorKind, EventStream, GenerationEvent,
+        GenerationRequest,
     },
     metrics,
 };
@@ -64,9 +64,8 @@ pub(super) fn continuing(
                     let Some(local) = state.local.take() else {
                         return Some((Err(error), state));
                     };
-                    let mut request = (*state.request).clone();
-                    request.continuation = Some(state.sent.clone());
-                    let attempt = BackendRequest::new(state.local_model.clone(), Arc::new(request));
+                    let mut attempt = BackendRequest::new(state.local_model.clone(), state.request.clone());
+                    attempt.continuation = Some(state.sent.clone());
                     match local.generate(attempt).await {
                         Ok(rest) => {
                             metrics::continued(&state.from, local.id(), error.kind);
@@ -89,7 +88,7 @@ pub(super) fn continuing(
 /// caller sees the whole stream; an error before it is returned instead of the stream, and
 /// so is a stream that ends without any output (`[DONE]` first, no choices): an answer
 /// with nothing in it is a failed attempt ([`ErrorKind::Empty`]), never a success.
-pub(super) async fn commit(mut events: EventStream, from: BackendKind) -> Result<EventStream, BackendError> {
+pub(super) async fn commit(mut events: EventStream) -> Result<EventStream, BackendError> {
     let mut held: Vec<GenerationEvent> = Vec::new();
     loop {
         match events.next().await {
@@ -102,13 +101,8 @@ pub(super) async fn commit(mut events: EventStream, from: BackendKind) -> Result
             }
             Some(Err(error)) => return Err(error),
             None => {
-                let origin = match from {
-                    BackendKind::Remote => Origin::Upstream,
-                    BackendKind::Local => Origin::Local,
-                };
                 return Err(BackendError::new(
                     ErrorKind::Empty,
-                    origin,
                     "the answer ended before any output (no content, no finish reason)",
                 ));
             }
@@ -160,7 +154,7 @@ fn push_text(into: &mut Option<String>, text: &Option<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Usage;
+    use crate::backend::{FinishReason, Usage};
 
     fn delta(content: &str) -> GenerationEvent {
         GenerationEvent::Delta(ChoiceDelta {
@@ -173,12 +167,9 @@ mod tests {
     async fn errors_before_the_first_output_are_returned_not_streamed() {
         let events: EventStream = Box::pin(futures_util::stream::iter(vec![
             Ok(delta("")),
-            Err(BackendError::new(ErrorKind::StreamCut, Origin::Upstream, "cut")),
+            Err(BackendError::new(ErrorKind::StreamCut, "cut")),
         ]));
-        let err = commit(events, BackendKind::Remote)
-            .await
-            .err()
-            .expect("error before commit");
+        let err = commit(events).await.err().expect("error before commit");
         assert_eq!(err.kind, ErrorKind::StreamCut);
     }
 
@@ -191,10 +182,7 @@ mod tests {
         ];
         for events in cases {
             let events: EventStream = Box::pin(futures_util::stream::iter(events));
-            let err = commit(events, BackendKind::Remote)
-                .await
-                .err()
-                .expect("no output is a failure");
+            let err = commit(events).await.err().expect("no output is a failure");
             assert_eq!(err.kind, ErrorKind::Empty);
         }
     }
@@ -208,7 +196,7 @@ mod tests {
             }))];
         events.extend((0..1000).map(|i| Ok(delta(&i.to_string()))));
         events.push(Ok(GenerationEvent::Delta(ChoiceDelta {
-            finish_reason: Some("stop".into()),
+            finish_reason: Some(FinishReason::Stop),
             ..ChoiceDelta::default()
         })));
         let held: Vec<_> = complete(Box::pin(futures_util::stream::iter(events)))
@@ -224,7 +212,7 @@ mod tests {
         assert_eq!(first.content.as_deref(), Some(text.as_str()));
         let cut: EventStream = Box::pin(futures_util::stream::iter(vec![
             Ok(delta("a")),
-            Err(BackendError::new(ErrorKind::StreamCut, Origin::Upstream, "cut")),
+            Err(BackendError::new(ErrorKind::StreamCut, "cut")),
         ]));
         assert!(complete(cut).await.is_err(), "a cut answer is a failed attempt");
     }
@@ -234,9 +222,9 @@ mod tests {
         let events: EventStream = Box::pin(futures_util::stream::iter(vec![
             Ok(delta("")),
             Ok(delta("a")),
-            Err(BackendError::new(ErrorKind::StreamCut, Origin::Upstream, "cut")),
+            Err(BackendError::new(ErrorKind::StreamCut, "cut")),
         ]));
-        let stream = commit(events, BackendKind::Remote).await.expect("committed");
+        let stream = commit(events).await.expect("committed");
         let items: Vec<_> = stream.collect().await;
         assert_eq!(items.len(), 3);
         assert!(matches!(&items[1], Ok(e) if *e == delta("a")));

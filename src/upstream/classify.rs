@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::stream::{WireError, preview, value_to_string};
 use crate::{
-    backend::{BackendError, ErrorKind, Origin, TimeoutPhase},
+    backend::{BackendError, ErrorKind, TimeoutPhase},
     config::redact_text,
 };
 
@@ -55,7 +55,7 @@ pub fn classify_status(
         ErrorKind::BadRequest => upstream_message,
         _ => format!("upstream answered {status}: {upstream_message}"),
     };
-    let mut err = BackendError::new(kind, Origin::Upstream, message);
+    let mut err = BackendError::new(kind, message);
     err.status = Some(status.as_u16());
     err.retry_after = retry_after(headers);
     if let Some(parsed) = parsed {
@@ -103,11 +103,7 @@ pub fn classify_send_error(err: &reqwest::Error) -> BackendError {
         // gateway could not be reached, which is what `Connect` means to the router.
         ErrorKind::Connect
     };
-    BackendError::new(
-        kind,
-        Origin::Upstream,
-        format!("cannot reach upstream: {}", error_chain(err)),
-    )
+    BackendError::new(kind, format!("cannot reach upstream: {}", error_chain(err)))
 }
 
 /// An error with its sources, since reqwest's top-level text hides the cause; URL

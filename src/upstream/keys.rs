@@ -17,7 +17,7 @@ use reqwest::header::HeaderValue;
 use tokio::time::Instant;
 
 use crate::{
-    backend::{BackendError, ErrorKind, Origin},
+    backend::{BackendError, ErrorKind},
     config::Secret,
 };
 
@@ -189,13 +189,8 @@ impl KeyRing {
     /// The error of an attempt that found every key parked.
     pub fn all_parked_error(&self) -> BackendError {
         let parked = lock(&self.last_parked).clone();
-        let mut error = parked.unwrap_or_else(|| {
-            BackendError::new(
-                ErrorKind::Unauthorized,
-                Origin::Upstream,
-                "upstream refused every key",
-            )
-        });
+        let mut error = parked
+            .unwrap_or_else(|| BackendError::new(ErrorKind::Unauthorized, "upstream refused every key"));
         error.message = format!(
             "every key of this gateway is parked (the last one after: {})",
             error.message
@@ -268,11 +263,7 @@ mod tests {
     }
 
     fn status_error(status: u16) -> BackendError {
-        let mut error = BackendError::new(
-            ErrorKind::PaymentRequired,
-            Origin::Upstream,
-            format!("upstream answered {status}"),
-        );
+        let mut error = BackendError::new(ErrorKind::PaymentRequired, format!("upstream answered {status}"));
         error.status = Some(status);
         error
     }

@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::{
-    backend::{Backend, BackendError, BackendKind, BackendRequest, ErrorKind, EventStream, Origin},
+    backend::{Backend, BackendError, BackendKind, BackendRequest, ErrorKind, EventStream},
     config::{ProbeKind, RemoteConfig, Secret},
 };
 use classify::{classify_send_error, classify_status, error_chain};
@@ -51,7 +51,7 @@ impl RemoteBackend {
         let keys = api_key
             .map(|secret| GatewayKey::new(secret, format!("remotes.{id}.api_key_env")))
             .transpose()
-            .map_err(|message| BackendError::new(ErrorKind::Unauthorized, Origin::Upstream, message))?;
+            .map_err(|message| BackendError::new(ErrorKind::Unauthorized, message))?;
         RemoteBackend::with_keys(id, config, keys.into_iter().collect())
     }
 
@@ -67,7 +67,6 @@ impl RemoteBackend {
         let base_url = reqwest::Url::parse(&base).map_err(|err| {
             BackendError::new(
                 ErrorKind::Internal,
-                Origin::Upstream,
                 format!("bad base URL {:?}: {err}", crate::config::redact_text(&base)),
             )
         })?;
@@ -82,7 +81,6 @@ impl RemoteBackend {
             .map_err(|err| {
                 BackendError::new(
                     ErrorKind::Internal,
-                    Origin::Upstream,
                     format!("cannot build HTTP client: {}", error_chain(&err)),
                 )
             })?;
@@ -168,7 +166,7 @@ impl Backend for RemoteBackend {
     /// answers).
     async fn probe(&self) -> Result<(), BackendError> {
         fn internal(err: impl std::fmt::Display) -> BackendError {
-            BackendError::new(ErrorKind::Internal, Origin::Upstream, err.to_string())
+            BackendError::new(ErrorKind::Internal, err.to_string())
         }
         let mut builder = match self.config.probe {
             ProbeKind::Models => self.client.get(self.base_url.join("models").map_err(internal)?),
@@ -200,7 +198,6 @@ impl Backend for RemoteBackend {
             Err(_) => {
                 return Err(BackendError::new(
                     ErrorKind::Timeout(crate::backend::TimeoutPhase::FirstToken),
-                    Origin::Upstream,
                     "probe timed out",
                 ));
             }
@@ -233,9 +230,9 @@ impl Backend for RemoteBackend {
         let url = self
             .base_url
             .join(request.request.endpoint.path())
-            .map_err(|err| BackendError::new(ErrorKind::Internal, Origin::Upstream, err.to_string()))?;
+            .map_err(|err| BackendError::new(ErrorKind::Internal, err.to_string()))?;
         let body = serde_json::to_vec(&Self::upstream_body(&request))
-            .map_err(|err| BackendError::new(ErrorKind::Internal, Origin::Upstream, err.to_string()))?;
+            .map_err(|err| BackendError::new(ErrorKind::Internal, err.to_string()))?;
         let body = Bytes::from(body);
         let response = if self.keys.is_empty() {
             self.send(&url, &body, None, &deadlines).await?
@@ -386,8 +383,7 @@ mod tests {
                 include_usage: false,
                 prompt: Prompt::Chat(vec![]),
                 sampling: SamplingParams::default(),
-                has_tools: false,
-                continuation: None,
+                tools: None,
                 raw,
                 client: Default::default(),
             }),

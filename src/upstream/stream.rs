@@ -15,7 +15,8 @@ use super::{
     sse::{SseFrame, SseParser},
 };
 use crate::backend::{
-    BackendError, ChoiceDelta, ErrorKind, EventStream, GenerationEvent, Origin, TimeoutPhase, Usage,
+    BackendError, ChoiceDelta, ErrorKind, EventStream, FinishReason, GenerationEvent, TimeoutPhase,
+    ToolCallDelta, Usage,
 };
 use crate::config::redact_text;
 
@@ -53,7 +54,6 @@ impl Deadlines {
         };
         BackendError::new(
             ErrorKind::Timeout(phase),
-            Origin::Upstream,
             format!(
                 "upstream timed out {what} (limit {})",
                 humantime::format_duration(limit)
@@ -88,7 +88,6 @@ impl From<&crate::config::RemoteConfig> for ResponseLimits {
 fn too_large(what: &str, limit: usize) -> BackendError {
     BackendError::new(
         ErrorKind::MalformedFrame,
-        Origin::Upstream,
         format!("upstream {what} passed the limit of {limit} bytes"),
     )
 }
@@ -120,7 +119,7 @@ struct WireChoice {
     #[serde(default)]
     logprobs: Option<Value>,
     #[serde(default)]
-    finish_reason: Option<String>,
+    finish_reason: Option<FinishReason>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,7 +131,7 @@ struct WireMessage {
     #[serde(default)]
     reasoning_content: Option<String>,
     #[serde(default)]
-    tool_calls: Option<Vec<Value>>,
+    tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// The OpenAI error object, leniently (`code` is a string or a number in the wild).
@@ -162,7 +161,6 @@ fn events_from_json(
     let chunk: WireChunk = serde_json::from_str(text).map_err(|err| {
         BackendError::new(
             ErrorKind::MalformedFrame,
-            Origin::Upstream,
             format!(
                 "upstream sent a frame that is not a valid chunk ({err}): {}",
                 preview(text)
@@ -172,7 +170,6 @@ fn events_from_json(
     if let Some(error) = chunk.error {
         let mut err = BackendError::new(
             ErrorKind::ServerError,
-            Origin::Upstream,
             format!(
                 "upstream reported an error inside the stream: {}",
                 redact_text(error.message.as_deref().unwrap_or("(no message)"))
@@ -196,22 +193,14 @@ fn events_from_json(
             delta.role = message.role;
             delta.content = message.content.or(delta.content);
             delta.reasoning_content = message.reasoning_content;
-            delta.tool_calls = message.tool_calls.map(|calls| {
+            delta.tool_calls = message.tool_calls.map(|mut calls| {
                 if full_message {
                     // A full message's calls carry no `index`; deltas need one to merge.
-                    calls
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, mut call)| {
-                            if let Value::Object(map) = &mut call {
-                                map.entry("index").or_insert(Value::from(i));
-                            }
-                            call
-                        })
-                        .collect()
-                } else {
-                    calls
+                    for (i, call) in calls.iter_mut().enumerate() {
+                        call.index = u32::try_from(i).unwrap_or(u32::MAX);
+                    }
                 }
+                calls
             });
         }
         out.push_back(Ok(GenerationEvent::Delta(delta)));
@@ -309,7 +298,6 @@ impl SseState {
                         self.done = true;
                         return Some(Err(BackendError::new(
                             ErrorKind::MalformedFrame,
-                            Origin::Upstream,
                             format!("upstream stream is unusable: {err}"),
                         )));
                     }
@@ -321,7 +309,6 @@ impl SseState {
                     self.done = true;
                     return Some(Err(BackendError::new(
                         ErrorKind::StreamCut,
-                        Origin::Upstream,
                         format!("upstream stream broke: {}", error_chain(&err)),
                     )));
                 }
@@ -333,7 +320,6 @@ impl SseState {
                     if !self.saw_finish || self.parser.has_partial() {
                         return Some(Err(BackendError::new(
                             ErrorKind::StreamCut,
-                            Origin::Upstream,
                             "upstream stream ended before the response was complete",
                         )));
                     }
@@ -385,7 +371,6 @@ pub async fn read_json_body(
             let chunk = chunk.map_err(|err| {
                 BackendError::new(
                     ErrorKind::StreamCut,
-                    Origin::Upstream,
                     format!("upstream response broke: {}", error_chain(&err)),
                 )
             })?;
@@ -451,7 +436,38 @@ mod tests {
         let Ok(GenerationEvent::Delta(delta)) = &events[0] else {
             panic!("expected delta")
         };
-        assert_eq!(delta.tool_calls.as_ref().expect("calls")[0]["index"], 0);
+        let calls = delta.tool_calls.as_ref().expect("calls");
+        assert_eq!(calls[0].index, 0);
+        assert_eq!(
+            calls[0].function.as_ref().and_then(|f| f.name.as_deref()),
+            Some("f")
+        );
+    }
+
+    #[test]
+    fn unknown_finish_reasons_and_tool_call_extras_pass_through() {
+        let events = collect(
+            r#"{"choices":[{"index":0,"message":{"role":"assistant","content":null,
+                "tool_calls":[{"id":"a","type":"function","function":{"name":"f","arguments":"{}"}},
+                              {"id":"b","type":"function","function":{"name":"g","arguments":"{}"},"extra_content":{"sig":"s"}}]},
+                "finish_reason":"insufficient_system_resource"}]}"#,
+        );
+        let Ok(GenerationEvent::Delta(delta)) = &events[0] else {
+            panic!("expected delta")
+        };
+        let calls = delta.tool_calls.as_ref().expect("calls");
+        assert_eq!(calls.iter().map(|c| c.index).collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(calls[1].extra["extra_content"]["sig"], "s");
+        assert_eq!(
+            delta.finish_reason,
+            Some(FinishReason::Other("insufficient_system_resource".into()))
+        );
+    }
+
+    #[test]
+    fn a_tool_call_that_is_not_an_object_is_a_malformed_frame() {
+        let events = collect(r#"{"choices":[{"index":0,"delta":{"tool_calls":["call me"]}}]}"#);
+        assert!(matches!(&events[0], Err(e) if e.kind == ErrorKind::MalformedFrame));
     }
 
     #[test]
