@@ -5,10 +5,7 @@ use std::{sync::OnceLock, time::Duration};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::{
-    backend::{BackendKind, ErrorKind},
-    router::breaker::BreakerState,
-};
+use crate::backend::{BackendKind, ErrorKind};
 
 /// Client requests by `endpoint`, `backend` (or `none`) and HTTP `status`.
 pub const REQUESTS_TOTAL: &str = "lifeboat_requests_total";
@@ -152,10 +149,10 @@ pub fn failover(from: &str, to: &str, reason: ErrorKind) {
         .increment(1);
 }
 
-pub fn breaker_transition(backend: &str, to: BreakerState) {
-    metrics::gauge!(BREAKER_STATE, "backend" => backend.to_string()).set(to.gauge());
-    metrics::counter!(BREAKER_TRANSITIONS_TOTAL, "backend" => backend.to_string(), "to" => to.as_str())
-        .increment(1);
+/// A breaker moved `to` a state (its label), whose [`BREAKER_STATE`] gauge value is `level`.
+pub fn breaker_transition(backend: &str, to: &'static str, level: f64) {
+    metrics::gauge!(BREAKER_STATE, "backend" => backend.to_string()).set(level);
+    metrics::counter!(BREAKER_TRANSITIONS_TOTAL, "backend" => backend.to_string(), "to" => to).increment(1);
 }
 
 pub fn stream_failed(backend: &str, kind: ErrorKind) {

@@ -115,6 +115,17 @@ fn validate_names_bad_keys() {
         let err = config.validate().expect_err(local).to_string();
         assert!(err.starts_with(key), "{err}");
     }
+    for (router, key) in [
+        ("backoff_min = \"0s\"", "router.backoff_min:"),
+        (
+            "backoff_min = \"2s\"\nbackoff_max = \"1s\"",
+            "router.backoff_max:",
+        ),
+    ] {
+        let config = parse(&format!("[router]\n{router}\n")).expect("parses");
+        let err = config.validate().expect_err(router).to_string();
+        assert!(err.starts_with(key), "{err}");
+    }
     let config = parse("[local]\nstalled_client_timeout = \"2m\"\n").expect("humantime");
     assert_eq!(config.local.stalled_client_timeout, Duration::from_secs(120));
 }

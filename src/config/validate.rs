@@ -76,10 +76,21 @@ impl Config {
                 "router.cooldown must be greater than 0 and router.max_cooldown at least router.cooldown",
             ));
         }
-        if let Err(message) =
-            crate::router::retry::Backoff::try_new(self.router.backoff_min, self.router.backoff_max, true)
-        {
-            return Err(ConfigError::invalid("router.backoff_max", message));
+        if self.router.backoff_min.is_zero() {
+            return Err(ConfigError::invalid(
+                "router.backoff_min",
+                "must be greater than 0",
+            ));
+        }
+        if self.router.backoff_max < self.router.backoff_min {
+            return Err(ConfigError::invalid(
+                "router.backoff_max",
+                format!(
+                    "must be at least router.backoff_min ({}), got {}",
+                    humantime::format_duration(self.router.backoff_min),
+                    humantime::format_duration(self.router.backoff_max)
+                ),
+            ));
         }
         if !(0.0..=10.0).contains(&self.router.retry_budget_ratio) {
             return Err(ConfigError::invalid(

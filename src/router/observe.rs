@@ -27,7 +27,7 @@ pub(super) fn report(
     alerter: Option<&alerts::Alerter>,
 ) {
     let Some(t) = transition else { return };
-    metrics::breaker_transition(backend, t.to);
+    metrics::breaker_transition(backend, t.to.as_str(), t.to.gauge());
     if let Some(alerter) = alerter {
         let availability = health.map_or(
             Availability {
