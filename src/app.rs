@@ -24,6 +24,7 @@ use tower_http::{
 };
 
 use crate::{
+    alerts::Alerter,
     api::{self, auth::ClientKeys, types::ErrorResponse},
     backend::Backend,
     config::{
@@ -34,7 +35,6 @@ use crate::{
     metrics,
     router::{
         RouteTable, Router, RouterSettings,
-        alerts::Alerter,
         breaker::BreakerConfig,
         deadlines::DeadlinePolicy,
         policy::RetryRules,

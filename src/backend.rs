@@ -4,6 +4,8 @@
 //! Both the remote gateway client (`upstream`) and the local engine implement
 //! [`Backend`]; the router only ever sees this module's types, never HTTP or candle.
 
+#![warn(missing_docs)]
+
 use std::{fmt, pin::Pin, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
@@ -87,23 +89,34 @@ pub struct StopSequences(pub Vec<String>);
 pub struct SamplingParams {
     /// `max_completion_tokens`, else `max_tokens`.
     pub max_tokens: Option<u32>,
+    /// Sampling temperature; `None`: the backend's default.
     pub temperature: Option<f32>,
+    /// Nucleus sampling mass.
     pub top_p: Option<f32>,
+    /// Top-k sampling (a vLLM / llama.cpp extension).
     pub top_k: Option<u32>,
+    /// Seed for reproducible sampling.
     pub seed: Option<u64>,
+    /// Sequences that end the answer (not included in it).
     pub stop: StopSequences,
+    /// OpenAI presence penalty.
     pub presence_penalty: Option<f32>,
+    /// OpenAI frequency penalty.
     pub frequency_penalty: Option<f32>,
+    /// Multiplicative repetition penalty (a vLLM / llama.cpp extension).
     pub repetition_penalty: Option<f32>,
     /// Number of choices to generate (`n`), at least 1.
     pub n: u32,
+    /// Whether to return log probabilities of the chosen tokens.
     pub logprobs: bool,
+    /// How many alternatives per position to return with `logprobs`.
     pub top_logprobs: Option<u32>,
 }
 
 /// A validated generation request, independent of the backend that will serve it.
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
+    /// The endpoint it came in on.
     pub endpoint: Endpoint,
     /// The model name exactly as the client sent it.
     pub model: String,
@@ -111,7 +124,9 @@ pub struct GenerationRequest {
     pub stream: bool,
     /// Whether the client asked for a final usage chunk (`stream_options.include_usage`).
     pub include_usage: bool,
+    /// What to generate from.
     pub prompt: Prompt,
+    /// Sampling and length settings.
     pub sampling: SamplingParams,
     /// The tools a chat request offers and its `tool_choice`; `None` when it offers none.
     pub tools: Option<Tools>,
@@ -226,6 +241,7 @@ impl ClientId {
         ClientId(name.into())
     }
 
+    /// A printable name (`anonymous` for the default).
     pub fn as_str(&self) -> &str {
         if self.0.is_empty() { "anonymous" } else { &self.0 }
     }
@@ -331,8 +347,11 @@ pub struct AttemptDeadlines {
 /// Token accounting reported by a backend for the whole request.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
+    /// Tokens in the prompt.
     pub prompt_tokens: u64,
+    /// Tokens generated.
     pub completion_tokens: u64,
+    /// Both together.
     pub total_tokens: u64,
     /// Provider extras such as `prompt_tokens_details` or DeepSeek's
     /// `prompt_cache_hit_tokens`, passed through untouched.
@@ -343,10 +362,13 @@ pub struct Usage {
 /// Incremental output for one choice.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChoiceDelta {
+    /// Which choice (`n` > 1) this belongs to.
     pub index: u32,
+    /// `assistant` on a choice's first delta.
     pub role: Option<String>,
     /// Chat content, or the text of a legacy completion.
     pub content: Option<String>,
+    /// Reasoning text (DeepSeek `reasoning_content`).
     pub reasoning_content: Option<String>,
     /// Tool-call fragments; a call's pieces share its `index`.
     pub tool_calls: Option<Vec<ToolCallDelta>>,
@@ -488,7 +510,9 @@ impl ChoiceDelta {
 /// What every backend yields, whatever it is.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenerationEvent {
+    /// Output for one choice.
     Delta(ChoiceDelta),
+    /// Token accounting for the whole request (last, when given).
     Usage(Usage),
 }
 
@@ -508,9 +532,13 @@ pub type EventStream = Pin<Box<dyn Stream<Item = Result<GenerationEvent, Backend
 /// Which deadline of an attempt ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimeoutPhase {
+    /// Opening the connection.
     Connect,
+    /// From the request to the first output.
     FirstToken,
+    /// Between two frames after the first output.
     Idle,
+    /// The whole attempt.
     Total,
 }
 
@@ -581,8 +609,9 @@ pub struct BackendError {
     pub status: Option<u16>,
     /// `Retry-After` (or `retry-after-ms`) of a 429/503, when given.
     pub retry_after: Option<Duration>,
-    /// The upstream's OpenAI `param` and `code`, passed back on a client error.
+    /// The upstream's OpenAI `param`, passed back on a client error.
     pub param: Option<String>,
+    /// The upstream's OpenAI `code`, passed back on a client error.
     pub code: Option<String>,
 }
 
@@ -607,11 +636,14 @@ pub const LOCAL_BACKEND_ID: &str = "local";
 /// Remote gateway or in-process model: the one way lifeboat says which side served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
+    /// A hosted gateway reached over HTTP.
     Remote,
+    /// The in-process model.
     Local,
 }
 
 impl BackendKind {
+    /// Low-cardinality label for metrics and logs.
     pub fn as_str(self) -> &'static str {
         match self {
             BackendKind::Remote => "remote",
@@ -623,6 +655,7 @@ impl BackendKind {
 /// Whether a backend can take requests now, and why not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendStatus {
+    /// Where it stands.
     pub readiness: Readiness,
     /// `ready`, a load phase such as `loading`, or the failure.
     pub detail: String,
@@ -645,6 +678,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Stable name used in config, headers (`x-lifeboat-backend`) and metrics.
     fn id(&self) -> &str;
 
+    /// Remote or local.
     fn kind(&self) -> BackendKind;
 
     /// Where requests go (a remote's base URL). A reload keeps a backend's breaker and

@@ -19,11 +19,13 @@
 //! - [`bench`]: `lifeboat bench`: latency, throughput, errors and $/MTok of any
 //!   OpenAI-compatible target, written as JSON, Markdown and SVG charts.
 //! - [`metrics`]: metric names with units, Prometheus rendering.
+//! - [`alerts`]: breaker changes POSTed to webhooks, in the background.
 //! - [`mock_upstream`]: the scriptable fake gateway for tests, benches and the CLI.
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
 //! - [`tasks`]: background loops that survive a panic in one iteration.
 //! - [`huge_pages`]: the binary's allocator (large blocks on transparent huge pages).
 
+pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod backend;

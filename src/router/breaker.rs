@@ -48,12 +48,16 @@ impl Default for BreakerConfig {
 /// The externally visible state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
+    /// Requests pass.
     Closed,
+    /// Requests are refused until the cooldown ends.
     Open,
+    /// One trial request is let through.
     HalfOpen,
 }
 
 impl BreakerState {
+    /// Label for metrics, logs and `/health`.
     pub fn as_str(self) -> &'static str {
         match self {
             BreakerState::Closed => "closed",
@@ -96,8 +100,11 @@ struct Inner {
 /// A state change, for logs, metrics and alerts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transition {
+    /// The state left.
     pub from: BreakerState,
+    /// The state entered.
     pub to: BreakerState,
+    /// Why, for logs and alerts.
     pub reason: String,
 }
 
@@ -138,6 +145,7 @@ impl CircuitBreaker {
         }
     }
 
+    /// A closed breaker.
     pub fn new(config: BreakerConfig) -> CircuitBreaker {
         CircuitBreaker {
             config,
@@ -336,11 +344,13 @@ impl Permit {
         self.trial
     }
 
+    /// The attempt succeeded; the breaker's change, if any.
     pub fn success(mut self) -> Option<Transition> {
         self.reported = true;
         self.breaker.on_success()
     }
 
+    /// The attempt failed for `reason`; the breaker's change, if any.
     pub fn failure(mut self, reason: &str) -> Option<Transition> {
         self.reported = true;
         self.breaker.on_failure(reason)

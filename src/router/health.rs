@@ -21,11 +21,14 @@ const EWMA_ALPHA: f64 = 0.2;
 /// Where an observation came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    /// A client request's attempt.
     Request,
+    /// The background probe.
     Probe,
 }
 
 impl Source {
+    /// Label for `/health`.
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Request => "request",
@@ -37,7 +40,9 @@ impl Source {
 /// One observation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthEvent {
+    /// When it was seen.
     pub at: SystemTime,
+    /// Request or probe.
     pub source: Source,
     /// `ok` or an error kind (`ErrorKind::as_str`).
     pub outcome: &'static str,
@@ -65,8 +70,11 @@ struct Inner {
 /// Availability over the standard windows, as fractions (None: no traffic).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Availability {
+    /// Over the last minute; `None` without observations.
     pub last_minute: Option<f64>,
+    /// Over the last hour.
     pub last_hour: Option<f64>,
+    /// Over the last day.
     pub last_day: Option<f64>,
 }
 
@@ -83,6 +91,7 @@ impl Default for HealthRecord {
 }
 
 impl HealthRecord {
+    /// An empty record.
     pub fn new() -> HealthRecord {
         HealthRecord {
             inner: Arc::new(Mutex::new(Inner {
@@ -147,6 +156,7 @@ impl HealthRecord {
         (total > 0).then(|| ok as f64 / total as f64)
     }
 
+    /// Success shares over the last minute, hour and day.
     pub fn availability(&self) -> Availability {
         let inner = self.lock();
         Availability {

@@ -5,7 +5,8 @@
 //!
 //! No HTTP types in here: the API layer turns [`RouteError`] into a response.
 
-pub mod alerts;
+#![warn(missing_docs)]
+
 pub mod breaker;
 pub mod deadlines;
 mod dispatch;
@@ -35,6 +36,7 @@ const DEFAULT_HEDGE_DELAY: std::time::Duration = std::time::Duration::from_secs(
 /// How the router retries and when it gives a remote a rest.
 #[derive(Debug, Clone)]
 pub struct RouterSettings {
+    /// When a remote's breaker opens and how long it rests.
     pub breaker: BreakerConfig,
     /// Retries on the same remote: at most 1 by default, `Retry-After` honoured up to
     /// 2 s, backoff 100 ms–2 s with jitter, a budget of 20 % of requests plus 10 per 10 s.
@@ -44,7 +46,7 @@ pub struct RouterSettings {
     /// How often each remote is probed (`GET /models`); zero turns probing off.
     pub probe_interval: std::time::Duration,
     /// Where breaker changes are posted, if anywhere.
-    pub alerter: Option<alerts::Alerter>,
+    pub alerter: Option<crate::alerts::Alerter>,
 }
 
 impl Default for RouterSettings {
@@ -70,20 +72,30 @@ impl Default for RouterSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
     #[error("The model `{0}` does not exist or you do not have access to it.")]
+    /// No route has this public name or alias.
     UnknownModel(String),
     #[error("the model `{model}` has no available backend")]
-    NoBackend { model: String },
+    /// The route has no target that exists.
+    NoBackend {
+        /// The public model name.
+        model: String,
+    },
     /// Every target was skipped because its breaker is open.
     #[error("every backend for `{model}` is failing; retry in {}", humantime::format_duration(*retry_in))]
     AllOpen {
+        /// The public model name.
         model: String,
+        /// Until the soonest breaker lets a trial through.
         retry_in: std::time::Duration,
     },
     #[error("{error}")]
+    /// The last target failed (or refused) for good.
     Backend {
+        /// Id of the backend whose error this is.
         backend: String,
         /// Remote or local: a gateway's own words are not passed to clients.
         backend_kind: BackendKind,
+        /// Its classified error.
         error: BackendError,
         /// Attempts made in all; more than one means lifeboat already retried.
         attempts: u32,
@@ -122,14 +134,21 @@ impl std::fmt::Debug for Routed {
 /// One backend's health as `/health` shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackendHealth {
+    /// Backend id.
     pub id: String,
+    /// Remote or local.
     pub kind: BackendKind,
     /// `closed`, `open` or `half_open`; the local model has no breaker (`closed`).
     pub breaker: BreakerState,
+    /// Why the breaker is where it is.
     pub reason: String,
+    /// Share of successful observations per window.
     pub availability: Availability,
+    /// Smoothed time to first token.
     pub ttft_ewma: Option<std::time::Duration>,
+    /// Smoothed time to a whole answer.
     pub latency_ewma: Option<std::time::Duration>,
+    /// The latest observations, newest last.
     pub recent: Vec<HealthEvent>,
 }
 
@@ -150,6 +169,7 @@ pub struct Router {
 }
 
 impl Router {
+    /// A router over `table` with `backends`, each remote with a fresh breaker and health record.
     pub fn new(table: RouteTable, backends: Vec<Arc<dyn Backend>>, settings: RouterSettings) -> Router {
         let breakers = backends
             .iter()

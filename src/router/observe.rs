@@ -8,13 +8,13 @@ use futures_util::StreamExt;
 use tokio::time::Instant;
 
 use super::{
-    alerts,
     breaker::{self, BreakerState, CircuitBreaker, Transition},
     deadlines::LatencyWindows,
     health::{Availability, HealthRecord, Source},
     policy,
 };
 use crate::{
+    alerts,
     backend::{BackendError, EventStream},
     metrics,
 };
@@ -29,15 +29,19 @@ pub(super) fn report(
     let Some(t) = transition else { return };
     metrics::breaker_transition(backend, t.to.as_str(), t.to.gauge());
     if let Some(alerter) = alerter {
-        let availability = health.map_or(
-            Availability {
-                last_minute: None,
-                last_hour: None,
-                last_day: None,
-            },
-            HealthRecord::availability,
-        );
-        alerter.send(alerts::alert_body(backend, &t, availability));
+        let availability = health.map(HealthRecord::availability);
+        let share = |pick: fn(&Availability) -> Option<f64>| availability.as_ref().and_then(pick);
+        alerter.send(alerts::alert_body(&alerts::BreakerAlert {
+            backend,
+            from: t.from.as_str(),
+            to: t.to.as_str(),
+            reason: &t.reason,
+            availability: [
+                share(|a| a.last_minute),
+                share(|a| a.last_hour),
+                share(|a| a.last_day),
+            ],
+        }));
     }
     if t.to == BreakerState::Open {
         tracing::warn!(backend, from = t.from.as_str(), to = t.to.as_str(), reason = %t.reason, "breaker");

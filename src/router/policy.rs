@@ -24,7 +24,9 @@ pub struct RetryRules {
     pub max_retries: u32,
     /// Longest `Retry-After` waited for; longer fails over at once.
     pub retry_after_cap: Duration,
+    /// Delay between retries of one target.
     pub backoff: Backoff,
+    /// Retries allowed in proportion to requests, so retries cannot multiply an outage.
     pub budget: RetryBudget,
 }
 

@@ -42,7 +42,9 @@ impl Target {
 /// A public model name and where it is served, in order of preference.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
+    /// The public model name.
     pub name: String,
+    /// Where it is served, in order of preference.
     pub targets: Vec<Target>,
     /// A stream that breaks after the commit point is continued by the local target.
     pub continue_locally: bool,
@@ -64,7 +66,9 @@ impl Route {
 /// See [`Route::canary`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Canary {
+    /// The canary's target.
     pub target: Target,
+    /// Share of requests (0 to 1) it is tried first for.
     pub share: f64,
 }
 
@@ -73,6 +77,7 @@ impl Eq for Canary {}
 /// What `/v1/models` lists.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelInfo {
+    /// The public model name.
     pub id: String,
     /// The backend that serves it first.
     pub owned_by: String,

@@ -1,17 +1,29 @@
-//! Breaker alerts: every state change is POSTed as JSON (Slack-compatible `text`, plus
-//! severity, backend, reason, availability and a recommended action) to the configured
-//! webhooks, from a background task, so a slow webhook never delays a request.
+//! Breaker alerts, an output adapter beside `metrics`: every state change is POSTed as
+//! JSON (Slack-compatible `text`, plus severity, backend, reason, availability and a
+//! recommended action) to the configured webhooks, from a background task, so a slow
+//! webhook never delays a request. A leaf: it knows state names, not the router's types.
 
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::{
-    breaker::{BreakerState, Transition},
-    health::Availability,
-};
 use crate::config::Secret;
+
+/// One breaker state change, as the router reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerAlert<'a> {
+    /// The backend whose breaker moved.
+    pub backend: &'a str,
+    /// The state it left (`closed`, `open`, `half_open`).
+    pub from: &'a str,
+    /// The state it entered.
+    pub to: &'a str,
+    /// Why, e.g. `3 consecutive failures, last: unauthorized`.
+    pub reason: &'a str,
+    /// Share of successful requests over the last minute, hour and day, when known.
+    pub availability: [Option<f64>; 3],
+}
 
 /// Alerts waiting to be sent; beyond this they are dropped (and logged), never awaited.
 const QUEUE: usize = 256;
@@ -38,37 +50,38 @@ pub fn recommended_action(reason: &str) -> &'static str {
     }
 }
 
-/// The alert body for a transition.
-pub fn alert_body(backend: &str, transition: &Transition, availability: Availability) -> Value {
-    let severity = match transition.to {
-        BreakerState::Open => "critical",
-        BreakerState::HalfOpen | BreakerState::Closed => "info",
-    };
-    let action = match transition.to {
-        BreakerState::Open => recommended_action(&transition.reason),
-        BreakerState::HalfOpen => "None: lifeboat is sending one trial request.",
-        BreakerState::Closed => "None: the backend recovered and takes traffic again.",
+/// The alert body for a breaker change.
+pub fn alert_body(alert: &BreakerAlert<'_>) -> Value {
+    let BreakerAlert {
+        backend,
+        from,
+        to,
+        reason,
+        availability: [minute, hour, day],
+    } = *alert;
+    let severity = if to == "open" { "critical" } else { "info" };
+    let action = match to {
+        "open" => recommended_action(reason),
+        "half_open" => "None: lifeboat is sending one trial request.",
+        _ => "None: the backend recovered and takes traffic again.",
     };
     let percent = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |v| format!("{:.1}%", v * 100.0));
     let text = format!(
-        "[lifeboat] {backend}: breaker {} → {} ({}). Availability 1m {} / 1h {}. {action}",
-        transition.from.as_str(),
-        transition.to.as_str(),
-        transition.reason,
-        percent(availability.last_minute),
-        percent(availability.last_hour),
+        "[lifeboat] {backend}: breaker {from} → {to} ({reason}). Availability 1m {} / 1h {}. {action}",
+        percent(minute),
+        percent(hour),
     );
     json!({
         "text": text,
         "severity": severity,
         "backend": backend,
-        "from": transition.from.as_str(),
-        "to": transition.to.as_str(),
-        "reason": transition.reason,
+        "from": from,
+        "to": to,
+        "reason": reason,
         "availability": {
-            "1m": availability.last_minute,
-            "1h": availability.last_hour,
-            "24h": availability.last_day,
+            "1m": minute,
+            "1h": hour,
+            "24h": day,
         },
         "recommended_action": action,
         "at_unix_ms": SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
@@ -123,20 +136,13 @@ mod tests {
 
     #[test]
     fn open_alerts_are_critical_with_an_action() {
-        let t = Transition {
-            from: BreakerState::Closed,
-            to: BreakerState::Open,
-            reason: "3 consecutive failures, last: unauthorized".into(),
-        };
-        let body = alert_body(
-            "gateway",
-            &t,
-            Availability {
-                last_minute: Some(0.25),
-                last_hour: Some(0.9),
-                last_day: None,
-            },
-        );
+        let body = alert_body(&BreakerAlert {
+            backend: "gateway",
+            from: "closed",
+            to: "open",
+            reason: "3 consecutive failures, last: unauthorized",
+            availability: [Some(0.25), Some(0.9), None],
+        });
         assert_eq!(body["severity"], "critical");
         assert!(
             body["recommended_action"]
@@ -149,5 +155,14 @@ mod tests {
             text.contains("gateway: breaker closed → open") && text.contains("1m 25.0%"),
             "{text}"
         );
+        let closed = alert_body(&BreakerAlert {
+            backend: "gateway",
+            from: "half_open",
+            to: "closed",
+            reason: "trial succeeded",
+            availability: [None; 3],
+        });
+        assert_eq!(closed["severity"], "info");
+        assert_eq!(closed["availability"]["1m"], Value::Null);
     }
 }
