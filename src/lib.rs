@@ -20,7 +20,7 @@
 //!   parsing, error classification.
 //! - [`engine`]: the local model on candle: loading, models, tokenizers, chat templates,
 //!   sampler, scheduler, the engine thread, and the tiny test model (`docs/engine.md`).
-//! - [`bench`]: `lifeboat bench`: latency, throughput, errors and $/MTok of any
+//! - [`bench`](mod@bench): `lifeboat bench`: latency, throughput, errors and $/MTok of any
 //!   OpenAI-compatible target, written as JSON, Markdown and SVG charts.
 //! - [`metrics`]: metric names with units, Prometheus rendering.
 //! - [`mock_upstream`]: the scriptable fake gateway for tests, benches and the CLI.
