@@ -2,10 +2,10 @@
 //! kernels, KV caches) placed on transparent huge pages.
 //!
 //! Loading a model faults in gigabytes of fresh memory. With 4 KiB pages that is half a
-//! million page faults; on this kind of VM they took most of the 1.5B model's start-up
-//! (3.9 s to load, warm up and answer one token; 2.0 s on huge pages). Linux only hands
-//! out huge pages to regions that ask (`transparent_hugepage=madvise` is the common
-//! default), so blocks of [`HUGE_BLOCK`] or more are aligned to 2 MiB and advised.
+//! million page faults, which took most of a small model's start-up (figures in
+//! `docs/benchmarks.md`). Linux only hands out huge pages to regions that ask
+//! (`transparent_hugepage=madvise` is the common default), so blocks of [`HUGE_BLOCK`] or
+//! more are aligned to 2 MiB and advised.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 
@@ -47,8 +47,8 @@ fn advise(_ptr: *mut u8, _layout: Layout) {}
 
 /// At most two malloc arenas (glibc): with one per thread (the runtime's, the engine's,
 /// candle's pool), memory a thread frees stays in its arena, unusable by the others, and
-/// the peak RSS grew with it — the 0.5B's benchmark peaked at 0.84 GB instead of 0.72
-/// (two arenas: same speed; one: prompts a little slower). Call before threads start.
+/// the peak RSS grows with it; two arenas cost no speed, one slowed prompts a little
+/// (figures in `docs/benchmarks.md`). Call before threads start.
 pub fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -60,7 +60,8 @@ pub fn limit_malloc_arenas() {
 
 /// Hand the memory malloc holds free back to the system (glibc `malloc_trim(0)`: the free
 /// tops of the heaps and the free pages inside them). Freed memory otherwise stays with
-/// the process: tokenizing an 8 MB prompt took 1.5 GB and 850 MB of it stayed resident.
+/// the process: most of what tokenizing a large prompt took stayed resident
+/// (`docs/benchmarks.md`).
 /// Costs a walk over the arenas (milliseconds), so it is called after large prompts only.
 /// This allocator is `System` underneath, so glibc owns every block it could return.
 pub fn release_free_memory() {

@@ -3,20 +3,24 @@
 //!
 //! # Layout
 //!
-//! Dependency direction: `api → router → backend ← upstream`; `metrics` is a leaf.
+//! Dependency direction: `api → router → backend ← {upstream, engine}`; `metrics` is a
+//! leaf anyone may call; `cli` sits on top and `app` wires the pieces together. The
+//! README's "Source layout" lists the same modules (`scripts/check-readme-tree` keeps it
+//! equal to `src/`), and `docs/architecture.md` describes how the router decides.
 //!
 //! - [`cli`]: the `lifeboat` subcommands, one file each.
 //! - [`config`]: the strict TOML config, overrides and secrets by reference.
 //! - [`app`]: shared state, the axum app and the server entry (listener + shutdown).
 //! - [`http_server`]: the accept loop: connection cap, header/body/idle timeouts, drain.
 //! - [`api`]: the OpenAI wire format, validation, errors → HTTP, SSE.
-//! - [`router`]: route table and the commit point; decides who serves.
+//! - [`router`]: decides who serves: route table, dispatch and the commit point, failover
+//!   policy, retries, breaker, deadlines, health, hedging, alerts.
 //! - [`backend`]: the `Backend` trait and the engine-neutral event stream.
 //! - [`upstream`]: the remote gateway over reqwest, its keys (rotation and parking), SSE
 //!   parsing, error classification.
-//! - [`engine`]: the local model on candle: loader, tokenizer, chat template, sampler,
-//!   the engine thread, and the tiny test model.
-//! - [`bench`]: `lifeboat bench`: latency, throughput, errors and $/MTok of any
+//! - [`engine`]: the local model on candle: loading, models, tokenizers, chat templates,
+//!   sampler, scheduler, the engine thread, and the tiny test model (`docs/engine.md`).
+//! - [`bench`](mod@bench): `lifeboat bench`: latency, throughput, errors and $/MTok of any
 //!   OpenAI-compatible target, written as JSON, Markdown and SVG charts.
 //! - [`metrics`]: metric names with units, Prometheus rendering.
 //! - [`alerts`]: breaker changes POSTed to webhooks, in the background.

@@ -4,7 +4,8 @@ use clap::Parser;
 use lifeboat::cli::{self, Cli};
 use tracing_subscriber::EnvFilter;
 
-// Model weights and KV caches on huge pages: half the 1.5B model's start-up here.
+// Model weights and KV caches on huge pages: their page faults dominate a model's
+// start-up otherwise (see `huge_pages` and docs/benchmarks.md).
 #[global_allocator]
 static ALLOCATOR: lifeboat::huge_pages::HugePageAlloc = lifeboat::huge_pages::HugePageAlloc;
 

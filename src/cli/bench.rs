@@ -90,7 +90,8 @@ pub struct BenchArgs {
     /// Monthly output volume of the workload to cost, in millions of tokens.
     #[arg(long, default_value_t = 50.0)]
     pub workload_output_mtok: f64,
-    /// Directory for bench.json, report.md and the charts [default: bench-results/<UTC time>].
+    /// Directory for bench.json, report.md and the charts [default: bench-results/YYYYMMDDTHHMMSSZ,
+    /// the UTC time].
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
 }

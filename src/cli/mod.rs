@@ -28,7 +28,7 @@ pub enum Command {
     Bench(bench::BenchCommand),
     /// Run the scriptable fake gateway used by tests and benchmarks.
     MockUpstream(mock_upstream::MockUpstreamArgs),
-    /// Local model tools: make-tiny, inspect, generate.
+    /// Local model tools: make-tiny, inspect, generate, pull.
     #[command(subcommand)]
     Model(model::ModelCommand),
 }

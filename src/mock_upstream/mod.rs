@@ -4,8 +4,9 @@
 //! It answers `/v1/chat/completions`, `/v1/completions` and `/v1/models` (streaming and not,
 //! with usage) with deterministic text, with configurable first-token delay, inter-token
 //! delay and length. A fault mode, switched at runtime through [`MockUpstream::set_fault`]
-//! or `POST /_mock/fault`, makes it misbehave the way real gateways do; it counts the
-//! requests it saw in each mode so tests can assert how many upstream calls were made.
+//! or `POST /fault` on the admin API ([`admin_app`]), makes it misbehave the way real
+//! gateways do; it counts the requests it saw in each mode so tests can assert how many
+//! upstream calls were made.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -419,7 +420,7 @@ impl MockUpstream {
         inner.recent.clear();
     }
 
-    /// Counts and mode as JSON (also served at `GET /_mock/stats`).
+    /// Counts and mode as JSON (also served at `GET /stats` on the admin API).
     pub fn stats(&self) -> Value {
         stats_json(&self.shared.lock())
     }
