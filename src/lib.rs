@@ -3,8 +3,8 @@
 //!
 //! # Layout
 //!
-//! Dependency direction: `api → router → backend ← {upstream, engine}`; `metrics` is a
-//! leaf anyone may call; `cli` sits on top and `app` wires the pieces together. The
+//! Dependency direction: `api → router → backend ← {upstream, engine}`; `metrics` and
+//! `alerts` are leaves anyone may call; `cli` sits on top and `app` wires the pieces together. The
 //! README's "Source layout" lists the same modules (`scripts/check-readme-tree` keeps it
 //! equal to `src/`), and `docs/architecture.md` describes how the router decides.
 //!
@@ -14,7 +14,7 @@
 //! - [`http_server`]: the accept loop: connection cap, header/body/idle timeouts, drain.
 //! - [`api`]: the OpenAI wire format, validation, errors → HTTP, SSE.
 //! - [`router`]: decides who serves: route table, dispatch and the commit point, failover
-//!   policy, retries, breaker, deadlines, health, hedging, alerts.
+//!   policy, retries, breaker, deadlines, health, hedging.
 //! - [`backend`]: the `Backend` trait and the engine-neutral event stream.
 //! - [`upstream`]: the remote gateway over reqwest, its keys (rotation and parking), SSE
 //!   parsing, error classification.
