@@ -166,7 +166,14 @@ fn common(c: Common, sampling: &mut SamplingParams) -> Result<(String, bool, boo
         ));
     }
     sampling.n = n;
-    let stop = match c.stop {
+    sampling.stop = stop_sequences(c.stop)?;
+    check_sampling(sampling)?;
+    Ok((c.model, stream, include_usage))
+}
+
+/// `stop` as a list: at most [`MAX_STOP`] sequences, none empty.
+fn stop_sequences(stop: Option<StopField>) -> Result<StopSequences, ValidationError> {
+    let stop = match stop {
         None => Vec::new(),
         Some(StopField::One(s)) => vec![s],
         Some(StopField::Many(list)) => list,
@@ -186,7 +193,11 @@ fn common(c: Common, sampling: &mut SamplingParams) -> Result<(String, bool, boo
             format!("Invalid 'stop[{i}]': must not be empty."),
         ));
     }
-    sampling.stop = StopSequences(stop);
+    Ok(StopSequences(stop))
+}
+
+/// The ranges of the sampling parameters both endpoints share.
+fn check_sampling(sampling: &SamplingParams) -> Result<(), ValidationError> {
     check_range("temperature", sampling.temperature, 0.0, 2.0)?;
     check_range("top_p", sampling.top_p, 0.0, 1.0)?;
     check_range("presence_penalty", sampling.presence_penalty, -2.0, 2.0)?;
@@ -207,53 +218,24 @@ fn common(c: Common, sampling: &mut SamplingParams) -> Result<(String, bool, boo
             "Invalid 'max_tokens': must be at least 1, got 0.",
         ));
     }
-    Ok((c.model, stream, include_usage))
+    Ok(())
 }
 
 fn chat(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationError> {
-    let (req, raw): (ChatCompletionRequest, _) = typed(raw)?;
+    let (mut req, raw): (ChatCompletionRequest, _) = typed(raw)?;
     if req.messages.is_empty() {
         return Err(ValidationError::invalid(
             "messages",
             "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.",
         ));
     }
-    let messages = req
-        .messages
+    let messages = std::mem::take(&mut req.messages)
         .into_iter()
         .enumerate()
         .map(|(i, m)| message(i, m))
         .collect::<Result<Vec<_>, _>>()?;
-    if let Some(k) = req.top_logprobs.filter(|k| *k > MAX_TOP_LOGPROBS) {
-        return Err(ValidationError::invalid(
-            "top_logprobs",
-            format!("Invalid 'top_logprobs': must be between 0 and {MAX_TOP_LOGPROBS}, got {k}."),
-        ));
-    }
-    if req.top_logprobs.is_some() && req.logprobs != Some(true) {
-        return Err(ValidationError::invalid(
-            "top_logprobs",
-            "Invalid 'top_logprobs': 'logprobs' must be true when 'top_logprobs' is set.",
-        ));
-    }
+    check_chat_options(&req)?;
     let tools = tools(req.tools.as_deref(), req.tool_choice.as_ref(), raw.get("tools"))?;
-    if let Some(format) = &req.response_format
-        && !matches!(format.kind.as_str(), "text" | "json_object" | "json_schema")
-    {
-        return Err(ValidationError::invalid(
-            "response_format.type",
-            format!(
-                "Invalid 'response_format.type': expected 'text', 'json_object' or 'json_schema', got '{}'.",
-                format.kind
-            ),
-        ));
-    }
-    if req.max_completion_tokens == Some(0) {
-        return Err(ValidationError::invalid(
-            "max_completion_tokens",
-            "Invalid 'max_completion_tokens': must be at least 1, got 0.",
-        ));
-    }
     let mut sampling = SamplingParams {
         max_tokens: req.max_completion_tokens.or(req.max_tokens),
         temperature: req.temperature,
@@ -290,6 +272,40 @@ fn chat(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationError> {
     })
 }
 
+/// The chat-only options: `top_logprobs`, `response_format`, `max_completion_tokens`.
+fn check_chat_options(req: &ChatCompletionRequest) -> Result<(), ValidationError> {
+    if let Some(k) = req.top_logprobs.filter(|k| *k > MAX_TOP_LOGPROBS) {
+        return Err(ValidationError::invalid(
+            "top_logprobs",
+            format!("Invalid 'top_logprobs': must be between 0 and {MAX_TOP_LOGPROBS}, got {k}."),
+        ));
+    }
+    if req.top_logprobs.is_some() && req.logprobs != Some(true) {
+        return Err(ValidationError::invalid(
+            "top_logprobs",
+            "Invalid 'top_logprobs': 'logprobs' must be true when 'top_logprobs' is set.",
+        ));
+    }
+    if let Some(format) = &req.response_format
+        && !matches!(format.kind.as_str(), "text" | "json_object" | "json_schema")
+    {
+        return Err(ValidationError::invalid(
+            "response_format.type",
+            format!(
+                "Invalid 'response_format.type': expected 'text', 'json_object' or 'json_schema', got '{}'.",
+                format.kind
+            ),
+        ));
+    }
+    if req.max_completion_tokens == Some(0) {
+        return Err(ValidationError::invalid(
+            "max_completion_tokens",
+            "Invalid 'max_completion_tokens': must be at least 1, got 0.",
+        ));
+    }
+    Ok(())
+}
+
 /// Check `tools` and `tool_choice` and type them; `None` when no tools are offered.
 /// `definitions` is the client's `tools` array, kept for chat templates.
 fn tools(
@@ -315,7 +331,23 @@ fn tools(
             ));
         }
     }
-    let choice = match choice {
+    let choice = tool_choice(choice)?;
+    if offered.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Tools {
+        functions: offered
+            .iter()
+            .filter_map(|tool| tool.function.as_ref().map(|f| f.name.clone()))
+            .collect(),
+        choice,
+        definitions: definitions.cloned().unwrap_or(Value::Null),
+    }))
+}
+
+/// `tool_choice`: a mode, a named function, or a form passed on as it is.
+fn tool_choice(choice: Option<&Value>) -> Result<ToolChoice, ValidationError> {
+    Ok(match choice {
         None | Some(Value::Null) => ToolChoice::Auto,
         Some(Value::String(mode)) => match mode.as_str() {
             "auto" => ToolChoice::Auto,
@@ -355,18 +387,7 @@ fn tools(
                 ),
             ));
         }
-    };
-    if offered.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(Tools {
-        functions: offered
-            .iter()
-            .filter_map(|tool| tool.function.as_ref().map(|f| f.name.clone()))
-            .collect(),
-        choice,
-        definitions: definitions.cloned().unwrap_or(Value::Null),
-    }))
+    })
 }
 
 /// Check one message and flatten its content to text.
@@ -439,9 +460,10 @@ fn content_parts(param: &str, parts: &[Value]) -> Result<String, ValidationError
     Ok(text)
 }
 
-fn completion(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationError> {
-    let (req, raw): (CompletionRequest, _) = typed(raw)?;
-    let prompts = match &req.prompt {
+/// `prompt` as text prompts; token-id prompts (`[1, 2]` or `[[1, 2]]`) give none (they
+/// are forwarded as they are).
+fn text_prompts(prompt: &Value) -> Result<Vec<String>, ValidationError> {
+    Ok(match prompt {
         Value::String(s) => vec![s.clone()],
         Value::Array(items) if items.is_empty() => {
             return Err(ValidationError::invalid(
@@ -470,7 +492,12 @@ fn completion(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationEr
                 ),
             ));
         }
-    };
+    })
+}
+
+fn completion(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationError> {
+    let (req, raw): (CompletionRequest, _) = typed(raw)?;
+    let prompts = text_prompts(&req.prompt)?;
     let mut sampling = SamplingParams {
         max_tokens: req.max_tokens,
         temperature: req.temperature,
