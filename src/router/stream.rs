@@ -8,11 +8,63 @@ use futures_util::StreamExt;
 
 use crate::{
     backend::{
-        Backend, BackendError, BackendRequest, ChoiceDelta, ErrorKind, EventStream, GenerationEvent,
-        GenerationRequest,
+        Backend, BackendError, BackendRequest, ChoiceDelta, Continuation, ErrorKind, EventStream,
+        GenerationEvent, GenerationRequest,
     },
     metrics,
 };
+
+/// A committed stream that the local model continues if it breaks.
+struct Continuable {
+    events: EventStream,
+    request: Arc<GenerationRequest>,
+    from: String,
+    /// Taken at the first break: a stream is continued once.
+    local: Option<Arc<dyn Backend>>,
+    local_model: String,
+    sent: Continuation,
+    /// The continuation's first delta repeats the role; drop it.
+    strip_role: bool,
+}
+
+impl Continuable {
+    /// Remember what `delta` shows the client.
+    fn pass(&mut self, mut delta: ChoiceDelta) -> GenerationEvent {
+        if self.strip_role {
+            delta.role = None;
+            self.strip_role = false;
+        }
+        if let Some(text) = &delta.content {
+            self.sent.content.push_str(text);
+        }
+        if let Some(text) = &delta.reasoning_content {
+            self.sent.reasoning.push_str(text);
+        }
+        GenerationEvent::Delta(delta)
+    }
+
+    /// Ask the local model to continue after `error`; the error back when it cannot.
+    async fn continue_locally(&mut self, error: BackendError) -> Result<(), BackendError> {
+        let Some(local) = self.local.take() else {
+            return Err(error);
+        };
+        let mut attempt = BackendRequest::new(self.local_model.clone(), self.request.clone());
+        attempt.continuation = Some(self.sent.clone());
+        match local.generate(attempt).await {
+            Ok(rest) => {
+                metrics::continued(&self.from, local.id(), error.kind);
+                tracing::info!(from = %self.from, to = %local.id(), reason = error.kind.as_str(), "continuing a broken stream locally");
+                self.events = rest;
+                self.strip_role = true;
+                Ok(())
+            }
+            Err(local_error) => {
+                tracing::warn!(%local_error, "the local model could not continue the stream");
+                Err(error)
+            }
+        }
+    }
+}
 
 /// Pass `events` through, remembering the text sent; if the stream fails, ask `local` to
 /// continue from that text (prefilled as the assistant's partial reply) and splice its
@@ -24,59 +76,26 @@ pub(super) fn continuing(
     local: Arc<dyn Backend>,
     local_model: String,
 ) -> EventStream {
-    struct State {
-        events: EventStream,
-        request: Arc<GenerationRequest>,
-        from: String,
-        local: Option<Arc<dyn Backend>>,
-        local_model: String,
-        sent: crate::backend::Continuation,
-        /// The continuation's first delta repeats the role; drop it.
-        strip_role: bool,
-    }
-    let state = State {
+    let state = Continuable {
         events,
         request,
         from,
         local: Some(local),
         local_model,
-        sent: crate::backend::Continuation::default(),
+        sent: Continuation::default(),
         strip_role: false,
     };
     Box::pin(futures_util::stream::unfold(state, |mut state| async move {
         loop {
             match state.events.next().await? {
-                Ok(GenerationEvent::Delta(mut delta)) => {
-                    if state.strip_role {
-                        delta.role = None;
-                        state.strip_role = false;
-                    }
-                    if let Some(text) = &delta.content {
-                        state.sent.content.push_str(text);
-                    }
-                    if let Some(text) = &delta.reasoning_content {
-                        state.sent.reasoning.push_str(text);
-                    }
-                    return Some((Ok(GenerationEvent::Delta(delta)), state));
+                Ok(GenerationEvent::Delta(delta)) => {
+                    let event = state.pass(delta);
+                    return Some((Ok(event), state));
                 }
                 Ok(event) => return Some((Ok(event), state)),
                 Err(error) => {
-                    let Some(local) = state.local.take() else {
+                    if let Err(error) = state.continue_locally(error).await {
                         return Some((Err(error), state));
-                    };
-                    let mut attempt = BackendRequest::new(state.local_model.clone(), state.request.clone());
-                    attempt.continuation = Some(state.sent.clone());
-                    match local.generate(attempt).await {
-                        Ok(rest) => {
-                            metrics::continued(&state.from, local.id(), error.kind);
-                            tracing::info!(from = %state.from, to = %local.id(), reason = error.kind.as_str(), "continuing a broken stream locally");
-                            state.events = rest;
-                            state.strip_role = true;
-                        }
-                        Err(local_error) => {
-                            tracing::warn!(%local_error, "the local model could not continue the stream");
-                            return Some((Err(error), state));
-                        }
                     }
                 }
             }

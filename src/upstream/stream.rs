@@ -263,69 +263,79 @@ impl SseState {
     async fn next_event(&mut self) -> Option<Result<GenerationEvent, BackendError>> {
         loop {
             if let Some(item) = self.pending.pop_front() {
-                match &item {
-                    Ok(event) => {
-                        if event.is_output() {
-                            self.first_output_seen = true;
-                        }
-                        if let GenerationEvent::Delta(d) = event {
-                            self.saw_finish |= d.finish_reason.is_some();
-                        }
-                    }
-                    Err(_) => {
-                        self.pending.clear();
-                        self.done = true;
-                    }
-                }
+                self.note(&item);
                 return Some(item);
             }
             if self.done {
                 return None;
             }
             let (deadline, phase) = self.deadlines.next(self.first_output_seen, self.last_progress);
-            match tokio::time::timeout_at(deadline, self.body.next()).await {
-                Err(_) => {
-                    self.done = true;
-                    return Some(Err(self.deadlines.timeout_error(phase)));
-                }
-                Ok(Some(Ok(bytes))) => {
-                    self.received = self.received.saturating_add(bytes.len());
-                    if self.received > self.max_answer {
-                        self.done = true;
-                        return Some(Err(too_large("stream", self.max_answer)));
-                    }
-                    if let Err(err) = self.parser.push(&bytes, &mut self.frames) {
-                        self.done = true;
-                        return Some(Err(BackendError::new(
-                            ErrorKind::MalformedFrame,
-                            format!("upstream stream is unusable: {err}"),
-                        )));
-                    }
-                    if self.drain_frames() {
-                        self.done = true;
-                    }
-                }
-                Ok(Some(Err(err))) => {
-                    self.done = true;
-                    return Some(Err(BackendError::new(
-                        ErrorKind::StreamCut,
-                        format!("upstream stream broke: {}", error_chain(&err)),
-                    )));
-                }
+            let failure = match tokio::time::timeout_at(deadline, self.body.next()).await {
+                Err(_) => Some(self.deadlines.timeout_error(phase)),
+                Ok(Some(Ok(bytes))) => self.take_bytes(&bytes),
+                Ok(Some(Err(err))) => Some(BackendError::new(
+                    ErrorKind::StreamCut,
+                    format!("upstream stream broke: {}", error_chain(&err)),
+                )),
                 Ok(None) => {
                     self.done = true;
-                    // A body that ends after every choice finished is complete even without
-                    // `[DONE]`; anything else is a truncation the client must not mistake
-                    // for a full answer.
-                    if !self.saw_finish || self.parser.has_partial() {
-                        return Some(Err(BackendError::new(
-                            ErrorKind::StreamCut,
-                            "upstream stream ended before the response was complete",
-                        )));
-                    }
+                    self.ended_early()
                 }
+            };
+            if let Some(error) = failure {
+                self.done = true;
+                return Some(Err(error));
             }
         }
+    }
+
+    /// Track what an event handed out means for the stream: output seen, choices
+    /// finished; an error ends it.
+    fn note(&mut self, item: &Result<GenerationEvent, BackendError>) {
+        match item {
+            Ok(event) => {
+                if event.is_output() {
+                    self.first_output_seen = true;
+                }
+                if let GenerationEvent::Delta(d) = event {
+                    self.saw_finish |= d.finish_reason.is_some();
+                }
+            }
+            Err(_) => {
+                self.pending.clear();
+                self.done = true;
+            }
+        }
+    }
+
+    /// Parse a piece of the body into events; an error when it passes a cap or cannot
+    /// be parsed.
+    fn take_bytes(&mut self, bytes: &[u8]) -> Option<BackendError> {
+        self.received = self.received.saturating_add(bytes.len());
+        if self.received > self.max_answer {
+            return Some(too_large("stream", self.max_answer));
+        }
+        if let Err(err) = self.parser.push(bytes, &mut self.frames) {
+            return Some(BackendError::new(
+                ErrorKind::MalformedFrame,
+                format!("upstream stream is unusable: {err}"),
+            ));
+        }
+        if self.drain_frames() {
+            self.done = true;
+        }
+        None
+    }
+
+    /// The body ended: complete after every choice finished, even without `[DONE]`;
+    /// anything else is a truncation the client must not mistake for a full answer.
+    fn ended_early(&self) -> Option<BackendError> {
+        (!self.saw_finish || self.parser.has_partial()).then(|| {
+            BackendError::new(
+                ErrorKind::StreamCut,
+                "upstream stream ended before the response was complete",
+            )
+        })
     }
 }
 
