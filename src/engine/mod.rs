@@ -10,35 +10,13 @@
 //! round-robin across clients (`fair_queue.rs`), and a client that stops reading loses
 //! its slot (`outbox.rs`).
 
-mod admission;
-pub mod bandwidth;
 pub mod bench;
-pub mod chat_template;
-mod decode_attention;
-pub mod deepseek2;
-mod fair_queue;
-pub mod gguf;
-pub mod gguf_tokenizer;
-mod gguf_weights;
-pub mod hub;
-mod kquant_rows;
-mod kv_cache;
-pub mod loader;
+mod kernels;
+pub mod load;
 pub mod models;
-mod outbox;
-pub mod qlinear;
-pub mod quantized;
-pub mod reasoning;
-pub mod requant;
-pub mod sampler;
-mod scheduler;
-mod shared_out;
-pub mod stop;
-pub mod tiny;
-pub mod tiny_gguf;
-pub mod tokenizer;
-pub mod tool_calls;
-mod worker;
+pub mod runtime;
+pub mod testing;
+pub mod text;
 
 use std::{
     path::{Path, PathBuf},
@@ -53,8 +31,11 @@ use async_trait::async_trait;
 use candle_core::Device;
 use tokio::sync::mpsc;
 
-pub use loader::{ModelInfo, read_info};
+pub use load::loader::{ModelInfo, read_info};
 pub use models::Arch;
+
+use load::{hub, loader};
+use runtime::{admission, scheduler, worker};
 
 use crate::backend::{
     Backend, BackendError, BackendKind, BackendRequest, BackendStatus, Continuation, ErrorKind, EventStream,

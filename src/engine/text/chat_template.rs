@@ -13,8 +13,8 @@ use super::tool_calls::ToolCallFormat;
 use minijinja::{Environment, ErrorKind, Value as JinjaValue, context};
 use serde_json::{Map, Value};
 
-use super::EngineError;
 use crate::backend::ChatMessage;
+use crate::engine::EngineError;
 
 const TEMPLATE_NAME: &str = "chat";
 
@@ -342,7 +342,7 @@ mod tests {
 
     #[test]
     fn table() {
-        let r1 = super::super::tiny::R1_TEMPLATE;
+        let r1 = crate::engine::testing::tiny::R1_TEMPLATE;
         let cases = vec![
             Case {
                 name: "r1 single turn opens think",

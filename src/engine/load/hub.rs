@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use hf_hub::{Cache, Repo, RepoType, api::sync::ApiBuilder};
 
-use super::EngineError;
+use crate::engine::EngineError;
 
 /// The local model when none is configured: DeepSeek-R1-Distill-Qwen-1.5B as Q4_K_M GGUF.
 pub const DEFAULT_MODEL: &str = "unsloth/DeepSeek-R1-Distill-Qwen-1.5B-GGUF:Q4_K_M";

@@ -12,11 +12,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::Value;
 
-use super::{
+use crate::engine::{
     EngineError,
-    chat_template::ChatTemplate,
     models::{self, Arch, CausalLm, Dims},
-    tokenizer::TextTokenizer,
+    text::{chat_template::ChatTemplate, tokenizer::TextTokenizer},
 };
 
 /// What the async side needs to prepare prompts (shared, read-only).

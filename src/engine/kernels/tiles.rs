@@ -401,7 +401,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::engine::qlinear::test_support::matrix;
+    use crate::engine::models::qlinear::test_support::matrix;
 
     fn activations(rows: usize, k: usize) -> Vec<f32> {
         (0..rows * k)

@@ -15,27 +15,26 @@ use std::{
 use candle_core::{Device, Tensor};
 use tokio::sync::mpsc;
 
-use super::{
-    EngineError, Shared,
-    fair_queue::FairQueue,
-    loader::ModelInfo,
-    models::{CausalLm, SlotStep},
-    outbox::Outbox,
-    reasoning::{ReasoningSplitter, Split},
-    sampler::Sampler,
-    stop::StopMatcher,
-    tokenizer::IncrementalDecoder,
-    tool_calls::{self, ToolCall, ToolCallParser},
-    worker::Job,
-};
+use super::{fair_queue::FairQueue, outbox::Outbox, sampler::Sampler, worker::Job};
 use crate::{
     backend::{BackendError, ChoiceDelta, ClientId, ErrorKind, GenerationEvent, Origin, TimeoutPhase, Usage},
+    engine::{
+        EngineError, Shared,
+        load::loader::ModelInfo,
+        models::{CausalLm, SlotStep},
+        text::{
+            reasoning::{ReasoningSplitter, Split},
+            stop::StopMatcher,
+            tokenizer::IncrementalDecoder,
+            tool_calls::{self, ToolCall, ToolCallParser},
+        },
+    },
     metrics,
 };
 
 /// Events buffered per request. A client that reads none pauses only its own sequence
 /// once this many wait (the engine thread never blocks on it while others decode).
-pub(super) const EVENT_BUFFER: usize = 64;
+pub(crate) const EVENT_BUFFER: usize = 64;
 
 /// Prompt tokens one step takes at most, so that a long prompt joining the batch is
 /// prefilled in chunks and running streams keep getting tokens in between.
@@ -46,7 +45,7 @@ const STOP_STRING: &str = "stop_string";
 
 /// How many sequences run together and how much KV cache they may hold.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct BatchLimits {
+pub(crate) struct BatchLimits {
     /// Sequences decoded in one step at most.
     pub max_sequences: usize,
     /// KV cache memory the cached positions of all running sequences may take, in bytes.

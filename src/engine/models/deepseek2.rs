@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::deepseek2;
 use serde_json::Value;
 
-use super::models::{CausalLm, field};
+use super::{CausalLm, field};
 
 /// The MLA and MoE dimensions of a DeepSeek-V2 model, from `config.json`.
 #[derive(Debug, Clone, PartialEq)]

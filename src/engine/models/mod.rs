@@ -4,12 +4,18 @@
 //! The layer code is candle-transformers'; this module checks every tensor's presence
 //! and shape first, because some candle loaders panic on a missing tensor.
 
+mod decode_attention;
+pub mod deepseek2;
+mod kv_cache;
+pub mod qlinear;
+pub mod quantized_decoder;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, qwen2, qwen3};
 use serde_json::Value;
 
-use super::deepseek2::{self, MlaMoe};
+use deepseek2::MlaMoe;
 
 /// A causal language model with its own KV cache: one sequence at a time, or — when
 /// [`CausalLm::max_sequences`] says so — several in one step, each in its own cache slot.

@@ -10,12 +10,8 @@ use candle_core::{
 };
 use serde_json::Value as Json;
 
-use super::{
-    EngineError,
-    gguf::gguf_tensor_name,
-    models::Arch,
-    tiny::{self, R1_TEMPLATE},
-};
+use super::tiny::{self, R1_TEMPLATE};
+use crate::engine::{EngineError, load::gguf::gguf_tensor_name, models::Arch};
 
 /// Metadata and tensors of a GGUF file before writing; tests edit them to make broken files.
 #[derive(Debug)]

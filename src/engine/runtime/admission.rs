@@ -5,8 +5,8 @@
 
 use std::sync::{Arc, atomic::Ordering};
 
-use super::{Shared, local_error};
 use crate::backend::{BackendError, ErrorKind, GenerationRequest, Prompt};
+use crate::engine::{Shared, local_error};
 
 /// A prompt longer than this many bytes per context token cannot fit: real tokenizers
 /// average 3–5 bytes of text per token (4 for English, less for code and CJK), so 8 leaves
@@ -15,20 +15,20 @@ pub(super) const MAX_PROMPT_BYTES_PER_TOKEN: usize = 8;
 
 /// After tokenizing a prompt this large, the allocator is asked to give free memory back:
 /// tokenization takes ~200 bytes per byte of text, and glibc keeps what was freed.
-pub(super) const TRIM_AFTER_PROMPT_BYTES: usize = 256 * 1024;
+pub(crate) const TRIM_AFTER_PROMPT_BYTES: usize = 256 * 1024;
 
 /// A place in the local queue, held from before tokenization until the engine starts the
 /// request (or until the request is dropped on the way): exactly `queue_capacity`
 /// requests are in between, whether being tokenized, in the channel or waiting in the
 /// engine's fair queue.
 #[derive(Debug)]
-pub(super) struct QueueTicket {
+pub(crate) struct QueueTicket {
     shared: Arc<Shared>,
 }
 
 impl QueueTicket {
     /// A place, or `None` when `capacity` requests already hold one.
-    pub(super) fn take(shared: &Arc<Shared>, capacity: usize) -> Option<QueueTicket> {
+    pub(crate) fn take(shared: &Arc<Shared>, capacity: usize) -> Option<QueueTicket> {
         if shared.queued.fetch_add(1, Ordering::SeqCst) >= capacity {
             shared.queued.fetch_sub(1, Ordering::SeqCst);
             return None;
@@ -46,7 +46,7 @@ impl Drop for QueueTicket {
 }
 
 /// `n` beyond the local limit is the client's mistake, reported like OpenAI's own.
-pub(super) fn check_n(n: u32, max_n: u32) -> Result<(), BackendError> {
+pub(crate) fn check_n(n: u32, max_n: u32) -> Result<(), BackendError> {
     if n <= max_n {
         return Ok(());
     }
@@ -61,7 +61,7 @@ pub(super) fn check_n(n: u32, max_n: u32) -> Result<(), BackendError> {
 }
 
 /// Refuse a prompt by its size before it is rendered or tokenized.
-pub(super) fn check_prompt_bytes(request: &GenerationRequest, context: usize) -> Result<usize, BackendError> {
+pub(crate) fn check_prompt_bytes(request: &GenerationRequest, context: usize) -> Result<usize, BackendError> {
     let bytes = request.prompt_bytes();
     let limit = context.saturating_mul(MAX_PROMPT_BYTES_PER_TOKEN);
     if bytes <= limit {
@@ -81,7 +81,7 @@ pub(super) fn check_prompt_bytes(request: &GenerationRequest, context: usize) ->
 
 /// The tokens to generate: what the client asked if it fits the context (refused
 /// otherwise, as vLLM does), else `default_max_tokens` or what the context has left.
-pub(super) fn fit_max_tokens(
+pub(crate) fn fit_max_tokens(
     prompt: &Prompt,
     prompt_tokens: usize,
     context: usize,

@@ -18,7 +18,7 @@
 
 use candle_core::quantized::GgmlDType;
 
-use super::shared_out::SharedOut;
+use shared_out::SharedOut;
 
 /// Activation rows one kernel call multiplies with a block (one accumulator per row in
 /// registers); more rows (prompts) go through in groups of this many.
@@ -340,6 +340,7 @@ mod reference {
 }
 
 pub(crate) mod q8_0;
+pub(super) mod shared_out;
 mod tiles;
 mod tiles_q5_0;
 #[cfg(target_arch = "x86_64")]
@@ -359,7 +360,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::engine::qlinear::test_support::{matrix, max_abs_diff};
+    use crate::engine::models::qlinear::test_support::{matrix, max_abs_diff};
 
     fn activations(rows: usize, k: usize) -> Vec<f32> {
         (0..rows * k)

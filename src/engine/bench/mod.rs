@@ -3,6 +3,8 @@
 //! several concurrent streams, and peak RSS. `benches/engine.rs` prints it; the same
 //! figures for llama.cpp come from `scripts/bench-llamacpp`.
 
+pub mod bandwidth;
+
 use std::{
     path::PathBuf,
     sync::Arc,
@@ -12,7 +14,7 @@ use std::{
 use futures_util::StreamExt;
 use serde::Serialize;
 
-use super::{LocalBackend, LocalSettings, loader};
+use super::{LocalBackend, LocalSettings, load::loader};
 use crate::backend::{
     Backend, BackendRequest, Endpoint, GenerationEvent, GenerationRequest, Prompt, SamplingParams,
 };
@@ -118,7 +120,7 @@ impl Timed {
 /// Text that the model's own tokenizer turns into about `tokens` tokens (whitespace-joined
 /// prose and code, repeated), so every engine sees the same prompt.
 pub fn prompt_of_length(
-    tokenizer: &super::tokenizer::TextTokenizer,
+    tokenizer: &super::text::tokenizer::TextTokenizer,
     tokens: usize,
 ) -> Result<String, String> {
     const TEXT: &str = "The gateway answered slowly, so the local model took over. \
@@ -238,8 +240,8 @@ pub async fn run(options: &EngineBenchOptions, progress: impl Fn(&str)) -> Resul
     // Before the model loads, so that the probe's buffer never adds to the peak RSS.
     progress("memory bandwidth");
     let memory_read_bytes_per_second =
-        super::bandwidth::read_bytes_per_second(candle_core::utils::get_num_threads());
-    let weight_bytes_per_token = super::bandwidth::weight_bytes_per_token(&options.model);
+        bandwidth::read_bytes_per_second(candle_core::utils::get_num_threads());
+    let weight_bytes_per_token = bandwidth::weight_bytes_per_token(&options.model);
 
     progress("loading");
     let start = Instant::now();
@@ -360,8 +362,8 @@ mod tests {
 
     #[test]
     fn prompts_have_the_asked_length_and_medians_are_middles() {
-        let tokenizer = super::super::tokenizer::TextTokenizer::from_tokenizer(
-            super::super::tiny::tiny_tokenizer().expect("tokenizer"),
+        let tokenizer = crate::engine::text::tokenizer::TextTokenizer::from_tokenizer(
+            crate::engine::testing::tiny::tiny_tokenizer().expect("tokenizer"),
         );
         let text = prompt_of_length(&tokenizer, 100).expect("prompt");
         let ids = tokenizer.encode(&text, false).expect("encode");

@@ -1,8 +1,8 @@
 //! A quantized linear layer, with lifeboat's CPU kernels where they beat candle's.
 //!
-//! On CPUs with AVX-512 VNNI (`kquant_rows::available`):
+//! On CPUs with AVX-512 VNNI (`kernels::available`):
 //! - Q4_K, Q6_K, Q5_0 and Q8_0 weights (and a tied embedding table of those types, which
-//!   the output layer shares) are held in lifeboat's 16-row tiles (`kquant_rows::tiles`,
+//!   the output layer shares) are held in lifeboat's 16-row tiles (`kernels::tiles`,
 //!   about the stored size) and every multiplication goes through them;
 //! - weights of those types in a shape the tiles do not fit (rows not a multiple of 16)
 //!   stay as stored and take the stored-block kernels: Q4_K and Q6_K for any number of
@@ -22,7 +22,7 @@ use candle_core::{
 
 use std::sync::Arc;
 
-use super::kquant_rows::{self, TiledWeight};
+use crate::engine::kernels::{self, TiledWeight};
 
 /// A weight `[out, in]` applied as `x · Wᵀ`.
 #[derive(Debug)]
@@ -44,7 +44,7 @@ enum Weight {
 impl QLinear {
     /// Up to this many rows (decode steps), stored Q8_0 weights go through lifeboat's kernel;
     /// more rows (prompts) take candle's repacked tiles.
-    pub const FEW_ROWS: usize = kquant_rows::MAX_ROWS;
+    pub const FEW_ROWS: usize = kernels::MAX_ROWS;
 
     pub fn new(matmul: QMatMul) -> QLinear {
         QLinear {
@@ -53,7 +53,7 @@ impl QLinear {
         }
     }
 
-    /// A weight in tiles (see `kquant_rows::tiles`), possibly shared with the tied
+    /// A weight in tiles (see `kernels::tiles`), possibly shared with the tied
     /// embedding table.
     pub(crate) fn tiled(weight: Arc<TiledWeight>) -> QLinear {
         QLinear {
@@ -101,7 +101,7 @@ impl QLinear {
     }
 
     /// `x` times each of `linears` (one input width): when all are tiled, in one pass over
-    /// the thread pool with the input quantized once (`kquant_rows::multiply_group`);
+    /// the thread pool with the input quantized once (`kernels::multiply_group`);
     /// otherwise one by one.
     pub fn forward_group<const N: usize>(
         linears: [&QLinear; N],
@@ -120,7 +120,7 @@ impl QLinear {
                 let k = tiled[0].dims().1;
                 let rows = x.elem_count() / k.max(1);
                 let lhs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let Some(products) = kquant_rows::multiply_group(&tiled, &lhs, rows) else {
+                let Some(products) = kernels::multiply_group(&tiled, &lhs, rows) else {
                     candle_core::bail!(
                         "weights of {k} inputs cannot multiply an input of shape {:?}",
                         x.dims()
@@ -155,18 +155,18 @@ impl QLinear {
     }
 
     /// `x` times the stored blocks through lifeboat's kernels (Q4_K and Q6_K for any number
-    /// of rows, Q8_0 for decode steps, see [`kquant_rows::takes`]); `None` for other types
+    /// of rows, Q8_0 for decode steps, see [`kernels::takes`]); `None` for other types
     /// or CPUs without the kernels.
     fn stored_blocks(&self, x: &Tensor, rows: usize) -> candle_core::Result<Option<Tensor>> {
         let Weight::Stored(QMatMul::QTensor(weight)) = &self.weight else {
             return Ok(None);
         };
         let (n, k) = weight.shape().dims2()?;
-        if !kquant_rows::takes(weight.dtype(), rows, k) {
+        if !kernels::takes(weight.dtype(), rows, k) {
             return Ok(None);
         }
         let lhs = x.flatten_all()?.to_vec1::<f32>()?;
-        match kquant_rows::multiply(weight.dtype(), &weight.data()?, n, k, &lhs, rows) {
+        match kernels::multiply(weight.dtype(), &weight.data()?, n, k, &lhs, rows) {
             Some(out) => Self::shaped(x, out, n).map(Some),
             None => Ok(None),
         }

@@ -102,7 +102,7 @@ mod tests {
     fn weight_bytes_count_a_gguf_files_tensors() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("tiny.gguf");
-        crate::engine::tiny_gguf::make_tiny_gguf(crate::engine::models::Arch::Qwen2, &path, 7)
+        crate::engine::testing::tiny_gguf::make_tiny_gguf(crate::engine::models::Arch::Qwen2, &path, 7)
             .expect("tiny model");
         let bytes = weight_bytes_per_token(&path).expect("a GGUF file");
         let file_size = std::fs::metadata(&path).expect("metadata").len();

@@ -10,20 +10,26 @@ use candle_core::{Device, Tensor};
 use tokio::sync::mpsc;
 
 use super::{
-    Phase, Shared,
     admission::QueueTicket,
-    hub::{self, ModelSpec},
-    loader,
-    qlinear::QLinear,
     scheduler::{BatchLimits, Scheduler},
 };
-use crate::backend::{BackendError, ClientId, GenerationEvent, SamplingParams};
+use crate::{
+    backend::{BackendError, ClientId, GenerationEvent, SamplingParams},
+    engine::{
+        Phase, Shared,
+        load::{
+            hub::{self, ModelSpec},
+            loader,
+        },
+        models::qlinear::QLinear,
+    },
+};
 
 pub(super) type EventSender = mpsc::Sender<Result<GenerationEvent, BackendError>>;
 
 /// One request, prepared on the async side.
 #[derive(Debug)]
-pub(super) struct Job {
+pub(crate) struct Job {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     /// Tokens to generate at most, per choice (already fitted to the context).
@@ -47,7 +53,7 @@ fn set_phase(shared: &Mutex<Phase>, phase: Phase) {
 }
 
 /// Run the engine thread until the job queue closes.
-pub(super) fn run(
+pub(crate) fn run(
     spec: ModelSpec,
     template: Option<PathBuf>,
     device: Device,

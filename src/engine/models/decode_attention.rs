@@ -12,7 +12,7 @@
 
 use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, Tensor};
 
-use super::shared_out::SharedOut;
+use crate::engine::kernels::shared_out::SharedOut;
 
 /// The attention heads of a block.
 #[derive(Clone, Copy, Debug)]

@@ -3,7 +3,7 @@
 
 use std::{collections::HashSet, path::Path};
 
-use super::EngineError;
+use crate::engine::EngineError;
 
 /// A loaded tokenizer.
 #[derive(Debug, Clone)]
@@ -174,7 +174,7 @@ mod tests {
 
     #[test]
     fn streamed_pieces_never_split_a_character() {
-        let inner = crate::engine::tiny::tiny_tokenizer().expect("trains");
+        let inner = crate::engine::testing::tiny::tiny_tokenizer().expect("trains");
         let tokenizer = TextTokenizer::from_tokenizer(inner);
         let text = "東京は日本の首都です。 Emoji: 🚀🌍✨ zwj 👩‍💻 and é̂ done";
         let ids = tokenizer.encode(text, false).expect("encodes");
@@ -192,7 +192,7 @@ mod tests {
 
     #[test]
     fn tool_markup_tokens_stay_only_when_asked() {
-        let mut inner = crate::engine::tiny::tiny_tokenizer().expect("trains");
+        let mut inner = crate::engine::testing::tiny::tiny_tokenizer().expect("trains");
         inner.add_special_tokens(&[
             tokenizers::AddedToken::from("<｜tool▁calls▁begin｜>", true),
             tokenizers::AddedToken::from("<｜tool▁calls▁end｜>", true),

@@ -2,7 +2,7 @@
 //! checked by name, shape, type and extent before any is read, then the tokenizer, chat
 //! template and special ids come from the metadata.
 //!
-//! The layers run in lifeboat's own decoder ([`super::quantized`]), not candle-transformers'
+//! The layers run in lifeboat's own decoder ([`crate::engine::models::quantized_decoder`]), not candle-transformers'
 //! quantized models, whose RoPE table, scaling and attention fall short (see there).
 
 use std::{collections::HashMap, fs::File, io::BufReader, path::Path};
@@ -12,14 +12,15 @@ use candle_core::{
     quantized::gguf_file::{Content, Value},
 };
 
-use super::{
+use super::loader::{Loaded, ModelInfo};
+use crate::engine::{
     EngineError,
-    chat_template::ChatTemplate,
-    gguf_tokenizer::{self, GgufVocab, PreTokenizer},
-    loader::{Loaded, ModelInfo},
-    models::{Arch, Dims},
-    quantized::DecoderConfig,
-    tokenizer::TextTokenizer,
+    models::{Arch, Dims, quantized_decoder::DecoderConfig},
+    text::{
+        chat_template::ChatTemplate,
+        gguf_tokenizer::{self, GgufVocab, PreTokenizer},
+        tokenizer::TextTokenizer,
+    },
 };
 
 /// `general.architecture` values lifeboat runs from GGUF.

@@ -177,8 +177,8 @@ mod tests {
 
     use super::*;
     use crate::engine::{
-        kquant_rows::MAX_ROWS,
-        qlinear::test_support::{matrix, max_abs_diff},
+        kernels::MAX_ROWS,
+        models::qlinear::test_support::{matrix, max_abs_diff},
     };
 
     #[test]

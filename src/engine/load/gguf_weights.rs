@@ -14,13 +14,17 @@ use candle_core::{
 };
 
 use super::{
-    EngineError,
     gguf::{Header, Meta, decoder_config},
-    kquant_rows::TiledWeight,
     loader::ModelInfo,
-    qlinear::QLinear,
-    quantized::{BlockWeights, QuantizedDecoder, TokenEmbedding},
     requant,
+};
+use crate::engine::{
+    EngineError,
+    kernels::TiledWeight,
+    models::{
+        qlinear::QLinear,
+        quantized_decoder::{BlockWeights, QuantizedDecoder, TokenEmbedding},
+    },
 };
 
 /// Reads tensors of a memory-mapped GGUF file, naming the tensor in every error. Each
@@ -134,7 +138,7 @@ impl TensorReader<'_> {
     }
 
     /// A weight matrix: on the CPU, Q4_K, Q6_K, Q5_0 and Q8_0 go straight from the map into
-    /// lifeboat's 16-row tiles (`kquant_rows::tiles`: prompts and decode steps, the stored
+    /// lifeboat's 16-row tiles (`kernels::tiles`: prompts and decode steps, the stored
     /// size); anything else as [`TensorReader::matmul`].
     fn block_matmul(&self, name: &str) -> Result<QLinear, EngineError> {
         match self.tiles(name)? {

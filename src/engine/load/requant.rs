@@ -8,7 +8,7 @@ use candle_core::quantized::{
     k_quants::{BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1},
 };
 
-use super::qlinear::as_blocks;
+use crate::engine::models::qlinear::as_blocks;
 
 /// The `[rows, width]` tensor stored as `raw` bytes of `dtype`, as Q8_0 rows of
 /// `padded_width` values (zeros past `width`). `None` for other types, or bytes that do not
@@ -58,10 +58,8 @@ fn convert<T: GgmlType>(raw: &[u8], rows: usize, width: usize, padded_width: usi
 mod tests {
     use candle_core::Device;
 
-    use super::{
-        super::qlinear::test_support::{matrix, max_abs_diff},
-        *,
-    };
+    use super::*;
+    use crate::engine::models::qlinear::test_support::{matrix, max_abs_diff};
 
     #[test]
     fn rows_convert_and_pad_like_dequantize_then_quantize() {

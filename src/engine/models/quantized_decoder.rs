@@ -20,12 +20,12 @@ use candle_core::{
 use candle_nn::Embedding;
 
 use super::{
+    Arch, CausalLm, SlotStep,
     decode_attention::{self, CachedKv, Heads, rope_token},
-    kquant_rows::TiledWeight,
     kv_cache::KvCache,
-    models::{Arch, CausalLm, SlotStep},
     qlinear::QLinear,
 };
+use crate::engine::kernels::TiledWeight;
 
 /// What the decoder needs besides its weights.
 #[derive(Debug, Clone)]

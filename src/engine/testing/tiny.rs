@@ -17,10 +17,9 @@ use tokenizers::{
     pre_tokenizers::byte_level::ByteLevel,
 };
 
-use super::{
+use crate::engine::{
     EngineError,
-    deepseek2::MlaMoe,
-    models::{Arch, Dims},
+    models::{Arch, Dims, deepseek2::MlaMoe},
 };
 
 pub const BOS: &str = "<｜begin▁of▁sentence｜>";
