@@ -4,6 +4,11 @@
 //! the budget runs out), and finished or cancelled sequences (the client's event receiver
 //! dropped, or the client stopped reading for `stalled_client_timeout`) leave at once.
 //! Waiting requests are admitted round-robin across clients (`fair_queue.rs`).
+//!
+//! A step, in order: cancelled and stalled clients leave, sequences over the KV budget are
+//! preempted, each running sequence is given its share of the step (one token when
+//! decoding, a chunk when prefilling), one forward pass runs, and every sequence that fed
+//! its last pending token samples the next one (`sequence.rs`).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -15,19 +20,18 @@ use std::{
 use candle_core::{Device, Tensor};
 use tokio::sync::mpsc;
 
-use super::{fair_queue::FairQueue, outbox::Outbox, sampler::Sampler, worker::Job};
+use super::{
+    fair_queue::FairQueue,
+    outbox::Outbox,
+    sequence::{Outcome, Sequence},
+    worker::Job,
+};
 use crate::{
-    backend::{BackendError, ChoiceDelta, ClientId, ErrorKind, GenerationEvent, Origin, TimeoutPhase, Usage},
+    backend::{BackendError, ClientId, ErrorKind, GenerationEvent, Origin, TimeoutPhase, Usage},
     engine::{
         EngineError, Shared,
         load::loader::ModelInfo,
         models::{CausalLm, SlotStep},
-        text::{
-            reasoning::{ReasoningSplitter, Split},
-            stop::StopMatcher,
-            tokenizer::IncrementalDecoder,
-            tool_calls::{self, ToolCall, ToolCallParser},
-        },
     },
     metrics,
 };
@@ -39,9 +43,6 @@ pub(crate) const EVENT_BUFFER: usize = 64;
 /// Prompt tokens one step takes at most, so that a long prompt joining the batch is
 /// prefilled in chunks and running streams keep getting tokens in between.
 const PREFILL_CHUNK: usize = 512;
-
-/// Finish reason of a sequence ended by a stop string (sent as `stop`).
-const STOP_STRING: &str = "stop_string";
 
 /// How many sequences run together and how much KV cache they may hold.
 #[derive(Debug, Clone, Copy)]
@@ -64,46 +65,6 @@ struct ActiveJob {
     completion_tokens: u64,
     /// An error was sent: the remaining choices are dropped.
     failed: bool,
-}
-
-/// One choice of one request, decoding in a cache slot.
-struct Sequence {
-    job_id: u64,
-    job: Arc<Job>,
-    index: u32,
-    slot: usize,
-    /// Start order: the latest started is preempted first when the KV budget runs out.
-    started: u64,
-    sampler: Sampler,
-    decoder: IncrementalDecoder,
-    stops: StopMatcher,
-    splitter: ReasoningSplitter,
-    /// Present when the request offered tools and the template has a tool-call markup.
-    tool_calls: Option<ToolCallParser>,
-    /// No delta has been sent yet (the first one carries the role).
-    first: bool,
-    out: Outbox,
-    /// Tokens still to feed: the prompt (in chunks), then each sampled token.
-    pending: Vec<u32>,
-    pos: usize,
-    /// Tokens sampled so far (a preempted sequence feeds prompt and these again).
-    generated: Vec<u32>,
-}
-
-impl Sequence {
-    /// Positions its cache holds after the next step.
-    fn positions(&self) -> usize {
-        self.pos + self.pending.len()
-    }
-}
-
-/// What a step did to a sequence.
-enum Outcome {
-    Running,
-    /// Finished with this reason (`stop` or `length`).
-    Finished(&'static str),
-    /// The client is gone.
-    Cancelled,
 }
 
 pub(super) struct Scheduler {
@@ -167,9 +128,7 @@ impl Scheduler {
     /// Serve jobs until the queue closes.
     pub(super) fn run(&mut self, mut queue: mpsc::Receiver<Job>) {
         loop {
-            let timeout = self.stalled_client_timeout;
-            self.draining
-                .retain_mut(|out| out.flush() && out.is_backed_up() && !out.is_stalled(timeout));
+            self.flush_draining();
             let idle = self.running.is_empty()
                 && self.preempted.is_empty()
                 && self.starting.is_empty()
@@ -195,18 +154,30 @@ impl Scheduler {
             while let Ok(job) = queue.try_recv() {
                 self.enqueue(job);
             }
-            // Clients that left while waiting give their place (and queue count) back now.
-            self.waiting.retain(|job| !job.events.is_closed());
-            self.admit();
-            if self.running.is_empty() {
-                continue;
-            }
-            self.step();
+            self.turn();
         }
     }
 
     fn enqueue(&mut self, job: Job) {
         self.waiting.push(job.client.clone(), job);
+    }
+
+    /// Pass on what finished requests still hold for their clients; an outbox is dropped
+    /// once it is empty, its client gone, or stalled past the timeout.
+    fn flush_draining(&mut self) {
+        let timeout = self.stalled_client_timeout;
+        self.draining
+            .retain_mut(|out| out.flush() && out.is_backed_up() && !out.is_stalled(timeout));
+    }
+
+    /// Admit what fits, then run one step if anything runs.
+    fn turn(&mut self) {
+        // Clients that left while waiting give their place (and queue count) back now.
+        self.waiting.retain(|job| !job.events.is_closed());
+        self.admit();
+        if !self.running.is_empty() {
+            self.step();
+        }
     }
 
     /// KV bytes of the positions the running sequences hold after the next step.
@@ -223,64 +194,89 @@ impl Scheduler {
                 || self.used_bytes() + positions as u64 * self.kv_bytes_per_token <= self.kv_budget_bytes)
     }
 
-    /// Resume preempted sequences, start waiting choices, then take the waiting job in, as
+    /// Resume preempted sequences, start waiting choices, then take waiting jobs in, as
     /// far as slots and budget go.
     fn admit(&mut self) {
         loop {
-            if let Some(sequence) = self.preempted.front() {
-                if !self.fits(sequence.positions()) {
-                    return;
-                }
-                if let (Some(mut sequence), Some(slot)) = (self.preempted.pop_front(), self.free_slots.pop())
-                {
-                    sequence.slot = slot;
-                    self.running.push(sequence);
-                }
-                continue;
-            }
-            if let Some(&(job_id, index)) = self.starting.front() {
-                let Some(active) = self.jobs.get(&job_id) else {
-                    self.starting.pop_front();
-                    continue;
-                };
-                if !self.fits(active.job.prompt.len()) {
-                    return;
-                }
-                self.starting.pop_front();
-                let job = active.job.clone();
-                self.start_sequence(job_id, job, index);
-                continue;
-            }
-            let Some(job) = self.waiting.peek() else {
-                return;
+            let admitted = if !self.preempted.is_empty() {
+                self.resume_preempted()
+            } else if !self.starting.is_empty() {
+                self.start_next_choice()
+            } else {
+                self.accept_waiting_job()
             };
-            if !job.events.is_closed() && !self.fits(job.prompt.len()) {
+            if !admitted {
                 return;
             }
-            let Some((client, mut job)) = self.waiting.pop() else {
-                return;
-            };
-            // Started (or gone): it no longer counts against the queue.
-            job.ticket.take();
-            if job.events.is_closed() {
-                self.waiting.finished(&client);
-                continue; // the client left while it waited
-            }
-            let job_id = self.next_job;
-            self.next_job += 1;
-            let choices = job.params.n.max(1);
-            self.starting.extend((0..choices).map(|index| (job_id, index)));
-            self.jobs.insert(
-                job_id,
-                ActiveJob {
-                    job: Arc::new(job),
-                    client,
-                    open_choices: choices,
-                    completion_tokens: 0,
-                    failed: false,
-                },
-            );
         }
+    }
+
+    /// The first preempted sequence goes back into a slot; `false` when it does not fit.
+    fn resume_preempted(&mut self) -> bool {
+        let Some(sequence) = self.preempted.front() else {
+            return false;
+        };
+        if !self.fits(sequence.positions()) {
+            return false;
+        }
+        if let (Some(mut sequence), Some(slot)) = (self.preempted.pop_front(), self.free_slots.pop()) {
+            sequence.slot = slot;
+            self.running.push(sequence);
+        }
+        true
+    }
+
+    /// The first waiting choice of an admitted job starts; `false` when it does not fit.
+    fn start_next_choice(&mut self) -> bool {
+        let Some(&(job_id, index)) = self.starting.front() else {
+            return false;
+        };
+        let Some(active) = self.jobs.get(&job_id) else {
+            self.starting.pop_front();
+            return true;
+        };
+        if !self.fits(active.job.prompt.len()) {
+            return false;
+        }
+        self.starting.pop_front();
+        let job = active.job.clone();
+        self.start_sequence(job_id, job, index);
+        true
+    }
+
+    /// The next job in the clients' turn order is admitted, its choices queued to start;
+    /// `false` when none waits or its prompt does not fit.
+    fn accept_waiting_job(&mut self) -> bool {
+        let Some(job) = self.waiting.peek() else {
+            return false;
+        };
+        if !job.events.is_closed() && !self.fits(job.prompt.len()) {
+            return false;
+        }
+        let Some((client, mut job)) = self.waiting.pop() else {
+            return false;
+        };
+        // Started (or gone): it no longer counts against the queue.
+        job.ticket.take();
+        if job.events.is_closed() {
+            self.waiting.finished(&client);
+            return true; // the client left while it waited
+        }
+        let job_id = self.next_job;
+        self.next_job += 1;
+        let choices = job.params.n.max(1);
+        self.starting.extend((0..choices).map(|index| (job_id, index)));
+        self.jobs.insert(
+            job_id,
+            ActiveJob {
+                job: Arc::new(job),
+                client,
+                open_choices: choices,
+                completion_tokens: 0,
+                failed: false,
+            },
+        );
+        true
     }
 
     /// A job is done (finished, failed or cancelled): its client runs one fewer.
@@ -296,31 +292,8 @@ impl Scheduler {
         };
         let started = self.next_start;
         self.next_start += 1;
-        let uses_think = self.info.template.as_ref().is_some_and(|t| t.uses_think);
-        let tool_calls = (self.info.template.as_ref().and_then(|t| t.tool_calls))
-            .zip(job.tool_names.clone())
-            .map(|(format, names)| ToolCallParser::new(format, names));
-        self.running.push(Sequence {
-            job_id,
-            index,
-            slot,
-            started,
-            sampler: Sampler::new(&job.params, job.seed.wrapping_add(u64::from(index)), &job.prompt),
-            decoder: if tool_calls.is_some() {
-                IncrementalDecoder::with_tool_markup()
-            } else {
-                IncrementalDecoder::new()
-            },
-            stops: StopMatcher::new(&job.params.stop.0),
-            splitter: ReasoningSplitter::new(uses_think, job.think_opened),
-            tool_calls,
-            first: true,
-            out: Outbox::new(job.events.clone()),
-            pending: job.prompt.clone(),
-            pos: 0,
-            generated: Vec::new(),
-            job,
-        });
+        let sequence = Sequence::new(job_id, job, index, slot, started, &self.info);
+        self.running.push(sequence);
     }
 
     /// While the running sequences' positions exceed the KV budget, put the latest started
@@ -333,11 +306,7 @@ impl Scheduler {
             };
             let mut sequence = self.running.swap_remove(latest);
             self.free_slot(sequence.slot);
-            // Feed everything again: prompt, then the tokens already sampled (the last of
-            // them is the one still pending).
-            sequence.pending = sequence.job.prompt.clone();
-            sequence.pending.extend_from_slice(&sequence.generated);
-            sequence.pos = 0;
+            sequence.rewind();
             tracing::debug!(
                 positions = sequence.pending.len(),
                 "KV budget full: sequence preempted"
@@ -349,7 +318,22 @@ impl Scheduler {
     /// One forward pass over every running sequence, then one token for each that has
     /// consumed its input.
     fn step(&mut self) {
-        // Cancelled clients leave before any compute is spent on them.
+        self.leave_cancelled();
+        self.cancel_stalled();
+        self.preempt_over_budget();
+        if self.running.is_empty() {
+            return;
+        }
+        let takes = self.plan_takes();
+        let Some(logits) = self.forward(&takes) else {
+            return;
+        };
+        let outcomes = self.advance_running(&takes, logits);
+        self.settle(outcomes);
+    }
+
+    /// Cancelled clients leave before any compute is spent on them.
+    fn leave_cancelled(&mut self) {
         let (closed, open): (Vec<Sequence>, Vec<Sequence>) = std::mem::take(&mut self.running)
             .into_iter()
             .partition(|s| s.out.is_closed());
@@ -357,21 +341,18 @@ impl Scheduler {
         for sequence in closed {
             self.retire(sequence, Outcome::Cancelled);
         }
-        self.cancel_stalled();
-        self.preempt_over_budget();
-        if self.running.is_empty() {
-            return;
-        }
-        // Decoding sequences feed their one token; prompts share a chunk (a prompt that
-        // finds no room waits for the next step); a sequence whose client has not read its
-        // earlier events waits too.
+    }
+
+    /// How many pending tokens each running sequence feeds this step. Decoding sequences
+    /// feed their one token; prompts share a chunk (a prompt that finds no room waits for
+    /// the next step); a sequence whose client has not read its earlier events waits too.
+    fn plan_takes(&mut self) -> Vec<usize> {
         let mut prefill_room = if self.chunked_prefill {
             PREFILL_CHUNK
         } else {
             usize::MAX
         };
-        let takes: Vec<usize> = self
-            .running
+        self.running
             .iter_mut()
             .map(|s| {
                 s.out.flush();
@@ -385,11 +366,17 @@ impl Scheduler {
                     take
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    /// The forward pass over what each sequence takes; the last position's logits of each
+    /// sequence that took any. `None` when nothing was to be computed, or when the pass
+    /// failed (every running job then has the error).
+    fn forward(&mut self, takes: &[usize]) -> Option<Vec<Tensor>> {
         let steps: Vec<SlotStep<'_>> = self
             .running
             .iter()
-            .zip(&takes)
+            .zip(takes)
             .filter(|(_, take)| **take > 0)
             .map(|(s, &take)| SlotStep {
                 slot: s.slot,
@@ -402,26 +389,32 @@ impl Scheduler {
             // Every sequence waits for its client to read: nothing to compute yet.
             drop(steps);
             std::thread::sleep(std::time::Duration::from_millis(1));
-            return;
+            return None;
         }
         self.shared.peak_batch.fetch_max(stepped, Ordering::Relaxed);
         let device = self.device.clone();
         let model = &mut self.model;
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| model.forward_slots(&steps, &device)));
         drop(steps);
-        let mut logits = match result {
-            Ok(Ok(logits)) if logits.len() == stepped => logits.into_iter(),
-            Ok(Ok(logits)) => {
-                return self.fail_all(format!(
-                    "the model returned {} logits for {stepped} sequences",
-                    logits.len()
-                ));
-            }
-            Ok(Err(err)) => return self.fail_all(err.to_string()),
-            Err(_) => return self.fail_all("the engine panicked while generating; see the log".into()),
+        let message = match result {
+            Ok(Ok(logits)) if logits.len() == stepped => return Some(logits),
+            Ok(Ok(logits)) => format!(
+                "the model returned {} logits for {stepped} sequences",
+                logits.len()
+            ),
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => "the engine panicked while generating; see the log".into(),
         };
+        self.fail_all(message);
+        None
+    }
+
+    /// Each sequence that took tokens moves past them; one that has fed all it had samples
+    /// its next token from its logits.
+    fn advance_running(&mut self, takes: &[usize], logits: Vec<Tensor>) -> Vec<Result<Outcome, EngineError>> {
+        let mut logits = logits.into_iter();
         let mut outcomes = Vec::with_capacity(self.running.len());
-        for (sequence, take) in self.running.iter_mut().zip(takes) {
+        for (sequence, &take) in self.running.iter_mut().zip(takes) {
             if take == 0 {
                 outcomes.push(Ok(Outcome::Running));
                 continue;
@@ -433,12 +426,17 @@ impl Scheduler {
             sequence.pending.drain(..take);
             sequence.pos += take;
             let outcome = if sequence.pending.is_empty() {
-                advance(sequence, &logits, &self.info)
+                sequence.advance(&logits, &self.info)
             } else {
                 Ok(Outcome::Running)
             };
             outcomes.push(outcome);
         }
+        outcomes
+    }
+
+    /// Sequences that finished, left or failed in this step give their slots back.
+    fn settle(&mut self, outcomes: Vec<Result<Outcome, EngineError>>) {
         // Backwards, so that swap_remove only moves sequences already looked at.
         let mut done = Vec::new();
         for (index, outcome) in outcomes.into_iter().enumerate().rev() {
@@ -473,16 +471,8 @@ impl Scheduler {
         };
         let mut delivered = true;
         if let Some(reason) = finish {
-            // After a stop string nothing more is decoded, but what the splitter and the
-            // tool-call parser hold from before it goes out; otherwise all held text does.
-            let flushed = if reason == STOP_STRING {
-                flush_split(&mut sequence, String::new());
-                Ok(Some("stop"))
-            } else {
-                finish_text(&mut sequence, &self.info)
-            };
-            delivered = match flushed {
-                Ok(reason_after) => send_finish(&mut sequence, reason_after.unwrap_or(reason)),
+            delivered = match sequence.finish(reason, &self.info) {
+                Ok(delivered) => delivered,
                 Err(err) => {
                     self.free_slot(sequence.slot);
                     return self.fail_job(job_id, err.to_string(), Some(sequence.out));
@@ -491,17 +481,24 @@ impl Scheduler {
         }
         let generated = sequence.generated.len() as u64;
         self.free_slot(sequence.slot);
-        let mut out = sequence.out;
+        if finish.is_none() || !delivered {
+            // The client left: its other choices have nobody to go to either.
+            if self.jobs.contains_key(&job_id) {
+                self.drop_job(job_id);
+            }
+            return;
+        }
+        self.close_choice(job_id, generated, sequence.out);
+    }
+
+    /// A choice finished and reached its client: count it; after the job's last choice,
+    /// send the job's usage. `out` waits in `draining` while its client has not read all.
+    fn close_choice(&mut self, job_id: u64, generated: u64, mut out: Outbox) {
         let Some(active) = self.jobs.get_mut(&job_id) else {
             return;
         };
         active.completion_tokens += generated;
         active.open_choices = active.open_choices.saturating_sub(1);
-        if finish.is_none() || !delivered {
-            // The client left: its other choices have nobody to go to either.
-            self.drop_job(job_id);
-            return;
-        }
         if active.open_choices == 0 {
             if !active.failed {
                 let prompt_tokens = active.job.prompt.len() as u64;
@@ -609,106 +606,4 @@ impl Scheduler {
         }
         self.model.clear_kv_cache();
     }
-}
-
-/// Send released text; its answer part goes through the tool-call parser when there is
-/// one (`finished`: flush it).
-fn send_split(sequence: &mut Sequence, mut split: Split, finished: bool) -> bool {
-    let mut calls: Vec<ToolCall> = Vec::new();
-    let mut first_call = 0;
-    if let Some(parser) = &mut sequence.tool_calls {
-        first_call = parser.calls();
-        let mut parsed = parser.push(&split.content);
-        if finished {
-            let rest = parser.finish();
-            parsed.content.push_str(&rest.content);
-            parsed.calls.extend(rest.calls);
-        }
-        split.content = parsed.content;
-        calls = parsed.calls;
-    }
-    if split.content.is_empty() && split.reasoning.is_empty() && calls.is_empty() {
-        return true;
-    }
-    let entries: Vec<serde_json::Value> = calls
-        .iter()
-        .enumerate()
-        .map(|(n, call)| tool_calls::delta_entry(call, first_call + n))
-        .collect();
-    let delta = ChoiceDelta {
-        index: sequence.index,
-        role: std::mem::take(&mut sequence.first).then(|| "assistant".to_string()),
-        content: (!split.content.is_empty()).then_some(split.content),
-        reasoning_content: (!split.reasoning.is_empty()).then_some(split.reasoning),
-        tool_calls: (!entries.is_empty()).then_some(entries),
-        ..ChoiceDelta::default()
-    };
-    sequence.out.send(Ok(GenerationEvent::Delta(delta)))
-}
-
-/// Sample the next token from `logits` and pass its text on.
-fn advance(sequence: &mut Sequence, logits: &Tensor, info: &ModelInfo) -> Result<Outcome, EngineError> {
-    let token = sequence.sampler.sample(logits)?;
-    sequence.generated.push(token);
-    if info.eos_ids.contains(&token) {
-        return Ok(Outcome::Finished("stop"));
-    }
-    if let Some(text) = sequence.decoder.push(&info.tokenizer, token)? {
-        let released = sequence.stops.push(&text);
-        let split = sequence.splitter.push(&released.text);
-        if !send_split(sequence, split, false) {
-            return Ok(Outcome::Cancelled);
-        }
-        if released.stopped {
-            return Ok(Outcome::Finished(STOP_STRING));
-        }
-    }
-    if sequence.generated.len() >= sequence.job.max_tokens {
-        return Ok(Outcome::Finished("length"));
-    }
-    sequence.pending.push(token);
-    Ok(Outcome::Running)
-}
-
-/// Flush what the decoder, stop matcher and reasoning splitter still hold. Returns
-/// `Some("stop")` when a stop string completed in the held text.
-fn finish_text(sequence: &mut Sequence, info: &ModelInfo) -> Result<Option<&'static str>, EngineError> {
-    let tail = sequence.decoder.finish(&info.tokenizer)?;
-    let released = sequence.stops.push(&tail);
-    let mut text = released.text;
-    let stopped = released.stopped;
-    if !stopped {
-        text.push_str(&sequence.stops.finish());
-    }
-    flush_split(sequence, text);
-    Ok(stopped.then_some("stop"))
-}
-
-/// Pass the last `text` and everything the reasoning splitter and tool-call parser hold.
-fn flush_split(sequence: &mut Sequence, text: String) {
-    let mut split = sequence.splitter.push(&text);
-    let rest = sequence.splitter.finish();
-    split.reasoning.push_str(&rest.reasoning);
-    split.content.push_str(&rest.content);
-    send_split(sequence, split, true);
-}
-
-/// The choice's last delta, with its finish reason (`tool_calls` when the model ended
-/// its turn after calling tools, as OpenAI reports it).
-fn send_finish(sequence: &mut Sequence, reason: &'static str) -> bool {
-    let called = sequence.tool_calls.as_ref().is_some_and(|p| p.calls() > 0);
-    let reason = if reason == "stop" && called {
-        "tool_calls"
-    } else {
-        reason
-    };
-    let first = sequence.first;
-    let done = ChoiceDelta {
-        index: sequence.index,
-        role: first.then(|| "assistant".to_string()),
-        content: first.then(String::new),
-        finish_reason: Some(reason.to_string()),
-        ..ChoiceDelta::default()
-    };
-    sequence.out.send(Ok(GenerationEvent::Delta(done)))
 }
