@@ -607,3 +607,7 @@ impl Scheduler {
         self.model.clear_kv_cache();
     }
 }
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;
