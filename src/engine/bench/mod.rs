@@ -1,7 +1,8 @@
 //! The local engine's speed, measured through its `Backend` as the server uses it: time to
 //! ready, prefill of a long prompt, single-stream decode, TTFT and aggregate decode at
-//! several concurrent streams, and peak RSS. `benches/engine.rs` prints it; the same
-//! figures for llama.cpp come from `scripts/bench-llamacpp`.
+//! several concurrent streams, and peak RSS, against the memory bandwidth (`bandwidth`).
+//! `benches/engine.rs` prints it; the same figures for llama.cpp come from
+//! `scripts/bench-llamacpp`.
 
 pub mod bandwidth;
 

@@ -1,3 +1,10 @@
+//! lifeboat's own CPU matmul kernels (AVX-512 VNNI) for quantized weights: 16-row tiles
+//! for Q4_K, Q6_K, Q5_0 and Q8_0 (`tiles`, `tiles_q5_0`, `tiles_x86`), kernels on the
+//! stored blocks for Q4_K and Q6_K (here and `x86`) and Q8_0 (`q8_0`), each checked against
+//! a plain-Rust definition; and the output buffer candle's thread pool fills (`shared_out`).
+//!
+//! # Stored blocks
+//!
 //! Q4_K and Q6_K weights times activation rows as stored in the GGUF file, unpacking each
 //! block once for a group of up to eight rows. Weights whose shape fits go into 16-row
 //! tiles instead ([`tiles`], faster for every row count); this path takes the rest (a row

@@ -1,5 +1,9 @@
-//! The model interface the engine needs (as small as candle's: forward and clear the
-//! cache), the supported architectures, and the tensors each one must have.
+//! The models: the interface the engine needs (as small as candle's: forward and clear the
+//! cache), the supported architectures, and the tensors each one must have. Beside it,
+//! DeepSeek-V2 (`deepseek2`), lifeboat's own decoder for GGUF models
+//! (`quantized_decoder`, several sequences per step), its quantized linear layer
+//! (`qlinear`, which picks a kernel), decode attention on slices (`decode_attention`) and
+//! the per-slot KV cache (`kv_cache`).
 //!
 //! The layer code is candle-transformers'; this module checks every tensor's presence
 //! and shape first, because some candle loaders panic on a missing tensor.
