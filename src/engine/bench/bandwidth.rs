@@ -36,8 +36,8 @@ pub fn read_bytes_per_second(threads: usize) -> f64 {
 }
 
 /// A sum over eight independent lanes that asks for each line 8 KiB ahead, as the
-/// engine's kernels do: on this kind of VM plain loads, left to the hardware prefetcher,
-/// read about 10 GB/s with two threads, against 46 GB/s prefetched.
+/// engine's kernels do: on VMs, plain loads left to the hardware prefetcher read a fraction
+/// of what prefetched ones do (see `docs/engine.md`).
 fn sum(words: &[u64]) -> u64 {
     const AHEAD_WORDS: usize = 1024;
     let mut lanes = [0u64; 8];

@@ -12,8 +12,8 @@
 //!
 //! Why: candle has two CPU paths for these types, and neither suits 2–8 rows. Its per-row
 //! dot products (`k_quants::matmul`) unpack every weight block again for every row, and its
-//! repacked x86 tiles are built for prompts: on the 1.5B a 4-sequence decode step took
-//! 79 ms against 29 ms for one sequence, so four streams barely beat one. Here each block
+//! repacked x86 tiles are built for prompts, so that several decode streams barely beat
+//! one. Here each block
 //! is loaded and unpacked once, then multiplied with every row's 8-bit activations by
 //! AVX-512 VNNI instructions (`vpdpbusd`, with two groups' sums sharing one `vpdpwssd`
 //! that applies their sub-block scales). Q8_0 weights have their own kernel (`q8_0`).
@@ -36,8 +36,7 @@ const Q6K_BYTES: usize = 210;
 /// Weight rows per unit of work handed to candle's thread pool.
 const ROWS_PER_ITEM: usize = 8;
 /// Weight rows per unit of work for prompts: each group of activation rows is read from the
-/// cache once for this many weight rows (1.5B prefill through these kernels: 8 rows 130,
-/// 64 rows 137 tok/s).
+/// cache once for this many weight rows.
 const PROMPT_ROWS_PER_ITEM: usize = 64;
 
 /// Activation rows quantized per 256 values, as llama.cpp's Q8_K.

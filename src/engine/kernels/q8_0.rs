@@ -1,10 +1,10 @@
 //! Q8_0 weights (the 0.5B's, and every Q4_1/Q5_0/Q5_1/Q8_1 tensor requantized at load)
 //! times up to eight activation rows on the stored blocks, for decode steps.
 //!
-//! Why: candle's per-row Q8_0 dot products were 57 % of the 0.5B's decode and run below the
-//! memory bandwidth. Here two 32-value blocks make one 64-byte vector, multiplied with each
-//! row by one `vpdpbusd` (weights offset to unsigned by +128, the offset taken out again
-//! through the activations' block sums), and scaled in f32 lanes.
+//! Why: candle's per-row Q8_0 dot products dominate the decode of a Q8_0 model and run
+//! below the memory bandwidth. Here two 32-value blocks make one 64-byte vector, multiplied
+//! with each row by one `vpdpbusd` (weights offset to unsigned by +128, the offset taken out
+//! again through the activations' block sums), and scaled in f32 lanes.
 
 use super::{available, for_each_weight_row, quantize_block};
 

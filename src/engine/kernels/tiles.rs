@@ -4,10 +4,10 @@
 //!
 //! Why: with one weight row per vector (the stored layout, [`super`]), every 32-value
 //! sub-block needs its scale applied inside the row's vector, which costs as much as the
-//! products (`vpackssdw` + `vpdpwssd` per 128 values); prompts ran at 0.85× llama.cpp that
-//! way. candle's repacked tiles are fast for prompts but widen the scales to f32 (1.33× the
-//! bytes), and with the stored blocks kept for decode the weights were held twice (+1 GB on
-//! the 1.5B, and their building was most of the time to ready). Here each 32-bit lane of a
+//! products (`vpackssdw` + `vpdpwssd` per 128 values), which keeps prompts behind
+//! llama.cpp. candle's repacked tiles are fast for prompts but widen the scales to f32 (1.33×
+//! the bytes), and with the stored blocks kept for decode the weights would be held twice
+//! (and building the repacked copy takes time at load). Here each 32-bit lane of a
 //! vector is one of 16 weight rows: a lane sums a whole sub-block before its scale is
 //! applied once, in f32, for all 16 rows, and the scales stay 6 bits wide packed as bytes.
 //! One layout serves prompts and decode, and the stored blocks are dropped after tiling (a

@@ -1,10 +1,10 @@
 //! Q5_0 and Q8_0 in the 16-row tiles of [`super::tiles`]: the layouts, their activations
 //! (8-bit per 32 values) and the plain-Rust definitions the kernels are tested against.
 //!
-//! Why: Qwen2.5-0.5B's weights are mostly Q5_0, which candle multiplies with scalar code;
-//! lifeboat used to requantize them to Q8_0 at load (8.5 bits per weight instead of 5.5,
-//! plus zero padding of its 896-wide rows to 1024 for candle's prompt kernels, plus those
-//! kernels' repacked copy): twice llama.cpp's memory. Tiled, they keep their stored size.
+//! Why: Qwen2.5-0.5B's weights are mostly Q5_0, which candle multiplies with scalar code.
+//! Requantized to Q8_0 at load they would take 8.5 bits per weight instead of 5.5, plus
+//! zero padding of 896-wide rows to 1024 for candle's prompt kernels, plus those kernels'
+//! repacked copy. Tiled, they keep their stored size.
 //!
 //! Stored block (22 bytes, 32 values): `d` f16, `qh` u32 (bit j: the 5th bit of value j),
 //! `qs[16]` (byte j: value j in the low nibble, value j + 16 in the high one); a value is

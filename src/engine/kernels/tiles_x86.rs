@@ -79,8 +79,7 @@ unsafe fn halfs_to_f32(p: *const u8) -> __m512 {
 /// Bytes of weights to prefetch ahead of the line being multiplied: decode steps are bound
 /// by memory bandwidth, and the hardware prefetcher alone leaves it idle at times. One
 /// prefetch per 64-byte line as the kernel consumes one, not a block's worth at once (a
-/// burst of 37 overflowed the miss buffers: the 1.5B's output layer streamed at 44 instead
-/// of 80 GB/s); 8 KiB measured best (4 KiB: 72, 16 KiB: 52 GB/s).
+/// burst overflows the miss buffers); 8 KiB ahead measured best (see `docs/engine.md`).
 const PREFETCH_AHEAD: usize = 8192;
 
 /// Ask for the lines of `bytes` bytes from `p` (a hint: it never faults, also past the end

@@ -210,8 +210,8 @@ fn halves(low: i16, high: i16) -> __m512i {
 }
 
 /// Ask for the cache lines of the block `distance` bytes ahead: the hardware prefetcher
-/// alone left the memory bus idle part of the time (1.5B, 4 rows: 57 -> 43 ms a step; one
-/// row 25 -> 23.5 ms). Prefetches never fault, also past the end of the weights.
+/// alone leaves the memory bus idle part of the time. Prefetches never fault, also past the
+/// end of the weights.
 #[inline(always)]
 fn prefetch_ahead(p: *const u8, distance: usize, block_bytes: usize) {
     let ahead = p.wrapping_add(distance);

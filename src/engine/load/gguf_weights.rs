@@ -50,8 +50,8 @@ impl TensorReader<'_> {
     }
 
     /// Drop the map's pages of a tensor that has been copied out of it. Mapped file pages
-    /// count in the process's memory until then: without this the peak RSS was the file
-    /// plus the copied weights (1.5B: 2.32 GB peak against 1.22 GB once loaded).
+    /// count in the process's memory until then: without this the peak RSS is the file
+    /// plus the copied weights.
     fn release(&self, raw: &[u8]) {
         let offset = (raw.as_ptr() as usize).wrapping_sub(self.map.as_ptr() as usize);
         // SAFETY: the map is a read-only shared mapping of the model file. After
@@ -98,7 +98,7 @@ impl TensorReader<'_> {
     /// Weight matrices stay quantized. On the CPU, Q8_0 rows (including requantized ones,
     /// see [`TensorReader::weight`]) of a width that is not a multiple of 256 are
     /// zero-padded to one, so prompts take candle's repacked kernels (see
-    /// [`QLinear::padded`]; the 0.5B's 896-wide layers: 14 % more weight bytes).
+    /// [`QLinear::padded`]; the padding costs weight bytes, see `docs/engine.md`).
     fn matmul(&self, name: &str) -> Result<QLinear, EngineError> {
         let (dtype, raw, dims) = self.raw(name)?;
         let (rows, width) = match dims.as_slice() {
@@ -165,7 +165,7 @@ impl TensorReader<'_> {
     }
 
     /// A weight matrix in a type with a fast CPU kernel. candle multiplies Q4_1, Q5_0,
-    /// Q5_1 and Q8_1 with scalar code (about 5× slower than llama.cpp here); on the CPU
+    /// Q5_1 and Q8_1 with scalar code (several times slower than llama.cpp); on the CPU
     /// they are requantized to Q8_0 at load, which has SIMD kernels. Q8_0 keeps 8 bits
     /// per weight where these keep 4–5, so the rounding it adds is far below theirs; the
     /// cost is memory (8.5 instead of 5–6 bits per weight for those tensors) and load time.
@@ -284,7 +284,7 @@ pub(super) fn build_decoder(
         }
         None => {
             // Untied, the table is only looked up (a few rows dequantized per step): as stored,
-            // never requantized (the 0.5B's Q5_0 table went through 0.5 GB of f32 for it).
+            // never requantized (that would go through the whole table in f32).
             let table = Arc::new(if tied {
                 tensors.weight("token_embd.weight")?
             } else {

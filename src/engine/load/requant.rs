@@ -1,7 +1,7 @@
 //! GGUF weights in types without a fast CPU kernel (Q4_1, Q5_0, Q5_1, Q8_1) become Q8_0, and
 //! Q8_0 rows get zero-padded to the width candle's repacked kernels need — one row at a
 //! time, straight from the memory-mapped file into the final blocks, so loading never
-//! holds an f32 copy of a whole tensor (that copy made the 0.5B load in 4.5 s).
+//! holds an f32 copy of a whole tensor (slow to make, and about four times its Q8_0 size).
 
 use candle_core::quantized::{
     GgmlDType, GgmlType, QStorage, QTensor,

@@ -3,8 +3,8 @@
 //!
 //! Why: through tensor ops a decode token's attention is ~20 small ops per sequence and
 //! block (narrow, transpose, contiguous copies, RoPE, cache writes, two matmuls, softmax),
-//! each paying candle's dispatch and allocation; on the 1.5B that was 4.2 ms of a 4-sequence
-//! step (11 %) and 1.2 ms of a single one, for arithmetic worth a tenth of that. Prompts
+//! each paying candle's dispatch and allocation, which costs several times the arithmetic
+//! itself and a noticeable share of a decode step. Prompts
 //! keep the tensor path (real matrix products there).
 //!
 //! A sequence's result does not depend on the others in the step: each (sequence, KV head)

@@ -7,8 +7,8 @@
 //! - weights of those types in a shape the tiles do not fit (rows not a multiple of 16)
 //!   stay as stored and take the stored-block kernels: Q4_K and Q6_K for any number of
 //!   rows, Q8_0 for decode steps of up to [`QLinear::FEW_ROWS`] rows;
-//! - everything else goes through candle's `QMatMul`: its repacked tiles for prompts (Q8_0,
-//!   about 5× faster than per-row dot products) and per-row dot products for one row.
+//! - everything else goes through candle's `QMatMul`: its repacked tiles for prompts (for
+//!   Q8_0 much faster than per-row dot products) and per-row dot products for one row.
 //!
 //! Other CPUs and CUDA use candle's paths throughout.
 
@@ -64,7 +64,7 @@ impl QLinear {
 
     /// A weight whose rows were zero-padded from `inputs` to a multiple of 256 columns, the
     /// width candle's repacked x86 prompt kernels need (Qwen2.5-0.5B's 896-wide layers
-    /// otherwise run per-row dot products, 5× slower); inputs are padded to match.
+    /// otherwise run per-row dot products, several times slower); inputs are padded to match.
     pub fn padded(matmul: QMatMul, inputs: usize) -> QLinear {
         QLinear {
             weight: Weight::Stored(matmul),

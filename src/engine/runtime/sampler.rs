@@ -2,8 +2,8 @@
 //! and frequency penalties applied first. Greedy when the temperature is 0, which is
 //! deterministic.
 //!
-//! Truncation never sorts the vocabulary (candle's `LogitsProcessor` sorts all 151k
-//! logits for top-p: 7.9 ms per token). Only tokens within [`CANDIDATE_SPAN`] of the best
+//! Truncation never sorts the vocabulary (candle's `LogitsProcessor` sorts every logit for
+//! top-p, a cost paid per token). Only tokens within [`CANDIDATE_SPAN`] of the best
 //! logit are considered when their mass already covers top-p (exact, see
 //! [`Sampler::candidates`]), and the nucleus is found by a mass-weighted selection in
 //! linear time.
@@ -23,7 +23,7 @@ const DEFAULT_TEMPERATURE: f32 = 1.0;
 const CANDIDATE_SPAN: f32 = 12.0;
 
 /// Temperatures below this sample greedily. Scaling by `1 / T` overflows `f32` for a tiny
-/// `T` (1e-45 made every logit infinite and the request a 500), and long before that the
+/// `T` (at 1e-45 every logit becomes infinite), and long before that the
 /// draw is the argmax in all but exact ties (at 1e-4 a logit 0.01 behind weighs e^-100).
 const MIN_TEMPERATURE: f32 = 1e-4;
 
@@ -132,8 +132,8 @@ impl Sampler {
     /// order them), then one draw.
     fn draw(&mut self, temperature: f32, top_k: Option<usize>, top_p: Option<f32>) -> Option<u32> {
         let inverse = 1.0 / temperature;
-        // Loops over the whole vocabulary are written lane by lane so they vectorize:
-        // with libm's exp and one running sum a 151k-token draw took 1.4 ms.
+        // Loops over the whole vocabulary are written lane by lane so they vectorize (libm's
+        // exp and one running sum do not).
         let mut lanes = [f32::NEG_INFINITY; LANES];
         for chunk in self.weights.chunks_mut(LANES) {
             for (lane, w) in lanes.iter_mut().zip(chunk) {

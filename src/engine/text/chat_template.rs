@@ -18,10 +18,9 @@ use crate::engine::EngineError;
 
 const TEMPLATE_NAME: &str = "chat";
 
-/// Instructions one render may execute. The R1 template takes about 28 per message
-/// (2 760 for 100 turns), so this leaves room for templates a hundred times busier on
-/// thousand-message prompts, and ends a runaway loop in under a second (0.83 s in the
-/// opt-level-1 dev build).
+/// Instructions one render may execute. The R1 template takes a few dozen per message, so
+/// this leaves room for templates a hundred times busier on thousand-message prompts, and
+/// ends a runaway loop in under a second (see `docs/engine.md`).
 pub const RENDER_FUEL: u64 = 20_000_000;
 
 /// Largest rendered prompt. The request body is capped at `server.max_body_bytes`
