@@ -119,8 +119,8 @@ use crate::backend::{
 
 /// Fix the number of CPU threads candle uses for this process. Unless `RAYON_NUM_THREADS`
 /// is set, candle recomputes it for every f32 matmul (attention) by reading
-/// `/proc/cpuinfo`: on the 1.5B that was 6 of a 44 ms four-sequence decode step. This sets
-/// it to the count candle picks itself (the physical cores) when the variable is unset.
+/// `/proc/cpuinfo`, a visible share of a decode step. This sets it to the count candle
+/// picks itself (the physical cores) when the variable is unset.
 ///
 /// # Safety
 /// It sets an environment variable: call it before the process starts a second thread.
