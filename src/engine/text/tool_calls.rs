@@ -2,12 +2,13 @@
 //! that sends `tools` gets the same answer shape from the local fallback as from the
 //! gateway (as vLLM's tool parsers do). Two markups, chosen by the chat template:
 //! Hermes-style `<tool_call>{"name": …, "arguments": …}</tool_call>` (Qwen2.5, Qwen3) and
-//! DeepSeek's `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME
-//! ```json ARGS```<｜tool▁call▁end｜>…<｜tool▁calls▁end｜>` (V3, R1).
+//! DeepSeek's (V3, R1)
+//! ``<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME ```json ARGS```
+//! <｜tool▁call▁end｜>…<｜tool▁calls▁end｜>``.
 //!
 //! Small models often skip the markup and answer with the bare call instead
 //! (Qwen2.5-Coder writes `{"name": "get_weather", "arguments": {…}}`, sometimes inside a
-//! ```json fence): an answer that is only such an object (or a list of them), naming an
+//! `` ```json `` fence): an answer that is only such an object (or a list of them), naming an
 //! offered tool, is a call too. To tell, an answer that opens with `{`, `[` or a fence is
 //! held until it ends.
 //!
