@@ -18,7 +18,7 @@
 //! - `kernels`: lifeboat's own CPU matmul kernels, checked against plain-Rust references.
 //! - [`runtime`]: admission, the engine thread, the continuous-batching scheduler, sampling.
 //! - [`text`]: tokenizers, chat templates, stop strings, reasoning and tool-call parsing.
-//! - [`testing`]: the tiny models the tests generate. [`bench`]: `lifeboat bench engine`.
+//! - [`testing`]: the tiny models the tests generate. [`mod@bench`]: `lifeboat bench engine`.
 //!
 //! `docs/engine.md` follows one request through them.
 //!

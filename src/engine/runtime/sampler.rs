@@ -3,9 +3,9 @@
 //! deterministic.
 //!
 //! Truncation never sorts the vocabulary (candle's `LogitsProcessor` sorts every logit for
-//! top-p, a cost paid per token). Only tokens within [`CANDIDATE_SPAN`] of the best
+//! top-p, a cost paid per token). Only tokens within `CANDIDATE_SPAN` of the best
 //! logit are considered when their mass already covers top-p (exact, see
-//! [`Sampler::candidates`]), and the nucleus is found by a mass-weighted selection in
+//! `Sampler::candidates`), and the nucleus is found by a mass-weighted selection in
 //! linear time.
 
 use std::collections::HashMap;
