@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use lifeboat::{
     app::{self, AppState},
-    engine::{Arch, tiny::make_tiny},
+    engine::{Arch, testing::tiny::make_tiny},
     mock_upstream::{FaultMode, MockSettings, MockUpstream},
 };
 use serde_json::json;

@@ -19,7 +19,7 @@ use lifeboat::{
         GenerationEvent, GenerationRequest, SamplingParams,
     },
     config::{Config, RemoteConfig},
-    engine::sampler::Sampler,
+    engine::runtime::sampler::Sampler,
     mock_upstream::mock_text,
     router::{RouteTable, Router, RouterSettings},
     upstream::sse::{SseFrame, SseParser},

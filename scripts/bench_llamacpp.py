@@ -16,7 +16,7 @@ import time
 import numpy as np
 from llama_cpp import Llama
 
-# The same text lifeboat's bench repeats (src/engine/bench.rs).
+# The same text lifeboat's bench repeats (src/engine/bench/mod.rs).
 TEXT = (
     "The gateway answered slowly, so the local model took over. "
     "fn add(a: i32, b: i32) -> i32 { a + b } Numbers: 12 345 6789. "

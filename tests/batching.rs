@@ -15,7 +15,7 @@ use lifeboat::{
     backend::{Backend, BackendRequest, GenerationEvent, GenerationRequest, SamplingParams},
     engine::{
         Arch, LocalBackend, LocalSettings,
-        tiny_gguf::{make_tiny_gguf, tiny_gguf_parts, write_gguf},
+        testing::tiny_gguf::{make_tiny_gguf, tiny_gguf_parts, write_gguf},
     },
 };
 

@@ -507,7 +507,7 @@ async fn the_binary_writes_every_file() {
 fn a_local_model_file_is_served_in_process() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = dir.path().join("tiny");
-    lifeboat::engine::tiny::make_tiny(lifeboat::engine::Arch::Qwen2, &model, 1).expect("tiny model");
+    lifeboat::engine::testing::tiny::make_tiny(lifeboat::engine::Arch::Qwen2, &model, 1).expect("tiny model");
     let out = dir.path().join("run");
     let target = format!(
         "name=box,kind=local,model=tiny,model_file={},gpu_usd_per_hour=1",
@@ -565,7 +565,8 @@ fn a_local_model_file_is_served_in_process() {
 #[test]
 fn bench_engine_measures_a_tiny_model() {
     let dir = tempfile::tempdir().expect("tempdir");
-    lifeboat::engine::tiny::make_tiny(lifeboat::engine::Arch::Qwen2, dir.path(), 1).expect("tiny model");
+    lifeboat::engine::testing::tiny::make_tiny(lifeboat::engine::Arch::Qwen2, dir.path(), 1)
+        .expect("tiny model");
     let model = dir.path().display().to_string();
     let (code, stdout, stderr) = bench_binary(
         &[

@@ -10,7 +10,7 @@ use std::{collections::HashMap, sync::Arc};
 use common::{TestApp, spawn_app_with};
 use lifeboat::{
     config::{FallbackConfig, RemoteConfig, RouteConfig},
-    engine::{Arch, tiny::make_tiny},
+    engine::{Arch, testing::tiny::make_tiny},
     mock_upstream::{FaultMode, MockSettings, MockUpstream},
 };
 use serde_json::{Value, json};

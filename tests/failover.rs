@@ -10,7 +10,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use common::{SseBody, TestApp, spawn_app_with};
 use lifeboat::{
-    engine::{Arch, tiny::make_tiny},
+    engine::{Arch, testing::tiny::make_tiny},
     mock_upstream::{FaultMode, MockSettings},
 };
 use serde_json::{Value, json};

@@ -12,7 +12,7 @@ use candle_core::{
 use common::spawn_local_app;
 use lifeboat::engine::{
     Arch, LocalBackend, LocalSettings,
-    tiny_gguf::{GgufParts, make_tiny_gguf, tiny_gguf_parts, write_gguf},
+    testing::tiny_gguf::{GgufParts, make_tiny_gguf, tiny_gguf_parts, write_gguf},
 };
 use serde_json::{Value, json};
 

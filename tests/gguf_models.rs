@@ -8,7 +8,7 @@ use crate::common;
 
 use std::path::PathBuf;
 
-use lifeboat::engine::gguf;
+use lifeboat::engine::load::gguf;
 use serde_json::{Value, json};
 
 fn check_tokenizer_fixture(fixture: &str) {
@@ -112,7 +112,7 @@ async fn smollm2_greedy_answer_is_pinned() {
 /// through the incremental decoder and parses into the call.
 #[test]
 fn deepseek_tool_call_markup_is_decoded_and_parsed() {
-    use lifeboat::engine::{
+    use lifeboat::engine::text::{
         tokenizer::IncrementalDecoder,
         tool_calls::{ToolCallFormat, ToolCallParser},
     };

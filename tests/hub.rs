@@ -17,7 +17,10 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use lifeboat::engine::{Arch, tiny::make_tiny, tiny_gguf::make_tiny_gguf};
+use lifeboat::engine::{
+    Arch,
+    testing::{tiny::make_tiny, tiny_gguf::make_tiny_gguf},
+};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 

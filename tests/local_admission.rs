@@ -16,8 +16,10 @@ use common::{TestApp, spawn_local_app_with};
 use futures_util::StreamExt;
 use lifeboat::engine::{
     Arch,
-    tiny::make_tiny,
-    tiny_gguf::{tiny_gguf_parts, write_gguf},
+    testing::{
+        tiny::make_tiny,
+        tiny_gguf::{tiny_gguf_parts, write_gguf},
+    },
 };
 use serde_json::{Value, json};
 use tokio::{

@@ -10,7 +10,7 @@ use common::{TestApp, read_sse, spawn_app_with, spawn_local_app, spawn_local_app
 use futures_util::StreamExt;
 use lifeboat::{
     backend::{Backend, BackendRequest, ChatMessage, ErrorKind, GenerationRequest, SamplingParams},
-    engine::{Arch, LocalBackend, LocalSettings, loader, read_info, tiny::make_tiny},
+    engine::{Arch, LocalBackend, LocalSettings, load::loader, read_info, testing::tiny::make_tiny},
     mock_upstream::MockSettings,
 };
 use serde_json::{Value, json};
@@ -341,9 +341,12 @@ fn broken_deepseek2_folders_name_the_tensor_or_the_setting() {
 async fn a_chat_template_override_is_rendered_with_the_models_tokens() {
     let dir = tiny_model(Arch::Qwen2);
     let custom = "{{ bos_token }}Q: {% for m in messages %}{{ m.content }}{% endfor %}\nA:";
-    let tokenizer = lifeboat::engine::tiny::tiny_tokenizer().expect("tokenizer");
+    let tokenizer = lifeboat::engine::testing::tiny::tiny_tokenizer().expect("tokenizer");
     // trim_blocks (as Hugging Face renders) drops the newline after `{% endfor %}`.
-    let expected = format!("{}Q: Hello there, tiny modelA:", lifeboat::engine::tiny::BOS);
+    let expected = format!(
+        "{}Q: Hello there, tiny modelA:",
+        lifeboat::engine::testing::tiny::BOS
+    );
     let expected_tokens = tokenizer.encode(expected, false).expect("encode").len();
 
     // The template from a file, then the same template taken from another model folder.

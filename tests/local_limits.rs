@@ -8,7 +8,7 @@ use std::{collections::HashMap, path::Path, time::Duration};
 
 use common::{spawn_app_with, spawn_local_app, spawn_local_app_with};
 use lifeboat::{
-    engine::{Arch, tiny::make_tiny},
+    engine::{Arch, testing::tiny::make_tiny},
     mock_upstream::MockSettings,
 };
 use serde_json::{Value, json};

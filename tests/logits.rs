@@ -6,7 +6,12 @@
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use lifeboat::engine::{Arch, loader, models::SlotStep, tiny::make_tiny, tiny_gguf::make_tiny_gguf};
+use lifeboat::engine::{
+    Arch,
+    load::loader,
+    models::SlotStep,
+    testing::{tiny::make_tiny, tiny_gguf::make_tiny_gguf},
+};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use lifeboat::{
     backend::ChatMessage,
-    engine::{chat_template::ChatTemplate, gguf, tiny},
+    engine::{load::gguf, testing::tiny, text::chat_template::ChatTemplate},
 };
 use serde_json::Value;
 

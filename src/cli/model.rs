@@ -12,10 +12,9 @@ use crate::{
     backend::{Backend, BackendRequest, GenerationEvent, GenerationRequest, SamplingParams},
     engine::{
         Arch, LocalBackend, LocalSettings,
-        hub::{self, ModelSpec},
+        load::hub::{self, ModelSpec},
         read_info,
-        tiny::make_tiny,
-        tiny_gguf::make_tiny_gguf,
+        testing::{tiny::make_tiny, tiny_gguf::make_tiny_gguf},
     },
 };
 
@@ -35,7 +34,7 @@ pub enum ModelCommand {
 #[derive(Debug, Args)]
 pub struct PullArgs {
     /// The repo [default: the default local model].
-    #[arg(default_value = crate::engine::hub::DEFAULT_MODEL)]
+    #[arg(default_value = crate::engine::load::hub::DEFAULT_MODEL)]
     pub repo: String,
 }
 
@@ -187,7 +186,7 @@ async fn generate(args: GenerateArgs) -> Result<(), CliError> {
 }
 
 /// What `model inspect` prints about a model.
-fn describe(info: &crate::engine::loader::ModelInfo) -> String {
+fn describe(info: &crate::engine::ModelInfo) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let d = &info.dims;

@@ -13,7 +13,7 @@ use super::CliError;
 use crate::{
     app::{self, AppState},
     config::{Config, Overrides, ProcessEnv},
-    engine::hub::DEFAULT_MODEL,
+    engine::load::hub::DEFAULT_MODEL,
     http_server::{self, ServerLimits},
     shutdown,
 };

@@ -160,7 +160,7 @@ impl LocalConfig {
         Some(
             self.served_model_name
                 .clone()
-                .unwrap_or_else(|| crate::engine::hub::ModelSpec::parse(model).served_name()),
+                .unwrap_or_else(|| crate::engine::load::hub::ModelSpec::parse(model).served_name()),
         )
     }
 }

@@ -6,39 +6,92 @@
 //!
 //! The local model is the scarce resource during an outage, so it is guarded: a request is
 //! checked (`n`, prompt bytes) and counted against the queue before any work
-//! (`admission.rs`), an unset `max_tokens` is capped, waiting requests are admitted
-//! round-robin across clients (`fair_queue.rs`), and a client that stops reading loses
-//! its slot (`outbox.rs`).
+//! (`runtime/admission.rs`), an unset `max_tokens` is capped, waiting requests are admitted
+//! round-robin across clients (`runtime/fair_queue.rs`), and a client that stops reading
+//! loses its slot (`runtime/outbox.rs`).
+//!
+//! # Rooms
+//!
+//! - [`load`]: model source → ready-to-run model (a folder, a `.gguf` file, a Hub repo).
+//! - [`models`]: the [`models::CausalLm`] trait, the architectures and their tensors,
+//!   lifeboat's own decoder for GGUF models and its quantized layers.
+//! - `kernels`: lifeboat's own CPU matmul kernels, checked against plain-Rust references.
+//! - [`runtime`]: admission, the engine thread, the continuous-batching scheduler, sampling.
+//! - [`text`]: tokenizers, chat templates, stop strings, reasoning and tool-call parsing.
+//! - [`testing`]: the tiny models the tests generate. [`mod@bench`]: `lifeboat bench engine`.
+//!
+//! `docs/engine.md` follows one request through them.
+//!
+//! # Adding an architecture
+//!
+//! 1. `models/mod.rs`: a variant of [`Arch`] (class name, short name, `Arch::ALL`), what
+//!    it adds to [`models::Dims`] in `Dims::from_config`, and every tensor it reads in
+//!    `Dims::expected_tensors` (the loader checks them all before reading one). Test: its
+//!    class in `architectures_are_recognised_or_refused_precisely`, a bad value in
+//!    `bad_dims_are_named`.
+//! 2. The layers: `models::build` wraps candle-transformers' model in a `CausalLm` (as
+//!    `Qwen2`), or the architecture gets its own file in `models/` when it needs checks of
+//!    its own (`deepseek2.rs` refuses by name the configurations candle gets wrong). Test:
+//!    each refusal, beside the code.
+//! 3. GGUF, if it is served from GGUF: its `general.architecture` in `GGUF_ARCHS` and its
+//!    metadata in `read_dims` (`load/gguf.rs`), its tensor names in `gguf_tensor_name`, and
+//!    what the decoder needs in `decoder_config` and `models/quantized_decoder.rs`. Test:
+//!    `hf_names_map_to_gguf_names`.
+//! 4. The tiny model: `testing/tiny.rs` (`tiny_dims`, the `config.json` that `make_tiny`
+//!    writes) and `testing/tiny_gguf.rs`, so that `lifeboat model make-tiny` writes one.
+//!    Test: the architecture in `every_architecture_serves_and_legacy_completions_work`
+//!    (`tests/local_engine.rs`).
+//! 5. Reference logits, the proof that the model is right: its short name in `ARCHS` of
+//!    `scripts/logit_fixtures.py`, `scripts/make-fixtures logits` (transformers, CPU, f32),
+//!    the fixture committed under `tests/fixtures/logits/`, and a
+//!    `…_logits_match_transformers` test in `tests/logits.rs` (for GGUF also the
+//!    `…_gguf_…` one and the in-batch case), max-abs ≤ 1e-4 after the prompt and after
+//!    every decode step.
+//! 6. A new chat template family: its rendering against transformers in
+//!    `tests/templates.rs` (`scripts/make-fixtures templates`); the README's table of
+//!    architectures.
+//!
+//! # Adding a kernel or a device
+//!
+//! A CPU kernel:
+//! 1. Its byte layout in the kernel file's module doc, and a plain-Rust definition (the
+//!    `reference` module in `kernels/mod.rs`, `reference_dot_tile` in `kernels/tiles.rs`):
+//!    what the SIMD code is tested against, and the path on other CPUs.
+//! 2. The SIMD code in a module of its own under `#[cfg(target_arch = "x86_64")]` and
+//!    `#[allow(unsafe_code)]` (`kernels/x86.rs`, `kernels/tiles_x86.rs`), with
+//!    `#[target_feature(enable = …)]` and a `// SAFETY:` comment on every `unsafe` block,
+//!    reached only after `kernels::available` found the instructions at run time.
+//! 3. Selection: an entry point declines (`None`, `false`) a type, shape or CPU it does not
+//!    take (`kernels::takes`, `TiledWeight::new`) and the caller falls back to candle;
+//!    `models/qlinear.rs` chooses per multiplication, `load/gguf_weights.rs` (`tiles`,
+//!    `block_matmul`) at load.
+//! 4. Tests beside the kernel: equal to the reference and within tolerance of candle's
+//!    `QMatMul` on the same weights (`models::qlinear::test_support`), a row the same alone
+//!    and in any batch (`kernels_match_the_reference_and_candle_and_a_row_is_the_same_in_any_batch`),
+//!    layouts that round-trip (`tiling_keeps_every_stored_byte`), unfit shapes declined.
+//!    End to end: `batched_outputs_equal_unbatched_outputs_with_quantized_weights`
+//!    (`tests/batching.rs`).
+//! 5. Speed: `cargo bench --bench engine` or `lifeboat bench engine`; the figures go to
+//!    `docs/engine.md`, not into comments.
+//!
+//! A device:
+//! 1. [`preferred_device`] picks it (behind a cargo feature, as `cuda` is) and the loader
+//!    its dtype (`load/loader.rs`: f32 on the CPU, bf16 otherwise).
+//! 2. The CPU-only paths stay behind `device.is_cpu()` (lifeboat's kernels and tiles,
+//!    decode attention on slices, the quantized embedding lookup, the sampler's direct
+//!    read); the device takes candle's paths until it has kernels of its own, added as
+//!    above.
+//! 3. The build compiles without the device (`scripts/check-cuda` proves the CUDA build on
+//!    a machine without a GPU), and the tiny models' logits on the device match the
+//!    fixtures of `tests/logits.rs`.
 
-mod admission;
-pub mod bandwidth;
 pub mod bench;
-pub mod chat_template;
-mod decode_attention;
-pub mod deepseek2;
-mod fair_queue;
-pub mod gguf;
-pub mod gguf_tokenizer;
-mod gguf_weights;
-pub mod hub;
-mod kquant_rows;
-mod kv_cache;
-pub mod loader;
+mod kernels;
+pub mod load;
 pub mod models;
-mod outbox;
-pub mod qlinear;
-pub mod quantized;
-pub mod reasoning;
-pub mod requant;
-pub mod sampler;
-mod scheduler;
-mod shared_out;
-pub mod stop;
-pub mod tiny;
-pub mod tiny_gguf;
-pub mod tokenizer;
-pub mod tool_calls;
-mod worker;
+pub mod runtime;
+pub mod testing;
+pub mod text;
 
 use std::{
     path::{Path, PathBuf},
@@ -53,8 +106,11 @@ use async_trait::async_trait;
 use candle_core::Device;
 use tokio::sync::mpsc;
 
-pub use loader::{ModelInfo, read_info};
+pub use load::loader::{ModelInfo, read_info};
 pub use models::Arch;
+
+use load::{hub, loader};
+use runtime::{admission, scheduler, worker};
 
 use crate::backend::{
     Backend, BackendError, BackendKind, BackendRequest, BackendStatus, Continuation, ErrorKind, EventStream,
@@ -63,8 +119,8 @@ use crate::backend::{
 
 /// Fix the number of CPU threads candle uses for this process. Unless `RAYON_NUM_THREADS`
 /// is set, candle recomputes it for every f32 matmul (attention) by reading
-/// `/proc/cpuinfo`: on the 1.5B that was 6 of a 44 ms four-sequence decode step. This sets
-/// it to the count candle picks itself (the physical cores) when the variable is unset.
+/// `/proc/cpuinfo`, a visible share of a decode step. This sets it to the count candle
+/// picks itself (the physical cores) when the variable is unset.
 ///
 /// # Safety
 /// It sets an environment variable: call it before the process starts a second thread.
