@@ -11,6 +11,8 @@ use futures_util::Stream;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use crate::request_id::RequestId;
+
 /// Which OpenAI endpoint a request came in on; it decides the wire shape of the answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -104,6 +106,8 @@ pub struct SamplingParams {
 /// A validated generation request, independent of the backend that will serve it.
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
+    /// Made before dispatch; the response's `id` and the request's id in every log line.
+    pub id: RequestId,
     pub endpoint: Endpoint,
     /// The model name exactly as the client sent it.
     pub model: String,
@@ -139,6 +143,7 @@ impl GenerationRequest {
             raw.insert("max_tokens".into(), Value::from(max));
         }
         GenerationRequest {
+            id: RequestId::generate(RequestId::CHAT_PREFIX),
             endpoint: Endpoint::ChatCompletions,
             model: model.to_string(),
             stream: true,

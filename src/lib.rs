@@ -12,6 +12,7 @@
 //! - [`api`]: the OpenAI wire format, validation, errors → HTTP, SSE.
 //! - [`router`]: route table and the commit point; decides who serves.
 //! - [`backend`]: the `Backend` trait and the engine-neutral event stream.
+//! - [`request_id`]: a request's id (lifeboat's and the client's `x-request-id`), a leaf.
 //! - [`upstream`]: the remote gateway over reqwest, its keys (rotation and parking), SSE
 //!   parsing, error classification.
 //! - [`engine`]: the local model on candle: loader, tokenizer, chat template, sampler,
@@ -35,6 +36,7 @@ pub mod http_server;
 pub mod huge_pages;
 pub mod metrics;
 pub mod mock_upstream;
+pub mod request_id;
 pub mod router;
 pub mod shutdown;
 pub mod tasks;

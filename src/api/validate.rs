@@ -7,7 +7,9 @@ use serde_json::{Map, Value};
 use super::types::{
     ChatCompletionRequest, CompletionRequest, RequestMessage, Role, StopField, StreamOptions,
 };
-use crate::backend::{ChatMessage, Endpoint, GenerationRequest, Prompt, SamplingParams, StopSequences};
+use crate::backend::{
+    ChatMessage, Endpoint, GenerationRequest, Prompt, RequestId, SamplingParams, StopSequences,
+};
 
 /// Largest `n` accepted (OpenAI's own limit is 128).
 pub const MAX_N: u32 = 128;
@@ -295,6 +297,8 @@ fn chat(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationError> {
         &mut sampling,
     )?;
     Ok(GenerationRequest {
+        // The API gives it the id it made before parsing; other callers keep this one.
+        id: RequestId::generate(RequestId::CHAT_PREFIX),
         endpoint: Endpoint::ChatCompletions,
         model,
         stream,
@@ -434,6 +438,7 @@ fn completion(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationEr
         &mut sampling,
     )?;
     Ok(GenerationRequest {
+        id: RequestId::generate(RequestId::COMPLETION_PREFIX),
         endpoint: Endpoint::Completions,
         model,
         stream,
