@@ -13,6 +13,8 @@ use futures_util::Stream;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use crate::request_id::RequestId;
+
 /// Which OpenAI endpoint a request came in on; it decides the wire shape of the answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -116,6 +118,8 @@ pub struct SamplingParams {
 /// A validated generation request, independent of the backend that will serve it.
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
+    /// Made before dispatch; the response's `id` and the request's id in every log line.
+    pub id: RequestId,
     /// The endpoint it came in on.
     pub endpoint: Endpoint,
     /// The model name exactly as the client sent it.
@@ -151,6 +155,7 @@ impl GenerationRequest {
             raw.insert("max_tokens".into(), Value::from(max));
         }
         GenerationRequest {
+            id: RequestId::generate(RequestId::CHAT_PREFIX),
             endpoint: Endpoint::ChatCompletions,
             model: model.to_string(),
             stream: true,

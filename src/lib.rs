@@ -16,6 +16,7 @@
 //! - [`router`]: decides who serves: route table, dispatch and the commit point, failover
 //!   policy, retries, breaker, deadlines, health, hedging.
 //! - [`backend`]: the `Backend` trait and the engine-neutral event stream.
+//! - [`request_id`]: a request's id (lifeboat's and the client's `x-request-id`), a leaf.
 //! - [`upstream`]: the remote gateway over reqwest, its keys (rotation and parking), SSE
 //!   parsing, error classification.
 //! - [`engine`]: the local model on candle: loading, models, tokenizers, chat templates,
@@ -41,6 +42,7 @@ pub mod http_server;
 pub mod huge_pages;
 pub mod metrics;
 pub mod mock_upstream;
+pub mod request_id;
 pub mod router;
 pub mod shutdown;
 pub mod tasks;

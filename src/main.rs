@@ -2,7 +2,6 @@
 
 use clap::Parser;
 use lifeboat::cli::{self, Cli};
-use tracing_subscriber::EnvFilter;
 
 // Model weights and KV caches on huge pages: their page faults dominate a model's
 // start-up otherwise (see `huge_pages` and docs/benchmarks.md).
@@ -32,11 +31,10 @@ fn main() {
 
 async fn run() {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("LIFEBOAT_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    if let Err(err) = cli::logging::init() {
+        eprintln!("lifeboat: {err}");
+        std::process::exit(err.exit_code());
+    }
     if let Err(err) = cli::run(cli).await {
         eprintln!("lifeboat: {err}");
         std::process::exit(err.exit_code());

@@ -24,6 +24,7 @@ mod logits;
 mod outage;
 mod readiness;
 mod reload;
+mod request_traces;
 mod retries;
 mod server_limits;
 mod streaming;

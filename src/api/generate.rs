@@ -11,20 +11,20 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use futures_util::StreamExt;
-use rand::{Rng, distr::Alphanumeric};
 use serde_json::Value;
 use tokio::time::Instant;
 
 use super::{
     error::ApiError,
-    sse,
+    request_ids, sse,
     types::{AssistantMessage, ChatChoice, Completion, TextChoice, ToolCall},
     validate,
 };
 use crate::{
     app::AppState,
     backend::{
-        BackendKind, ChoiceDelta, ClientId, Endpoint, FinishReason, GenerationEvent, ToolCallDelta, Usage,
+        BackendKind, ChoiceDelta, ClientId, Endpoint, FinishReason, GenerationEvent, RequestId,
+        ToolCallDelta, Usage,
     },
     metrics::{self, InFlight},
     router::Routed,
@@ -33,29 +33,28 @@ use crate::{
 /// What every response of one request shares.
 #[derive(Debug, Clone)]
 pub(crate) struct ResponseMeta {
-    pub id: String,
+    /// The request's id, made before dispatch; its own part is the response's `id`.
+    pub id: RequestId,
     pub created: u64,
     pub model: String,
     pub endpoint: Endpoint,
     pub backend: String,
     pub backend_kind: BackendKind,
+    pub attempts: u32,
     pub include_usage: bool,
     pub started: Instant,
 }
 
 impl ResponseMeta {
-    fn new(endpoint: Endpoint, routed: &Routed, include_usage: bool, started: Instant) -> ResponseMeta {
-        let prefix = match endpoint {
-            Endpoint::ChatCompletions => "chatcmpl-",
-            Endpoint::Completions => "cmpl-",
-        };
-        let suffix: String = rand::rng()
-            .sample_iter(&Alphanumeric)
-            .take(24)
-            .map(char::from)
-            .collect();
+    fn new(
+        id: RequestId,
+        endpoint: Endpoint,
+        routed: &Routed,
+        include_usage: bool,
+        started: Instant,
+    ) -> ResponseMeta {
         ResponseMeta {
-            id: format!("{prefix}{suffix}"),
+            id,
             created: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -63,22 +62,31 @@ impl ResponseMeta {
             endpoint,
             backend: routed.backend.clone(),
             backend_kind: routed.backend_kind,
+            attempts: routed.attempts,
             include_usage,
             started,
         }
     }
 
-    /// Record the end of the request in the metrics.
+    /// Record the end of the request in the metrics and the log (one line per request).
     pub(crate) fn finish(&self, status: u16, usage: Option<&Usage>) {
-        metrics::request_finished(
-            self.endpoint.as_str(),
-            &self.backend,
-            status,
-            self.started.elapsed(),
-        );
+        let elapsed = self.started.elapsed();
+        metrics::request_finished(self.endpoint.as_str(), &self.backend, status, elapsed);
         if let Some(usage) = usage {
             metrics::tokens(&self.backend, usage.prompt_tokens, usage.completion_tokens);
         }
+        tracing::info!(
+            request_id = %self.id,
+            client_request_id = self.id.client(),
+            endpoint = self.endpoint.as_str(),
+            backend = %self.backend,
+            attempts = self.attempts,
+            status,
+            duration_ms = elapsed.as_millis() as u64,
+            prompt_tokens = usage.map(|u| u.prompt_tokens),
+            completion_tokens = usage.map(|u| u.completion_tokens),
+            "request finished"
+        );
     }
 }
 
@@ -86,39 +94,56 @@ impl ResponseMeta {
 pub(crate) async fn chat_completions(
     State(state): State<AppState>,
     client: Option<Extension<ClientId>>,
+    id: Option<Extension<RequestId>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    generate(state, Endpoint::ChatCompletions, client, body).await
+    generate(state, Endpoint::ChatCompletions, Caller { client, id }, body).await
 }
 
 /// `POST /v1/completions`
 pub(crate) async fn completions(
     State(state): State<AppState>,
     client: Option<Extension<ClientId>>,
+    id: Option<Extension<RequestId>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    generate(state, Endpoint::Completions, client, body).await
+    generate(state, Endpoint::Completions, Caller { client, id }, body).await
+}
+
+/// What the middleware learnt about a request before its handler ran.
+struct Caller {
+    /// Set by the auth middleware.
+    client: Option<Extension<ClientId>>,
+    /// Set by the request-id middleware.
+    id: Option<Extension<RequestId>>,
 }
 
 async fn generate(
     state: AppState,
     endpoint: Endpoint,
-    client: Option<Extension<ClientId>>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let in_flight = InFlight::start();
+    // Both middlewares run on every generation route; the fallbacks keep a route that
+    // skipped one answering.
+    let id = caller.id.map_or_else(
+        || RequestId::generate(request_ids::id_prefix(endpoint)),
+        |Extension(id)| id,
+    );
+    let request_id = id.clone();
     let result = async move {
         let body = body.map_err(|rejection| body_error(rejection, state.max_body_bytes))?;
         let mut request = validate::parse(endpoint, &body)?;
-        // Set by the auth middleware; absent only if a route skips it.
-        request.client = client.map(|Extension(client)| client).unwrap_or_default();
+        request.id = id.clone();
+        request.client = caller.client.map(|Extension(client)| client).unwrap_or_default();
         let (stream, include_usage) = (request.stream, request.include_usage);
         // One router snapshot for the whole request (a reload swaps in a new one); an
         // unknown model comes back from it as `RouteError::UnknownModel`.
         let routed = state.router().dispatch(request).await?;
         metrics::first_token(&routed.backend, started.elapsed());
-        let meta = ResponseMeta::new(endpoint, &routed, include_usage, started);
+        let meta = ResponseMeta::new(id, endpoint, &routed, include_usage, started);
         let headers = [
             ("x-lifeboat-backend", header_value(&routed.backend)),
             ("x-lifeboat-attempts", HeaderValue::from(routed.attempts)),
@@ -140,11 +165,20 @@ async fn generate(
             ApiError::Route(crate::router::RouteError::Backend { backend, .. }) => backend.as_str(),
             _ => "none",
         };
-        metrics::request_finished(
-            endpoint.as_str(),
+        let status = error.status().as_u16();
+        let elapsed = started.elapsed();
+        metrics::request_finished(endpoint.as_str(), backend, status, elapsed);
+        let body = error.body();
+        tracing::info!(
+            request_id = %request_id,
+            client_request_id = request_id.client(),
+            endpoint = endpoint.as_str(),
             backend,
-            error.status().as_u16(),
-            started.elapsed(),
+            status,
+            duration_ms = elapsed.as_millis() as u64,
+            error_type = body.kind,
+            error_code = body.code.as_deref(),
+            "request finished"
         );
     }
     result
@@ -240,7 +274,7 @@ async fn collect(mut routed: Routed, meta: &ResponseMeta) -> Result<Response, Ap
     meta.finish(200, usage.as_ref());
     let response = match meta.endpoint {
         Endpoint::ChatCompletions => Json(Completion {
-            id: meta.id.clone(),
+            id: meta.id.to_string(),
             object: "chat.completion",
             created: meta.created,
             model: meta.model.clone(),
@@ -265,7 +299,7 @@ async fn collect(mut routed: Routed, meta: &ResponseMeta) -> Result<Response, Ap
         })
         .into_response(),
         Endpoint::Completions => Json(Completion {
-            id: meta.id.clone(),
+            id: meta.id.to_string(),
             object: "text_completion",
             created: meta.created,
             model: meta.model.clone(),

@@ -10,6 +10,7 @@ pub mod error;
 mod generate;
 mod models;
 mod readiness;
+mod request_ids;
 mod sse;
 mod status;
 pub mod types;
@@ -29,12 +30,17 @@ pub(crate) use status::ProbeAnswer;
 
 /// All routes with their state; `app::app` adds the cross-cutting layers.
 pub fn routes(state: AppState) -> Router {
-    let v1 = Router::new()
+    // The request id comes first, so even a refused key is answered with `x-request-id`.
+    let generation = Router::new()
         .route("/chat/completions", post(generate::chat_completions))
         .route("/completions", post(generate::completions))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
+        .route_layer(middleware::from_fn(request_ids::tag));
+    let v1 = Router::new()
         .route("/models", get(models::list))
         .route("/models/{*id}", get(models::get))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
+        .merge(generation)
         .layer(DefaultBodyLimit::max(state.max_body_bytes));
     // Operational endpoints: open unless admin keys are configured.
     let admin = Router::new()

@@ -73,7 +73,7 @@ impl StreamState {
                 }
                 Some(Err(error)) => {
                     metrics::stream_failed(&self.meta.backend, error.kind);
-                    tracing::warn!(backend = %self.meta.backend, kind = error.kind.as_str(), error = %error, "stream failed after the first byte");
+                    tracing::warn!(request_id = %self.meta.id, backend = %self.meta.backend, kind = error.kind.as_str(), error = %error, "stream failed after the first byte");
                     let body = ErrorResponse {
                         error: ApiError::from_stream(&self.meta.backend, self.meta.backend_kind, error)
                             .body(),
@@ -101,7 +101,7 @@ impl StreamState {
             Endpoint::Completions => "text_completion",
         };
         json_event(&Chunk {
-            id: &self.meta.id,
+            id: self.meta.id.as_str(),
             object,
             created: self.meta.created,
             model: &self.meta.model,

@@ -8,7 +8,8 @@ use super::types::{
     ChatCompletionRequest, CompletionRequest, RequestMessage, Role, StopField, StreamOptions, Tool,
 };
 use crate::backend::{
-    ChatMessage, Endpoint, GenerationRequest, Prompt, SamplingParams, StopSequences, ToolChoice, Tools,
+    ChatMessage, Endpoint, GenerationRequest, Prompt, RequestId, SamplingParams, StopSequences, ToolChoice,
+    Tools,
 };
 
 /// Largest `n` accepted (OpenAI's own limit is 128).
@@ -260,6 +261,8 @@ fn chat(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationError> {
         &mut sampling,
     )?;
     Ok(GenerationRequest {
+        // The API gives it the id it made before parsing; other callers keep this one.
+        id: RequestId::generate(RequestId::CHAT_PREFIX),
         endpoint: Endpoint::ChatCompletions,
         model,
         stream,
@@ -522,6 +525,7 @@ fn completion(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationEr
         &mut sampling,
     )?;
     Ok(GenerationRequest {
+        id: RequestId::generate(RequestId::COMPLETION_PREFIX),
         endpoint: Endpoint::Completions,
         model,
         stream,

@@ -1,8 +1,9 @@
 //! Command-line interface: `lifeboat serve`, `lifeboat bench`, `lifeboat mock-upstream` and
-//! `lifeboat model`, one file each.
+//! `lifeboat model`, one file each; `logging` sets up the process's log for all of them.
 
 pub mod bench;
 pub mod bench_engine;
+pub mod logging;
 pub mod mock_upstream;
 pub mod model;
 pub mod serve;

@@ -467,6 +467,13 @@ impl Backend for LocalBackend {
         )?;
         let seed = params.seed.unwrap_or_else(rand::random);
         let (events, receiver) = mpsc::channel(scheduler::EVENT_BUFFER);
+        let span = tracing::info_span!(
+            "engine",
+            request_id = %generation.id,
+            prompt_tokens = prompt.len(),
+            max_tokens,
+            choices = params.n.max(1),
+        );
         let job = worker::Job {
             prompt,
             params,
@@ -481,6 +488,7 @@ impl Backend for LocalBackend {
             events,
             client: generation.client.clone(),
             ticket: Some(ticket),
+            span,
         };
         // The ticket bounds what is in the channel, so it is never full; a refused job
         // gives its place back as it is dropped.

@@ -224,6 +224,8 @@ impl Default for MockSettings {
 pub struct RecordedRequest {
     pub path: String,
     pub authorization: Option<String>,
+    /// Its `x-request-id`, as a gateway would log it.
+    pub request_id: Option<String>,
     pub body: Value,
     pub mode: FaultMode,
 }
@@ -278,6 +280,10 @@ impl Shared {
             path: path.to_string(),
             authorization: headers
                 .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            request_id: headers
+                .get(crate::request_id::X_REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
             body: body.clone(),

@@ -11,6 +11,7 @@
 use std::{sync::Arc, time::Duration};
 
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::{
     Route, RouteError, Routed, Router, Target,
@@ -18,6 +19,7 @@ use super::{
     hedge,
     policy::{self, Decision},
     stream::{complete, continuing},
+    trace::{self, AttemptEnd, AttemptTrace},
 };
 use crate::{
     backend::{
@@ -70,7 +72,12 @@ struct Trail {
 }
 
 impl Trail {
-    fn skipped(&mut self, skip: Skip) {
+    fn skipped(&mut self, backend: &str, skip: Skip) {
+        let reason = match skip {
+            Skip::BreakerOpen(_) => "breaker_open",
+            Skip::ContextWindow => "context_window",
+        };
+        tracing::info!(backend, reason, "target skipped without a call");
         match skip {
             Skip::BreakerOpen(wait) => {
                 self.retry_in = Some(self.retry_in.map_or(wait, |r| r.min(wait)));
@@ -80,15 +87,16 @@ impl Trail {
         }
     }
 
-    /// Count an attempt on `backend`, logging a failover if the last error was elsewhere.
-    fn start(&mut self, backend: &str) {
+    /// Count an attempt on `backend` (a failover, if the last error was elsewhere); the
+    /// attempt's trace starts with it.
+    fn start(&mut self, backend: &dyn Backend) -> AttemptTrace {
         self.attempts += 1;
         if let Some((from, _, error)) = &self.last_error
-            && from != backend
+            && from != backend.id()
         {
-            metrics::failover(from, backend, error.kind);
-            tracing::info!(from = %from, to = %backend, reason = error.kind.as_str(), "failing over");
+            metrics::failover(from, backend.id(), error.kind);
         }
+        AttemptTrace::start(backend.id(), backend.kind(), self.attempts)
     }
 
     fn failed(&mut self, backend: &dyn Backend, error: BackendError) {
@@ -141,13 +149,23 @@ impl Trail {
 
 impl Router {
     /// Serve `request`: try the route's targets in order until one commits. Returns the
-    /// committed stream, or the error that should reach the client.
+    /// committed stream, or the error that should reach the client. All of it, the
+    /// committed stream included, runs in the request's span.
     pub async fn dispatch(&self, request: GenerationRequest) -> Result<Routed, RouteError> {
+        let span = trace::request_span(&request);
+        let mut routed = self.serve(request).instrument(span.clone()).await?;
+        routed.events = trace::in_span(routed.events, span);
+        Ok(routed)
+    }
+
+    /// [`Router::dispatch`] inside the request's span.
+    async fn serve(&self, request: GenerationRequest) -> Result<Routed, RouteError> {
         let route = self
             .table
             .resolve(&request.model)
             .ok_or_else(|| RouteError::UnknownModel(request.model.clone()))?
             .clone();
+        tracing::Span::current().record("route", route.name.as_str());
         let request = Arc::new(request);
         self.settings.retry.budget.deposit();
         let mut trail = Trail::default();
@@ -166,7 +184,7 @@ impl Router {
                 let (error, accounted) = match self.attempt(aim, &mut trail).await {
                     Attempt::Committed(routed) => return Ok(routed),
                     Attempt::Skipped(skip) => {
-                        trail.skipped(skip);
+                        trail.skipped(backend.id(), skip);
                         break;
                     }
                     Attempt::Failed { error, accounted } => (error, accounted),
@@ -174,10 +192,11 @@ impl Router {
                 if !accounted {
                     self.account_failure(backend.as_ref(), &error);
                 }
-                match policy::after_failure(&error, backend.kind(), retries, &self.settings.retry) {
+                let decision = policy::after_failure(&error, backend.kind(), retries, &self.settings.retry);
+                trace::decided(backend.id(), &error, retries, decision);
+                match decision {
                     Decision::Retry(wait) => {
                         metrics::retry(backend.id(), error.kind);
-                        tracing::debug!(backend = %backend.id(), wait = ?wait, "retrying");
                         trail.failed(backend.as_ref(), error);
                         tokio::time::sleep(wait).await;
                         retries += 1;
@@ -190,6 +209,7 @@ impl Router {
                 }
             }
         }
+        tracing::info!(decision = "answer", "no target left to try");
         Err(trail.exhausted(&route.name))
     }
 
@@ -218,7 +238,7 @@ impl Router {
             }
             None => None,
         };
-        trail.start(backend.id());
+        let trace = trail.start(backend);
         metrics::attempt_started(backend.id(), backend.kind());
         let started = Instant::now();
         let mut attempt = BackendRequest::new(target.model.clone(), request.clone());
@@ -226,19 +246,20 @@ impl Router {
         let plan = self.hedge_plan(route, backend);
         let hedge_model = plan.as_ref().map(|p| p.model.clone());
         let hedge_backend = plan.as_ref().map(|p| p.local.id().to_string());
-        let Some(outcome) = self
-            .rescuable(backend.id(), hedge::attempt(backend, attempt, plan))
-            .await
-        else {
+        let work = hedge::attempt(backend, attempt, plan).instrument(trace.span().clone());
+        let Some(outcome) = self.rescuable(backend.id(), work).await else {
             // The breaker is already open: this request only stopped waiting on it.
+            let error = rescued(backend.id());
+            trace.end(AttemptEnd::Failed(error.kind));
             return Attempt::Failed {
-                error: rescued(backend.id()),
+                error,
                 accounted: true,
             };
         };
         let events = match outcome {
             hedge::Outcome::Primary(Ok(events)) => events,
             hedge::Outcome::Primary(Err(error)) => {
+                trace.end(AttemptEnd::Failed(error.kind));
                 if let Some(permit) = permit {
                     self.judge_early(backend.id(), &error, permit);
                 }
@@ -257,17 +278,27 @@ impl Router {
                 {
                     self.note(backend.id(), permit.failure(error.kind.as_str()));
                 }
+                // The attempt's trace follows the answer it gave: the local hedge's.
+                trace.first_output();
+                trace.span().in_scope(|| {
+                    tracing::info!(
+                        primary_error = primary_error.as_ref().map(|e| e.kind.as_str()),
+                        "the local hedge answered first"
+                    );
+                });
+                trace.committed();
                 return Attempt::Committed(Routed {
                     backend: hedge_backend.unwrap_or_default(),
                     backend_kind: BackendKind::Local,
                     model: hedge_model.unwrap_or_default(),
                     attempts: trail.attempts + 1,
                     fallback_reason: Some("hedge"),
-                    events,
+                    events: trace::traced(events, trace),
                 });
             }
         };
-        self.committed(aim, events, permit, started, trail).await
+        trace.first_output();
+        self.committed(aim, events, permit, started, trail, trace).await
     }
 
     /// The attempt's first output arrived: watch the rest of the stream (a JSON client's
@@ -279,6 +310,7 @@ impl Router {
         permit: Option<Permit>,
         started: Instant,
         trail: &Trail,
+        trace: AttemptTrace,
     ) -> Attempt {
         let Aim {
             route,
@@ -294,15 +326,22 @@ impl Router {
             latency.record_first_token(&target.model, first_output);
         }
         let watcher = self.after_commit(backend.id(), &target.model);
-        let mut events = watcher.watch(events, permit, started);
+        let attempt_span = trace.span().clone();
+        if request.stream {
+            trace.committed();
+        }
+        let mut events = watcher.watch(trace::traced(events, trace), permit, started);
         if let Some((local, model)) = self.continuation_target(route, backend)
             && request.sampling.n <= 1
         {
             events = continuing(events, request.clone(), backend.id().to_string(), local, model);
         }
         if !request.stream {
-            events = match complete(events).await {
-                Ok(events) => events,
+            events = match complete(events).instrument(attempt_span.clone()).await {
+                Ok(events) => {
+                    attempt_span.in_scope(|| tracing::info!(commit_point = "answer_complete", "committed"));
+                    events
+                }
                 Err(error) => {
                     return Attempt::Failed {
                         error,

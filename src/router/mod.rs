@@ -17,6 +17,7 @@ pub mod policy;
 pub mod retry;
 mod routes;
 mod stream;
+mod trace;
 
 use observe::{AfterCommit, report};
 pub use routes::{Canary, ModelInfo, Route, RouteTable, Target};

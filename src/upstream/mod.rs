@@ -12,7 +12,7 @@ use std::sync::Once;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use serde::{Serialize, ser::SerializeMap};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use crate::{
     backend::{Backend, BackendError, BackendKind, BackendRequest, ErrorKind, EventStream},
     config::{ProbeKind, RemoteConfig, Secret},
+    request_id::X_REQUEST_ID,
 };
 use classify::{classify_send_error, classify_status, error_chain};
 use keys::{GatewayKey, KeyRing, KeyVerdict};
@@ -233,11 +234,16 @@ impl Backend for RemoteBackend {
             .map_err(|err| BackendError::new(ErrorKind::Internal, err.to_string()))?;
         let body = serde_json::to_vec(&Self::upstream_body(&request))
             .map_err(|err| BackendError::new(ErrorKind::Internal, err.to_string()))?;
-        let body = Bytes::from(body);
+        let call = Call {
+            url,
+            body: Bytes::from(body),
+            // The client's `x-request-id` (else lifeboat's), so the gateway's logs join ours.
+            request_id: HeaderValue::from_str(request.request.id.header_value()).ok(),
+        };
         let response = if self.keys.is_empty() {
-            self.send(&url, &body, None, &deadlines).await?
+            self.send(&call, None, &deadlines).await?
         } else {
-            self.send_rotating(&url, &body, &deadlines).await?
+            self.send_rotating(&call, &deadlines).await?
         };
         let is_json = response
             .headers()
@@ -277,15 +283,14 @@ impl RemoteBackend {
     /// Send with each usable key in turn until one gets past the status line.
     async fn send_rotating(
         &self,
-        url: &reqwest::Url,
-        body: &Bytes,
+        call: &Call,
         deadlines: &Deadlines,
     ) -> Result<reqwest::Response, BackendError> {
         let mut attempt = self.keys.attempt();
         let mut last: Option<BackendError> = None;
         while let Some(key) = attempt.next_key() {
             crate::metrics::gateway_key_request(&self.id, &key.fingerprint);
-            let error = match self.send(url, body, Some(key), deadlines).await {
+            let error = match self.send(call, Some(key), deadlines).await {
                 Ok(response) => return Ok(response),
                 Err(error) => error,
             };
@@ -306,17 +311,19 @@ impl RemoteBackend {
     /// One HTTP call with `key`; `Ok` once a 2xx status line arrived.
     async fn send(
         &self,
-        url: &reqwest::Url,
-        body: &Bytes,
+        call: &Call,
         key: Option<&GatewayKey>,
         deadlines: &Deadlines,
     ) -> Result<reqwest::Response, BackendError> {
         let mut builder = self
             .client
-            .post(url.clone())
+            .post(call.url.clone())
             .header(CONTENT_TYPE, "application/json")
             .header(reqwest::header::ACCEPT, "text/event-stream")
-            .body(body.clone());
+            .body(call.body.clone());
+        if let Some(request_id) = &call.request_id {
+            builder = builder.header(X_REQUEST_ID, request_id.clone());
+        }
         if let Some(key) = key {
             builder = builder.header(AUTHORIZATION, key.header.clone());
         }
@@ -339,6 +346,14 @@ impl RemoteBackend {
             key.map(|k| k.secret.expose()),
         ))
     }
+}
+
+/// What every HTTP call of one attempt sends, whichever key it goes with.
+#[derive(Debug)]
+struct Call {
+    url: reqwest::Url,
+    body: Bytes,
+    request_id: Option<HeaderValue>,
 }
 
 /// Read at most [`MAX_ERROR_BODY`] bytes of an error response before `deadline`.
@@ -364,7 +379,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::backend::{Endpoint, GenerationRequest, Prompt, SamplingParams};
+    use crate::backend::{Endpoint, GenerationRequest, Prompt, RequestId, SamplingParams};
 
     #[test]
     fn upstream_body_renames_model_and_forces_usage_keeping_unknown_fields() {
@@ -377,6 +392,7 @@ mod tests {
         let request = BackendRequest::new(
             "deepseek-chat",
             Arc::new(GenerationRequest {
+                id: RequestId::generate(RequestId::CHAT_PREFIX),
                 endpoint: Endpoint::ChatCompletions,
                 model: "public".into(),
                 stream: false,

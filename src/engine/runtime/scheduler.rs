@@ -159,6 +159,8 @@ impl Scheduler {
     }
 
     fn enqueue(&mut self, job: Job) {
+        job.span
+            .in_scope(|| tracing::debug!(running = self.running.len(), "queued on the engine"));
         self.waiting.push(job.client.clone(), job);
     }
 
@@ -259,12 +261,15 @@ impl Scheduler {
         // Started (or gone): it no longer counts against the queue.
         job.ticket.take();
         if job.events.is_closed() {
+            job.span
+                .in_scope(|| tracing::debug!("cancelled: the client left while it waited"));
             self.waiting.finished(&client);
-            return true; // the client left while it waited
+            return true;
         }
         let job_id = self.next_job;
         self.next_job += 1;
         let choices = job.params.n.max(1);
+        job.span.in_scope(|| tracing::debug!(job_id, "admitted"));
         self.starting.extend((0..choices).map(|index| (job_id, index)));
         self.jobs.insert(
             job_id,
@@ -292,6 +297,8 @@ impl Scheduler {
         };
         let started = self.next_start;
         self.next_start += 1;
+        job.span
+            .in_scope(|| tracing::debug!(choice = index, slot, batch = self.running.len() + 1, "started"));
         let sequence = Sequence::new(job_id, job, index, slot, started, &self.info);
         self.running.push(sequence);
     }
@@ -307,10 +314,13 @@ impl Scheduler {
             let mut sequence = self.running.swap_remove(latest);
             self.free_slot(sequence.slot);
             sequence.rewind();
-            tracing::debug!(
-                positions = sequence.pending.len(),
-                "KV budget full: sequence preempted"
-            );
+            sequence.job.span.in_scope(|| {
+                tracing::debug!(
+                    choice = sequence.index,
+                    positions = sequence.pending.len(),
+                    "KV budget full: sequence preempted"
+                );
+            });
             self.preempted.push_front(sequence);
         }
     }
@@ -469,6 +479,13 @@ impl Scheduler {
             Outcome::Finished(reason) => Some(reason),
             Outcome::Cancelled | Outcome::Running => None,
         };
+        sequence.job.span.in_scope(|| {
+            let (choice, generated) = (sequence.index, sequence.generated.len());
+            match finish {
+                Some(ending) => tracing::debug!(choice, generated, ending = ?ending, "finished"),
+                None => tracing::debug!(choice, generated, "cancelled: the client is gone"),
+            }
+        });
         let mut delivered = true;
         if let Some(reason) = finish {
             delivered = match sequence.finish(reason, &self.info) {
@@ -528,13 +545,15 @@ impl Scheduler {
                 .jobs
                 .get(&sequence.job_id)
                 .map_or_else(ClientId::default, |a| a.client.clone());
-            tracing::warn!(
-                %client,
-                choice = sequence.index,
-                generated = sequence.generated.len(),
-                timeout = %humantime::format_duration(timeout),
-                "a streaming client stopped reading: its sequence is cancelled and its slot freed"
-            );
+            sequence.job.span.in_scope(|| {
+                tracing::warn!(
+                    %client,
+                    choice = sequence.index,
+                    generated = sequence.generated.len(),
+                    timeout = %humantime::format_duration(timeout),
+                    "a streaming client stopped reading: its sequence is cancelled and its slot freed"
+                );
+            });
             metrics::local_stalled_client();
             self.free_slot(sequence.slot);
             let mut out = sequence.out;
@@ -555,7 +574,11 @@ impl Scheduler {
     /// Send the job's client an error once, after what `out` (or one of its running
     /// sequences) still holds for it; its other choices stop.
     fn fail_job(&mut self, job_id: u64, message: String, out: Option<Outbox>) {
-        tracing::error!(%message, "local generation failed");
+        let span = self
+            .jobs
+            .get(&job_id)
+            .map_or_else(tracing::Span::none, |a| a.job.span.clone());
+        span.in_scope(|| tracing::error!(%message, "local generation failed"));
         if let Some(active) = self.jobs.get_mut(&job_id)
             && !active.failed
         {

@@ -230,6 +230,7 @@ fn job(
         events,
         client: ClientId::named(client),
         ticket: None,
+        span: tracing::Span::none(),
     };
     (job, receiver)
 }

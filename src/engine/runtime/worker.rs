@@ -46,6 +46,10 @@ pub(crate) struct Job {
     /// Its place in the queue, given back when the engine starts it (taken out) or when
     /// the job is dropped.
     pub ticket: Option<QueueTicket>,
+    /// The request's span (a child of the router's attempt span): the engine thread enters
+    /// it for each of its lines about this job, since spans do not cross threads by
+    /// themselves.
+    pub span: tracing::Span,
 }
 
 fn set_phase(shared: &Mutex<Phase>, phase: Phase) {
