@@ -161,27 +161,33 @@ async fn generate(
     }
     .await;
     if let Err(error) = &result {
-        let backend = match error {
-            ApiError::Route(crate::router::RouteError::Backend { backend, .. }) => backend.as_str(),
-            _ => "none",
-        };
-        let status = error.status().as_u16();
-        let elapsed = started.elapsed();
-        metrics::request_finished(endpoint.as_str(), backend, status, elapsed);
-        let body = error.body();
-        tracing::info!(
-            request_id = %request_id,
-            client_request_id = request_id.client(),
-            endpoint = endpoint.as_str(),
-            backend,
-            status,
-            duration_ms = elapsed.as_millis() as u64,
-            error_type = body.kind,
-            error_code = body.code.as_deref(),
-            "request finished"
-        );
+        failed(error, endpoint, &request_id, started);
     }
     result
+}
+
+/// Count and log a request that ends with an error (a served one is counted when its
+/// answer ends, by [`ResponseMeta::finish`]).
+fn failed(error: &ApiError, endpoint: Endpoint, request_id: &RequestId, started: Instant) {
+    let backend = match error {
+        ApiError::Route(crate::router::RouteError::Backend { backend, .. }) => backend.as_str(),
+        _ => "none",
+    };
+    let status = error.status().as_u16();
+    let elapsed = started.elapsed();
+    metrics::request_finished(endpoint.as_str(), backend, status, elapsed);
+    let body = error.body();
+    tracing::info!(
+        request_id = %request_id,
+        client_request_id = request_id.client(),
+        endpoint = endpoint.as_str(),
+        backend,
+        status,
+        duration_ms = elapsed.as_millis() as u64,
+        error_type = body.kind,
+        error_code = body.code.as_deref(),
+        "request finished"
+    );
 }
 
 fn header_value(text: &str) -> HeaderValue {
@@ -226,6 +232,32 @@ impl ChoiceAcc {
         }
         if delta.finish_reason.is_some() {
             self.finish_reason = delta.finish_reason;
+        }
+    }
+
+    /// The whole chat choice numbered `index`.
+    fn into_chat_choice((index, mut acc): (u32, ChoiceAcc)) -> ChatChoice {
+        let tool_calls = acc.take_tool_calls();
+        ChatChoice {
+            index,
+            message: AssistantMessage {
+                role: "assistant",
+                content: acc.content,
+                reasoning_content: acc.reasoning,
+                tool_calls,
+            },
+            logprobs: acc.logprobs,
+            finish_reason: acc.finish_reason,
+        }
+    }
+
+    /// The whole text completion choice numbered `index`.
+    fn into_text_choice((index, acc): (u32, ChoiceAcc)) -> TextChoice {
+        TextChoice {
+            index,
+            text: acc.content.unwrap_or_default(),
+            logprobs: acc.logprobs,
+            finish_reason: acc.finish_reason,
         }
     }
 
@@ -278,23 +310,7 @@ async fn collect(mut routed: Routed, meta: &ResponseMeta) -> Result<Response, Ap
             object: "chat.completion",
             created: meta.created,
             model: meta.model.clone(),
-            choices: choices
-                .into_iter()
-                .map(|(index, mut acc)| {
-                    let tool_calls = acc.take_tool_calls();
-                    ChatChoice {
-                        index,
-                        message: AssistantMessage {
-                            role: "assistant",
-                            content: acc.content,
-                            reasoning_content: acc.reasoning,
-                            tool_calls,
-                        },
-                        logprobs: acc.logprobs,
-                        finish_reason: acc.finish_reason,
-                    }
-                })
-                .collect(),
+            choices: choices.into_iter().map(ChoiceAcc::into_chat_choice).collect(),
             usage,
         })
         .into_response(),
@@ -303,15 +319,7 @@ async fn collect(mut routed: Routed, meta: &ResponseMeta) -> Result<Response, Ap
             object: "text_completion",
             created: meta.created,
             model: meta.model.clone(),
-            choices: choices
-                .into_iter()
-                .map(|(index, acc)| TextChoice {
-                    index,
-                    text: acc.content.unwrap_or_default(),
-                    logprobs: acc.logprobs,
-                    finish_reason: acc.finish_reason,
-                })
-                .collect(),
+            choices: choices.into_iter().map(ChoiceAcc::into_text_choice).collect(),
             usage,
         })
         .into_response(),

@@ -490,6 +490,17 @@ impl Backend for LocalBackend {
             ticket: Some(ticket),
             span,
         };
+        self.submit(job, receiver)
+    }
+}
+
+impl LocalBackend {
+    /// Hand `job` to the engine thread; its events arrive on `receiver`.
+    fn submit(
+        &self,
+        job: worker::Job,
+        receiver: mpsc::Receiver<Result<crate::backend::GenerationEvent, BackendError>>,
+    ) -> Result<EventStream, BackendError> {
         // The ticket bounds what is in the channel, so it is never full; a refused job
         // gives its place back as it is dropped.
         if let Err(err) = self.jobs.try_send(job) {

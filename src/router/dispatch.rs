@@ -51,6 +51,15 @@ enum Skip {
     ContextWindow,
 }
 
+/// What a local hedge that answered first brings back.
+struct HedgeWin {
+    /// The local backend's id and the model it served.
+    target: (String, String),
+    events: EventStream,
+    /// How the remote had failed by then, if it had.
+    primary_error: Option<BackendError>,
+}
+
 /// Where one attempt goes.
 #[derive(Clone, Copy)]
 struct Aim<'a> {
@@ -221,22 +230,9 @@ impl Router {
             backend,
             request,
         } = aim;
-        if backend
-            .context_window()
-            .is_some_and(|window| estimated_tokens(request) > u64::from(window))
-        {
-            return Attempt::Skipped(Skip::ContextWindow);
-        }
-        let permit = match self.breakers.get(backend.id()) {
-            Some(breaker) => {
-                let (permit, transition) = breaker.try_acquire();
-                self.note(backend.id(), transition);
-                let Some(permit) = permit else {
-                    return Attempt::Skipped(Skip::BreakerOpen(breaker.retry_in().unwrap_or_default()));
-                };
-                Some(permit)
-            }
-            None => None,
+        let permit = match self.admit(backend, request) {
+            Ok(permit) => permit,
+            Err(skip) => return Attempt::Skipped(skip),
         };
         let trace = trail.start(backend);
         metrics::attempt_started(backend.id(), backend.kind());
@@ -244,8 +240,7 @@ impl Router {
         let mut attempt = BackendRequest::new(target.model.clone(), request.clone());
         attempt.deadlines = self.adaptive_deadlines(backend.id(), &target.model);
         let plan = self.hedge_plan(route, backend);
-        let hedge_model = plan.as_ref().map(|p| p.model.clone());
-        let hedge_backend = plan.as_ref().map(|p| p.local.id().to_string());
+        let hedge_target = plan.as_ref().map(|p| (p.local.id().to_string(), p.model.clone()));
         let work = hedge::attempt(backend, attempt, plan).instrument(trace.span().clone());
         let Some(outcome) = self.rescuable(backend.id(), work).await else {
             // The breaker is already open: this request only stopped waiting on it.
@@ -272,33 +267,71 @@ impl Router {
                 events,
                 primary_error,
             } => {
-                // The remote was slow (or failed meanwhile); only a failure counts.
-                if let (Some(error), Some(permit)) = (&primary_error, permit)
-                    && policy::counts_against_health(error)
-                {
-                    self.note(backend.id(), permit.failure(error.kind.as_str()));
-                }
-                // The attempt's trace follows the answer it gave: the local hedge's.
-                trace.first_output();
-                trace.span().in_scope(|| {
-                    tracing::info!(
-                        primary_error = primary_error.as_ref().map(|e| e.kind.as_str()),
-                        "the local hedge answered first"
-                    );
-                });
-                trace.committed();
-                return Attempt::Committed(Routed {
-                    backend: hedge_backend.unwrap_or_default(),
-                    backend_kind: BackendKind::Local,
-                    model: hedge_model.unwrap_or_default(),
-                    attempts: trail.attempts + 1,
-                    fallback_reason: Some("hedge"),
-                    events: trace::traced(events, trace),
-                });
+                let won = HedgeWin {
+                    target: hedge_target.unwrap_or_default(),
+                    events,
+                    primary_error,
+                };
+                return self.hedge_won(backend, won, permit, trace, trail);
             }
         };
         trace.first_output();
         self.committed(aim, events, permit, started, trail, trace).await
+    }
+
+    /// Whether `backend` may be called for `request`: its context window holds it and its
+    /// breaker lets the call through (the permit reports the outcome).
+    fn admit(&self, backend: &dyn Backend, request: &GenerationRequest) -> Result<Option<Permit>, Skip> {
+        if backend
+            .context_window()
+            .is_some_and(|window| estimated_tokens(request) > u64::from(window))
+        {
+            return Err(Skip::ContextWindow);
+        }
+        let Some(breaker) = self.breakers.get(backend.id()) else {
+            return Ok(None);
+        };
+        let (permit, transition) = breaker.try_acquire();
+        self.note(backend.id(), transition);
+        match permit {
+            Some(permit) => Ok(Some(permit)),
+            None => Err(Skip::BreakerOpen(breaker.retry_in().unwrap_or_default())),
+        }
+    }
+
+    /// The local hedge answered before the remote `primary`: the remote was slow (or failed
+    /// meanwhile; only a failure counts against it), and the attempt's trace follows the
+    /// answer it gave.
+    fn hedge_won(
+        &self,
+        primary: &dyn Backend,
+        won: HedgeWin,
+        permit: Option<Permit>,
+        trace: AttemptTrace,
+        trail: &Trail,
+    ) -> Attempt {
+        if let (Some(error), Some(permit)) = (&won.primary_error, permit)
+            && policy::counts_against_health(error)
+        {
+            self.note(primary.id(), permit.failure(error.kind.as_str()));
+        }
+        trace.first_output();
+        trace.span().in_scope(|| {
+            tracing::info!(
+                primary_error = won.primary_error.as_ref().map(|e| e.kind.as_str()),
+                "the local hedge answered first"
+            );
+        });
+        trace.committed();
+        let (backend, model) = won.target;
+        Attempt::Committed(Routed {
+            backend,
+            backend_kind: BackendKind::Local,
+            model,
+            attempts: trail.attempts + 1,
+            fallback_reason: Some("hedge"),
+            events: trace::traced(won.events, trace),
+        })
     }
 
     /// The attempt's first output arrived: watch the rest of the stream (a JSON client's
