@@ -28,7 +28,7 @@ const _: () = {
     assert!(q8_0_at::D + HALFS == q8_0_at::QS && q8_0_at::QS + 8 * WORDS == q8_0_at::TILE_BYTES);
 };
 
-/// Called by [`super::tiles::dot_tile`] only after [`super::available`], with what
+/// Called by `tiles::dot_tile` only after [`super::available`], with what
 /// [`super::tiles::multiply_group`] established: `tile` is one tile of `x.blocks`
 /// tile-blocks of `dtype`, and rows `first..first + sums.len()` of `x` exist (1 to
 /// [`GROUP_ROWS`] of them).
@@ -376,7 +376,7 @@ unsafe fn q5_0<const R: usize>(tile: &[u8], x: &Q8Rows32, first: usize, sums: &m
 ///
 /// # Safety
 ///
-/// As [`q5_0`]'s, with `tile.len() == x.blocks · q5_0::q8_0::TILE_BYTES`.
+/// As [`q5_0()`]'s, with `tile.len() == x.blocks · q5_0::q8_0::TILE_BYTES`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn q8_0<const R: usize>(tile: &[u8], x: &Q8Rows32, first: usize, sums: &mut [[f32; TILE_ROWS]]) {
     use q5_0::q8_0::*;
