@@ -10,9 +10,10 @@ use futures_util::StreamExt;
 use super::CliError;
 use crate::{
     backend::{Backend, BackendRequest, GenerationEvent, GenerationRequest, SamplingParams},
+    config::ModelSpec,
     engine::{
         Arch, LocalBackend, LocalSettings,
-        load::hub::{self, ModelSpec},
+        load::hub,
         read_info,
         testing::{tiny::make_tiny, tiny_gguf::make_tiny_gguf},
     },
@@ -34,7 +35,7 @@ pub enum ModelCommand {
 #[derive(Debug, Args)]
 pub struct PullArgs {
     /// The repo [default: the default local model].
-    #[arg(default_value = crate::engine::load::hub::DEFAULT_MODEL)]
+    #[arg(default_value = crate::config::DEFAULT_MODEL)]
     pub repo: String,
 }
 

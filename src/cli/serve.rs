@@ -12,8 +12,7 @@ use tokio::net::TcpListener;
 use super::CliError;
 use crate::{
     app::{self, AppState},
-    config::{Config, Overrides, ProcessEnv},
-    engine::load::hub::DEFAULT_MODEL,
+    config::{Config, DEFAULT_MODEL, Overrides, ProcessEnv},
     http_server::{self, ServerLimits},
     shutdown,
 };

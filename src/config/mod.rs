@@ -13,9 +13,11 @@ use std::{
 
 use serde::Deserialize;
 
+mod model_spec;
 mod secret;
 mod validate;
 
+pub use model_spec::{DEFAULT_MODEL, HubFile, ModelSpec};
 pub use secret::{EnvSource, ProcessEnv, Secret, read_secret_file, redact_text, resolve_secret};
 
 /// The whole configuration file.
@@ -160,7 +162,7 @@ impl LocalConfig {
         Some(
             self.served_model_name
                 .clone()
-                .unwrap_or_else(|| crate::engine::load::hub::ModelSpec::parse(model).served_name()),
+                .unwrap_or_else(|| ModelSpec::parse(model).served_name()),
         )
     }
 }

@@ -109,13 +109,14 @@ use tokio::sync::mpsc;
 pub use load::loader::{ModelInfo, read_info};
 pub use models::Arch;
 
-use load::{hub, loader};
+use load::loader;
 use runtime::{admission, scheduler, worker};
 
 use crate::backend::{
     Backend, BackendError, BackendKind, BackendRequest, BackendStatus, Continuation, ErrorKind, EventStream,
     LOCAL_BACKEND_ID, Prompt, Readiness,
 };
+use crate::config::ModelSpec;
 
 /// Fix the number of CPU threads candle uses for this process. Unless `RAYON_NUM_THREADS`
 /// is set, candle recomputes it for every f32 matmul (attention) by reading
@@ -192,7 +193,7 @@ struct Shared {
 /// Settings of the local backend.
 #[derive(Debug, Clone)]
 pub struct LocalSettings {
-    /// Model folder, `.gguf` file or Hugging Face repo (see [`hub::ModelSpec`]).
+    /// Model folder, `.gguf` file or Hugging Face repo (see [`ModelSpec`]).
     pub model: PathBuf,
     /// A chat template to use instead of the model's (see [`loader::template_override`]).
     pub chat_template: Option<PathBuf>,
@@ -255,13 +256,13 @@ pub struct LocalBackend {
 impl LocalBackend {
     /// Start the engine thread; loading continues in the background (see `status`).
     pub fn start(settings: &LocalSettings) -> Result<LocalBackend, EngineError> {
-        let spec = hub::ModelSpec::parse(&settings.model);
+        let spec = ModelSpec::parse(&settings.model);
         let first_phase = match &spec {
-            hub::ModelSpec::Local(path) => {
+            ModelSpec::Local(path) => {
                 loader::check_source(path)?;
                 Phase::Loading
             }
-            hub::ModelSpec::Hub { .. } => Phase::Downloading,
+            ModelSpec::Hub { .. } => Phase::Downloading,
         };
         let shared = Arc::new(Shared {
             phase: Mutex::new(first_phase),

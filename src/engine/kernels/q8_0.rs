@@ -107,9 +107,17 @@ mod x86 {
 
     use super::*;
 
+    /// Called by [`super::dot_rows`] only after [`available`], with what [`matmul`] checked:
+    /// `blocks` is one weight row of `x.blocks` (even) Q8_0 blocks and rows
+    /// `first..first + sums.len()` of `x` exist (1 to `MAX_ROWS` of them).
     pub(super) fn dot_rows(blocks: &[u8], x: &Q8Rows, first: usize, sums: &mut [f32]) {
-        // SAFETY: callers checked `available()` (AVX-512F/BW/VNNI); the kernel reads whole
-        // blocks of `blocks` (checked by `matmul`) and `x`'s rows, which are as long.
+        debug_assert_eq!(blocks.len(), x.blocks * BLOCK_BYTES);
+        debug_assert!((1..=super::super::MAX_ROWS).contains(&sums.len()) && first + sums.len() <= x.rows);
+        // SAFETY: `rows`'s `# Safety` terms: `super::dot_rows` calls this only when
+        // `available()` found AVX-512F/BW/VNNI, and `matmul` checked that `blocks` is
+        // `x.blocks` whole blocks (`weight.len() == n · (k / 32) · 34`, `x.blocks · 32 ==
+        // k`); `for_each_weight_row` hands over 1..=MAX_ROWS rows from `first`, all below
+        // `x.rows`, so `R` is `sums.len()`.
         unsafe {
             match sums.len() {
                 1 => rows::<1>(blocks, x, first, sums),
@@ -124,6 +132,10 @@ mod x86 {
         }
     }
 
+    /// # Safety
+    ///
+    /// The CPU has AVX-512F/BW/VNNI, `blocks` holds at most `x.blocks` blocks, and rows
+    /// `first..first + R` of `x` exist (`R == sums.len()`).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn rows<const R: usize>(blocks: &[u8], x: &Q8Rows, first: usize, sums: &mut [f32]) {
         let k = x.blocks * QK8_0;
@@ -135,6 +147,8 @@ mod x86 {
             // Prefetches are hints and never fault, also past the end.
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4096).cast());
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4096 + 64).cast());
+            // SAFETY: `two` is `2 · BLOCK_BYTES` (68) long: the 32 quants of its first block
+            // are bytes 2..34, of its second 36..68.
             let (low, high) = unsafe {
                 (
                     _mm256_loadu_si256(p.add(2).cast()),
@@ -151,6 +165,10 @@ mod x86 {
             ));
             for (r, total) in totals.iter_mut().enumerate() {
                 let lanes = ((first + r) * x.blocks + 2 * pair) * 8;
+                // SAFETY: row `first + r < x.rows` and blocks `2·pair, 2·pair + 1 < x.blocks`
+                // (see `# Safety`): their 64 activations are inside `x.qs` (`x.rows · k`
+                // long) and their 16 lanes inside `lane_offsets` and `lane_scales` (8 lanes
+                // per block of each row).
                 let (a, offset, scale) = unsafe {
                     (
                         _mm512_loadu_si512(x.qs.as_ptr().add((first + r) * k + pair * 2 * QK8_0).cast()),

@@ -10,6 +10,28 @@ use super::{
 };
 use candle_core::quantized::GgmlDType;
 
+// Each tile-block's parts, as the kernels read them (16 lanes of f16 `d`, 16 bytes per scale
+// group, 64 bytes per word of 16 rows), end where the next begins and the last ends at the
+// tile-block's size: what the `SAFETY` comments' offset sums rest on.
+const _: () = {
+    use super::tiles::{q4k_at, q6k_at};
+    use q5_0::{at as q5_0_at, q8_0 as q8_0_at};
+    const HALFS: usize = 2 * TILE_ROWS;
+    const WORDS: usize = 4 * TILE_ROWS;
+    assert!(q4k_at::D + HALFS == q4k_at::DMIN && q4k_at::DMIN + HALFS == q4k_at::SCALES);
+    assert!(q4k_at::SCALES + 8 * TILE_ROWS == q4k_at::MINS && q4k_at::MINS + 8 * TILE_ROWS == q4k_at::QS);
+    assert!(q4k_at::QS + 4 * 8 * WORDS == Q4K_TILE_BYTES);
+    assert!(q6k_at::D + HALFS == q6k_at::SCALES && q6k_at::SCALES + 16 * TILE_ROWS == q6k_at::QL);
+    assert!(q6k_at::QL + 2 * 2 * 8 * WORDS == q6k_at::QH && q6k_at::QH + 2 * 8 * WORDS == Q6K_TILE_BYTES);
+    assert!(q5_0_at::D + HALFS == q5_0_at::QH && q5_0_at::QH + WORDS == q5_0_at::QS);
+    assert!(q5_0_at::QS + 4 * WORDS == q5_0::TILE_BYTES);
+    assert!(q8_0_at::D + HALFS == q8_0_at::QS && q8_0_at::QS + 8 * WORDS == q8_0_at::TILE_BYTES);
+};
+
+/// Called by `tiles::dot_tile` only after [`super::available`], with what
+/// [`super::tiles::multiply_group`] established: `tile` is one tile of `x.blocks`
+/// tile-blocks of `dtype`, and rows `first..first + sums.len()` of `x` exist (1 to
+/// [`GROUP_ROWS`] of them).
 pub(super) fn dot_tile(
     dtype: GgmlDType,
     tile: &[u8],
@@ -21,11 +43,14 @@ pub(super) fn dot_tile(
         ($kernel:ident, $x:expr, $bytes:expr) => {{
             let x = $x;
             debug_assert_eq!(tile.len(), x.blocks * $bytes);
-            debug_assert!(first + sums.len() <= x.rows);
-            // SAFETY: callers checked `available()` (AVX-512F/BW/VNNI); `tile` holds
-            // `x.blocks` tile-blocks of this type (its length is the weight's row width in
-            // blocks times the tile-block size) and rows `first..first + sums.len()` of `x`
-            // exist, so every read below is in bounds.
+            debug_assert!((1..=GROUP_ROWS).contains(&sums.len()) && first + sums.len() <= x.rows);
+            // SAFETY: the kernels' `# Safety` terms. `tiles::dot_tile` calls this only when
+            // `available()` found AVX-512F/BW/VNNI. `multiply_group` slices `tile` as
+            // `(k / per_block) · tile-block bytes` of a `TiledWeight` (`k` a multiple of
+            // `per_block`, checked by `TiledWeight::new`) and quantizes `x` from `rows × k`
+            // values, so `x.blocks == k / per_block`; this match pairs each type with its
+            // own activations. It passes 1..=GROUP_ROWS rows from `first`, all below
+            // `rows == x.rows`, so `R` is `sums.len()`.
             unsafe {
                 match sums.len() {
                     1 => $kernel::<1>(tile, x, first, sums),
@@ -96,6 +121,12 @@ fn prefetch(p: *const u8, bytes: usize) {
 
 /// Lane `j` of row `r`'s total: Σ over blocks of `d_a · (Σ_sub d·scale·Σ q·a) − d_a·Σ_sub
 /// dmin·min·Σ a`, the same operations in the same order whatever `R` is.
+///
+/// # Safety
+///
+/// The CPU has AVX-512F/BW/VNNI; `tile.len() == x.blocks · Q4K_TILE_BYTES`; rows
+/// `first..first + R` of `x` exist. Every tile-block `b < x.blocks` then lies inside `tile`
+/// and every row's block `b` of 256 activations inside `x.qs` (`x.rows · k` long).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn q4k<const R: usize>(tile: &[u8], x: &Q8kRows, first: usize, sums: &mut [[f32; TILE_ROWS]]) {
     use super::tiles::q4k_at::*;
@@ -103,28 +134,42 @@ unsafe fn q4k<const R: usize>(tile: &[u8], x: &Q8kRows, first: usize, sums: &mut
     let nibble = _mm512_set1_epi8(0x0F);
     let mut totals = [_mm512_setzero_ps(); R];
     for b in 0..x.blocks {
+        // SAFETY: `b < x.blocks`, so tile-block `b` (`Q4K_TILE_BYTES` from `p`) is inside
+        // `tile` (see `# Safety`).
         let p = unsafe { tile.as_ptr().add(b * Q4K_TILE_BYTES) };
         prefetch(p.wrapping_add(PREFETCH_AHEAD), QS);
+        // SAFETY: row `first + r < x.rows` (`r < R`) and `b < x.blocks`: the start of the
+        // row's block `b` in `x.qs`.
         let acts: [*const i8; R] =
             std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((first + r) * k + b * QK_K) });
-        let d = unsafe { halfs_to_f32(p.add(D)) };
-        let dmin = unsafe { halfs_to_f32(p.add(DMIN)) };
+        // SAFETY: the 16 f16 `d` at `D` and `dmin` at `DMIN`, 32 bytes each, end by
+        // `SCALES` (asserted at the top of the file), inside the tile-block.
+        let (d, dmin) = unsafe { (halfs_to_f32(p.add(D)), halfs_to_f32(p.add(DMIN))) };
         let mut block = [_mm512_setzero_ps(); R];
         for chunk in 0..4 {
             let mut low = [_mm512_setzero_si512(); R];
             let mut high = [_mm512_setzero_si512(); R];
             for w in 0..8 {
                 prefetch(p.wrapping_add(PREFETCH_AHEAD + QS + (chunk * 8 + w) * 64), 64);
+                // SAFETY: word `chunk · 8 + w < 32` of the 64-byte words at `QS`, which end
+                // at `Q4K_TILE_BYTES` (asserted at the top of the file).
                 let q = unsafe { _mm512_loadu_si512(p.add(QS + (chunk * 8 + w) * 64).cast()) };
                 let q_low = _mm512_and_si512(q, nibble);
                 let q_high = _mm512_and_si512(_mm512_srli_epi16(q, 4), nibble);
                 for r in 0..R {
-                    let a = unsafe { acts[r].add(64 * chunk + 4 * w) };
-                    low[r] = _mm512_dpbusd_epi32(low[r], q_low, unsafe { broadcast4(a) });
-                    high[r] = _mm512_dpbusd_epi32(high[r], q_high, unsafe { broadcast4(a.add(32)) });
+                    // SAFETY: activations `64·chunk + 4w` and 32 further, 4 bytes each, end
+                    // by 64·3 + 28 + 32 + 4 = 256: inside the row's block at `acts[r]`.
+                    let (a_low, a_high) = unsafe {
+                        let a = acts[r].add(64 * chunk + 4 * w);
+                        (broadcast4(a), broadcast4(a.add(32)))
+                    };
+                    low[r] = _mm512_dpbusd_epi32(low[r], q_low, a_low);
+                    high[r] = _mm512_dpbusd_epi32(high[r], q_high, a_high);
                 }
             }
             for (sub, sums) in [(2 * chunk, &low), (2 * chunk + 1, &high)] {
+                // SAFETY: scale group `sub < 8` of the 16-byte groups at `SCALES`, which
+                // end at `MINS` (asserted at the top of the file).
                 let scale = _mm512_mul_ps(d, unsafe { bytes_to_f32(p.add(SCALES + sub * TILE_ROWS), false) });
                 for r in 0..R {
                     block[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r]), scale, block[r]);
@@ -138,6 +183,8 @@ unsafe fn q4k<const R: usize>(tile: &[u8], x: &Q8kRows, first: usize, sums: &mut
         // Mins: Σ_sub dmin·min·(d_a·Σ a over the sub-block), the activation side precomputed.
         let sub_sums = |r: usize| ((first + r) * x.blocks + b) * 8;
         for sub in 0..8 {
+            // SAFETY: min group `sub < 8` of the 16-byte groups at `MINS`, which end at `QS`
+            // (asserted at the top of the file).
             let min = _mm512_mul_ps(dmin, unsafe {
                 bytes_to_f32(p.add(MINS + sub * TILE_ROWS), false)
             });
@@ -155,6 +202,10 @@ unsafe fn q4k<const R: usize>(tile: &[u8], x: &Q8kRows, first: usize, sums: &mut
 
 /// Q6_K: values are stored as q + 32 in 6 bits (4 in `ql`, 2 in `qh`); the products use
 /// the unsigned q + 32 and each 16-value group takes off 32·Σa (the activations' sums).
+///
+/// # Safety
+///
+/// As [`q4k`]'s, with `tile.len() == x.blocks · Q6K_TILE_BYTES`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn q6k<const R: usize>(tile: &[u8], x: &Q8kRows, first: usize, sums: &mut [[f32; TILE_ROWS]]) {
     use super::tiles::q6k_at::*;
@@ -168,11 +219,17 @@ unsafe fn q6k<const R: usize>(tile: &[u8], x: &Q8kRows, first: usize, sums: &mut
     ];
     let mut totals = [_mm512_setzero_ps(); R];
     for b in 0..x.blocks {
+        // SAFETY: `b < x.blocks`, so tile-block `b` (`Q6K_TILE_BYTES` from `p`) is inside
+        // `tile` (see `# Safety`).
         let p = unsafe { tile.as_ptr().add(b * Q6K_TILE_BYTES) };
         let ahead = p.wrapping_add(PREFETCH_AHEAD);
         prefetch(ahead, QL);
+        // SAFETY: row `first + r < x.rows` (`r < R`) and `b < x.blocks`: the start of the
+        // row's block `b` in `x.qs`.
         let acts: [*const i8; R] =
             std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((first + r) * k + b * QK_K) });
+        // SAFETY: the 16 f16 `d` at `D`, 32 bytes, end at `SCALES` (asserted at the top of
+        // the file), inside the tile-block.
         let d = unsafe { halfs_to_f32(p.add(D)) };
         let mut block = [_mm512_setzero_ps(); R];
         // Value 128·half + 32·quarter + 4·w + i (i < 4) of a row is, in word w of that row:
@@ -192,10 +249,18 @@ unsafe fn q6k<const R: usize>(tile: &[u8], x: &Q8kRows, first: usize, sums: &mut
                             2 => prefetch(ahead.wrapping_add(QH + (half * 8 + w) * 64), 64),
                             _ => {}
                         }
-                        let low_word = unsafe {
-                            _mm512_loadu_si512(p.add(QL + ((half * 2 + quarter % 2) * 8 + w) * 64).cast())
+                        // SAFETY: `ql` word `(2·half + quarter % 2) · 8 + w < 32` of the 64-byte
+                        // words at `QL`, which end at `QH`, and `qh` word `8·half + w < 16` of
+                        // those at `QH`, which end at `Q6K_TILE_BYTES` (asserted at the top of
+                        // the file).
+                        let (low_word, high_word) = unsafe {
+                            (
+                                _mm512_loadu_si512(
+                                    p.add(QL + ((half * 2 + quarter % 2) * 8 + w) * 64).cast(),
+                                ),
+                                _mm512_loadu_si512(p.add(QH + (half * 8 + w) * 64).cast()),
+                            )
                         };
-                        let high_word = unsafe { _mm512_loadu_si512(p.add(QH + (half * 8 + w) * 64).cast()) };
                         let low = if quarter < 2 {
                             _mm512_and_si512(low_word, nibble)
                         } else {
@@ -210,11 +275,15 @@ unsafe fn q6k<const R: usize>(tile: &[u8], x: &Q8kRows, first: usize, sums: &mut
                         };
                         let q = _mm512_or_si512(low, top);
                         for r in 0..R {
-                            let a = unsafe { acts[r].add(128 * half + 32 * quarter + 4 * w) };
-                            isum[r] = _mm512_dpbusd_epi32(isum[r], q, unsafe { broadcast4(a) });
+                            // SAFETY: activations `128·half + 32·quarter + 4w` .. + 4 end by
+                            // 128 + 96 + 28 + 4 = 256: inside the row's block at `acts[r]`.
+                            let a = unsafe { broadcast4(acts[r].add(128 * half + 32 * quarter + 4 * w)) };
+                            isum[r] = _mm512_dpbusd_epi32(isum[r], q, a);
                         }
                     }
                     let group = 8 * half + 2 * quarter + group_half;
+                    // SAFETY: scale group `group < 16` of the 16-byte groups at `SCALES`,
+                    // which end at `QL` (asserted at the top of the file).
                     let scale = _mm512_mul_ps(d, unsafe {
                         bytes_to_f32(p.add(SCALES + group * TILE_ROWS), true)
                     });
@@ -239,6 +308,12 @@ unsafe fn q6k<const R: usize>(tile: &[u8], x: &Q8kRows, first: usize, sums: &mut
 
 /// Q5_0: values are (4 low bits | 5th bit << 4) − 16; the products use the unsigned 5-bit
 /// value and each block takes off 16·Σa (the activations' block sums).
+///
+/// # Safety
+///
+/// The CPU has AVX-512F/BW/VNNI; `tile.len() == x.blocks · q5_0::TILE_BYTES`; rows
+/// `first..first + R` of `x` exist. Every tile-block `b < x.blocks` then lies inside `tile`
+/// and every row's block `b` of 32 activations inside `x.qs` (`x.rows · k` long).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn q5_0<const R: usize>(tile: &[u8], x: &Q8Rows32, first: usize, sums: &mut [[f32; TILE_ROWS]]) {
     use q5_0::at::*;
@@ -247,17 +322,24 @@ unsafe fn q5_0<const R: usize>(tile: &[u8], x: &Q8Rows32, first: usize, sums: &m
     let fifth = _mm512_set1_epi8(0x10);
     let mut totals = [_mm512_setzero_ps(); R];
     for b in 0..x.blocks {
+        // SAFETY: `b < x.blocks`, so tile-block `b` (`q5_0::TILE_BYTES` from `p`) is inside
+        // `tile` (see `# Safety`).
         let p = unsafe { tile.as_ptr().add(b * q5_0::TILE_BYTES) };
         prefetch(p.wrapping_add(PREFETCH_AHEAD), q5_0::TILE_BYTES);
+        // SAFETY: row `first + r < x.rows` (`r < R`) and `b < x.blocks`: the start of the
+        // row's block `b` in `x.qs`.
         let acts: [*const i8; R] =
             std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((first + r) * k + b * q5_0::BLOCK) });
-        let d = unsafe { halfs_to_f32(p.add(D)) };
-        let qh = unsafe { _mm512_loadu_si512(p.add(QH).cast()) };
+        // SAFETY: the 16 f16 `d` at `D` (32 bytes) end at `QH`, the 16 `qh` words at `QH`
+        // (64 bytes) at `QS` (asserted at the top of the file), inside the tile-block.
+        let (d, qh) = unsafe { (halfs_to_f32(p.add(D)), _mm512_loadu_si512(p.add(QH).cast())) };
         // Two sums per row (low and high nibbles' values), so that one row's `vpdpbusd`s do
         // not wait on each other (a single chain held a one-row step to ~8 bytes a cycle).
         let mut isum = [_mm512_setzero_si512(); R];
         let mut isum_high = [_mm512_setzero_si512(); R];
         for w in 0..4 {
+            // SAFETY: word `w < 4` of the 64-byte words at `QS`, which end at
+            // `q5_0::TILE_BYTES` (asserted at the top of the file).
             let q = unsafe { _mm512_loadu_si512(p.add(QS + w * 64).cast()) };
             // Byte i of a lane: bit w is value 4w + i's 5th bit, bit 4 + w value 16 + 4w + i's.
             let low_fifth = _mm512_and_si512(_mm512_sllv_epi32(qh, _mm512_set1_epi32(4 - w as i32)), fifth);
@@ -266,9 +348,14 @@ unsafe fn q5_0<const R: usize>(tile: &[u8], x: &Q8Rows32, first: usize, sums: &m
             let low = _mm512_ternarylogic_epi32::<0xEC>(q, low_fifth, nibble);
             let high = _mm512_ternarylogic_epi32::<0xEC>(_mm512_srli_epi16(q, 4), high_fifth, nibble);
             for r in 0..R {
-                let a = unsafe { acts[r].add(4 * w) };
-                isum[r] = _mm512_dpbusd_epi32(isum[r], low, unsafe { broadcast4(a) });
-                isum_high[r] = _mm512_dpbusd_epi32(isum_high[r], high, unsafe { broadcast4(a.add(16)) });
+                // SAFETY: activations `4w` and 16 further, 4 bytes each, end by 12 + 16 + 4 =
+                // 32: inside the row's block at `acts[r]`.
+                let (a_low, a_high) = unsafe {
+                    let a = acts[r].add(4 * w);
+                    (broadcast4(a), broadcast4(a.add(16)))
+                };
+                isum[r] = _mm512_dpbusd_epi32(isum[r], low, a_low);
+                isum_high[r] = _mm512_dpbusd_epi32(isum_high[r], high, a_high);
             }
         }
         for r in 0..R {
@@ -286,23 +373,37 @@ unsafe fn q5_0<const R: usize>(tile: &[u8], x: &Q8Rows32, first: usize, sums: &m
 }
 
 /// Q8_0: weights stored as w + 128 (unsigned for `vpdpbusd`); each block takes 128·Σa off.
+///
+/// # Safety
+///
+/// As [`q5_0()`]'s, with `tile.len() == x.blocks · q5_0::q8_0::TILE_BYTES`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn q8_0<const R: usize>(tile: &[u8], x: &Q8Rows32, first: usize, sums: &mut [[f32; TILE_ROWS]]) {
     use q5_0::q8_0::*;
     let k = x.blocks * q5_0::BLOCK;
     let mut totals = [_mm512_setzero_ps(); R];
     for b in 0..x.blocks {
+        // SAFETY: `b < x.blocks`, so tile-block `b` (`TILE_BYTES` from `p`) is inside `tile`
+        // (see `# Safety`).
         let p = unsafe { tile.as_ptr().add(b * TILE_BYTES) };
         prefetch(p.wrapping_add(PREFETCH_AHEAD), TILE_BYTES);
+        // SAFETY: row `first + r < x.rows` (`r < R`) and `b < x.blocks`: the start of the
+        // row's block `b` in `x.qs`.
         let acts: [*const i8; R] =
             std::array::from_fn(|r| unsafe { x.qs.as_ptr().add((first + r) * k + b * q5_0::BLOCK) });
+        // SAFETY: the 16 f16 `d` at `D`, 32 bytes, end at `QS` (asserted at the top of the
+        // file), inside the tile-block.
         let d = unsafe { halfs_to_f32(p.add(D)) };
         // Even and odd words in two sums per row: two shorter `vpdpbusd` chains (see `q5_0`).
         let mut isum = [[_mm512_setzero_si512(); R]; 2];
         for w in 0..8 {
+            // SAFETY: word `w < 8` of the 64-byte words at `QS`, which end at `TILE_BYTES`
+            // (asserted at the top of the file).
             let q = unsafe { _mm512_loadu_si512(p.add(QS + w * 64).cast()) };
             for r in 0..R {
                 let sum = &mut isum[w % 2][r];
+                // SAFETY: activations `4w` .. `4w + 4` (`w < 8`) end by 32: inside the row's
+                // block at `acts[r]`.
                 *sum = _mm512_dpbusd_epi32(*sum, q, unsafe { broadcast4(acts[r].add(4 * w)) });
             }
         }

@@ -11,12 +11,25 @@ const fn prefetch_distance(rows: usize) -> usize {
     if rows <= 2 { 4096 } else { 8192 }
 }
 
+/// Called by [`super::dot_rows`] only after [`available`], with what [`super::matmul`]
+/// checked: `blocks` is one weight row of `x.blocks` Q4_K or Q6_K blocks and rows
+/// `first..first + sums.len()` of `x` exist (1 to [`MAX_ROWS`] of them).
 pub(super) fn dot_rows(dtype: GgmlDType, blocks: &[u8], x: &Q8kRows, first: usize, sums: &mut [f32]) {
+    let block_bytes = if dtype == GgmlDType::Q4K {
+        Q4K_BYTES
+    } else {
+        Q6K_BYTES
+    };
+    debug_assert!(matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K), "{dtype:?}");
+    debug_assert_eq!(blocks.len(), x.blocks * block_bytes);
+    debug_assert!((1..=MAX_ROWS).contains(&sums.len()) && first + sums.len() <= x.rows);
     macro_rules! rows {
         ($kernel:ident) => {
-            // SAFETY: callers checked `available()` (AVX-512F/BW/VNNI); the kernels read
-            // `blocks` (whole blocks of their type, checked by `matmul`) and `x`'s rows,
-            // which are `blocks.len() / block_bytes × 256` values long, within bounds.
+            // SAFETY: the kernels' `# Safety` terms: `super::dot_rows` calls this only when
+            // `available()` found AVX-512F/BW/VNNI, and `matmul` checked that `blocks` is
+            // `x.blocks` whole blocks of this type (`weight.len() == n · (k / 256) ·
+            // block_bytes`, `x.blocks · 256 == k`); `for_each_weight_row` hands over
+            // 1..=MAX_ROWS rows from `first`, all below `x.rows`, so `R` is `sums.len()`.
             unsafe {
                 match sums.len() {
                     1 => $kernel::<1>(blocks, x, first, sums),
@@ -40,6 +53,12 @@ pub(super) fn dot_rows(dtype: GgmlDType, blocks: &[u8], x: &Q8kRows, first: usiz
 /// Each row's total is kept as 16 f32 lanes (and, for Q4_K's mins, 4 more) and summed
 /// across lanes only at the end of the weight row; the order of operations for a row
 /// does not depend on the other rows, so any batch gives it the same bits.
+///
+/// # Safety
+///
+/// The CPU has AVX-512F/BW/VNNI, `blocks` holds at most `x.blocks` Q4_K blocks, and rows
+/// `first..first + R` of `x` exist (`R == sums.len()`): each row's activations, scales and
+/// sub-block sums for block `b < x.blocks` are then inside `x`'s buffers.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn q4k<const R: usize>(blocks: &[u8], x: &Q8kRows, first: usize, sums: &mut [f32]) {
     let k = x.blocks * QK_K;
@@ -64,6 +83,8 @@ unsafe fn q4k<const R: usize>(blocks: &[u8], x: &Q8kRows, first: usize, sums: &m
         // 32 bytes hold sub-block 2g in their low nibbles and 2g+1 in the high ones: one
         // 64-byte vector lines up with 64 consecutive activations.
         let w: [__m512i; 4] = std::array::from_fn(|g| {
+            // SAFETY: `block` is `Q4K_BYTES` (144) long and bytes 16 + 32g .. 48 + 32g
+            // (g < 4) end by byte 144.
             let q = unsafe { _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(16 + 32 * g).cast())) };
             _mm512_and_si512(_mm512_srlv_epi16(q, unpack_shift), nibble)
         });
@@ -72,10 +93,14 @@ unsafe fn q4k<const R: usize>(blocks: &[u8], x: &Q8kRows, first: usize, sums: &m
             _mm512_permutexvar_epi16(pair_index[1], scales),
         ];
         for (r, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: row `first + r < x.rows` and block `b < x.blocks` (see `# Safety`):
+            // the block's 256 activations start here, inside `x.qs` (`x.rows · k` long).
             let a = unsafe { x.qs.as_ptr().add((first + r) * k + b * QK_K) };
             for pair in 0..2 {
                 // Sums of four products fit in i16 (4·15·127), so two groups share one
                 // `vpdpwssd` with their scales: 3 multiplies per 128 products, not 4.
+                // SAFETY: bytes 128·pair .. 128·pair + 128 (pair < 2) of the block's 256
+                // activations at `a`.
                 let (a0, a1) = unsafe {
                     (
                         _mm512_loadu_si512(a.add(128 * pair).cast()),
@@ -92,6 +117,8 @@ unsafe fn q4k<const R: usize>(blocks: &[u8], x: &Q8kRows, first: usize, sums: &m
         for r in 0..R {
             let d_a = x.d[(first + r) * x.blocks + b];
             totals[r] = _mm512_fmadd_ps(_mm512_set1_ps(d * d_a), _mm512_cvtepi32_ps(acc[r]), totals[r]);
+            // SAFETY: row `first + r < x.rows`, block `b < x.blocks`: its 8 sub-block sums
+            // are inside `x.scaled_sub_sums` (8 per block of each row).
             let sub_sums =
                 unsafe { _mm256_loadu_ps(x.scaled_sub_sums.as_ptr().add(((first + r) * x.blocks + b) * 8)) };
             min_totals[r] = _mm256_fmadd_ps(mins, sub_sums, min_totals[r]);
@@ -136,6 +163,9 @@ fn q4k_scales_mins_vec(packed: &[u8], dmin: f32) -> (__m512i, __m256) {
     )
 }
 
+/// # Safety
+///
+/// As [`q4k`]'s, for Q6_K blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn q6k<const R: usize>(blocks: &[u8], x: &Q8kRows, first: usize, sums: &mut [f32]) {
     let k = x.blocks * QK_K;
@@ -156,21 +186,31 @@ unsafe fn q6k<const R: usize>(blocks: &[u8], x: &Q8kRows, first: usize, sums: &m
         let p = block.as_ptr();
         prefetch_ahead(p, prefetch_distance(R), Q6K_BYTES);
         let d = f16(block, 208);
+        // SAFETY: `block` is `Q6K_BYTES` (210) long; its scales are bytes 192..208.
         let scales16 = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(p.add(192).cast()) });
         let scales_wide = _mm512_zextsi256_si512(scales16);
         let mut acc = [_mm512_setzero_si512(); R];
         for (half, index) in pair_index.iter().enumerate() {
-            let low = unsafe { _mm512_loadu_si512(p.add(64 * half).cast()) };
-            let high = unsafe { _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(128 + 32 * half).cast())) };
+            // SAFETY: of the 210 bytes of `block`, `ql` bytes 64·half .. 64·half + 64 and
+            // `qh` bytes 128 + 32·half .. 160 + 32·half (half < 2).
+            let (low, high) = unsafe {
+                (
+                    _mm512_loadu_si512(p.add(64 * half).cast()),
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(128 + 32 * half).cast())),
+                )
+            };
             let upper_a = _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(high, shift_a), two_bits), 4);
             let upper_b = _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(high, shift_b), two_bits), 4);
             let wa = _mm512_or_si512(_mm512_and_si512(low, nibble), upper_a);
             let wb = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(low, 4), nibble), upper_b);
             let s = _mm512_permutexvar_epi16(*index, scales_wide);
             for (r, acc) in acc.iter_mut().enumerate() {
-                let a = unsafe { x.qs.as_ptr().add((first + r) * k + b * QK_K + 128 * half) };
-                let (a0, a1) =
-                    unsafe { (_mm512_loadu_si512(a.cast()), _mm512_loadu_si512(a.add(64).cast())) };
+                // SAFETY: row `first + r < x.rows` and block `b < x.blocks` (see `# Safety`):
+                // activations 128·half .. 128·half + 128 of the block lie inside `x.qs`.
+                let (a0, a1) = unsafe {
+                    let a = x.qs.as_ptr().add((first + r) * k + b * QK_K + 128 * half);
+                    (_mm512_loadu_si512(a.cast()), _mm512_loadu_si512(a.add(64).cast()))
+                };
                 // Sums of four products fit in i16 (4·63·127 = 32004).
                 let sums = _mm512_packs_epi32(
                     _mm512_dpbusd_epi32(zero, wa, a0),
@@ -181,6 +221,8 @@ unsafe fn q6k<const R: usize>(blocks: &[u8], x: &Q8kRows, first: usize, sums: &m
         }
         for r in 0..R {
             // Quants are stored as q + 32: subtract 32·Σ scale·bsum, same scale d·d_a.
+            // SAFETY: row `first + r < x.rows`, block `b < x.blocks`: its 16 sums of 16
+            // (32 bytes) are inside `x.bsums` (16 per block of each row).
             let bsums =
                 unsafe { _mm256_loadu_si256(x.bsums.as_ptr().add(((first + r) * x.blocks + b) * 16).cast()) };
             let offset = _mm512_zextsi256_si512(_mm256_slli_epi32(_mm256_madd_epi16(scales16, bsums), 5));

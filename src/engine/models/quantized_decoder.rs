@@ -222,14 +222,7 @@ impl QuantizedDecoder {
         steps: &[SlotStep<'_>],
         masks: &[Option<Tensor>],
     ) -> candle_core::Result<Tensor> {
-        let c = &self.config;
-        let block = &self.blocks[index];
-        let [mut q, mut k, mut v] = QLinear::forward_group([&block.q, &block.k, &block.v], x)?;
-        if let Some((qb, kb, vb)) = &block.qkv_bias {
-            q = q.broadcast_add(qb)?;
-            k = k.broadcast_add(kb)?;
-            v = v.broadcast_add(vb)?;
-        }
+        let (q, k, v) = self.project_qkv(index, x)?;
         // Decode tokens on the CPU take the slice path (`decode_attention`); the result of a
         // sequence is the same whichever path its neighbours in the step take.
         let on_slices = x.device().is_cpu() && q.dtype() == DType::F32;
@@ -237,57 +230,18 @@ impl QuantizedDecoder {
             let out = self.decode_attention(index, &q, &k, &v, steps)?;
             return self.blocks[index].o.forward(&out);
         }
-        let groups = c.heads / c.kv_heads;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
         let mut outs = Vec::with_capacity(steps.len());
         let mut offset = 0;
         for (i, (step, mask)) in steps.iter().zip(masks).enumerate() {
             let len = step.tokens.len();
-            if on_slices && len == 1 {
-                let one = |t: &Tensor| t.narrow(1, offset, 1);
-                outs.push(self.decode_attention(index, &one(&q)?, &one(&k)?, &one(&v)?, &steps[i..=i])?);
-                offset += 1;
-                continue;
-            }
-            let c = &self.config;
-            let block = &self.blocks[index];
-            let q = q.narrow(1, offset, len)?.reshape((1, len, c.heads, c.head_dim))?;
-            let k = k
-                .narrow(1, offset, len)?
-                .reshape((1, len, c.kv_heads, c.head_dim))?;
-            let v = v
-                .narrow(1, offset, len)?
-                .reshape((1, len, c.kv_heads, c.head_dim))?
-                .transpose(1, 2)?;
-            offset += len;
-            let (q, k) = match &block.qk_norm {
-                Some((qn, kn)) => (
-                    candle_nn::ops::rms_norm(&q.contiguous()?, qn, c.rms_eps)?,
-                    candle_nn::ops::rms_norm(&k.contiguous()?, kn, c.rms_eps)?,
-                ),
-                None => (q, k),
+            let one = |t: &Tensor| t.narrow(1, offset, len);
+            let out = if on_slices && len == 1 {
+                self.decode_attention(index, &one(&q)?, &one(&k)?, &one(&v)?, &steps[i..=i])?
+            } else {
+                self.prompt_attention(index, [one(&q)?, one(&k)?, one(&v)?], step, mask.as_ref())?
             };
-            let q = self.rope(&q.transpose(1, 2)?, step.pos, len)?;
-            let k = self.rope(&k.transpose(1, 2)?, step.pos, len)?;
-            let (k_all, v_all) = self.caches[step.slot][index].append(&k, &v, c.max_context)?;
-            let total = k_all.dim(2)?;
-            // Grouped-query attention without copying K/V per query head: the query heads
-            // that share a KV head are rows of one matmul against that head's cache.
-            let q = q.reshape((1, c.kv_heads, groups * len, c.head_dim))?;
-            let mut scores = (q.matmul(&k_all.t()?)? * scale)?;
-            if let Some(mask) = mask {
-                scores = scores
-                    .reshape((1, c.heads, len, total))?
-                    .broadcast_add(mask)?
-                    .reshape((1, c.kv_heads, groups * len, total))?;
-            }
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let out = probs
-                .matmul(&v_all)?
-                .reshape((1, c.heads, len, c.head_dim))?
-                .transpose(1, 2)?
-                .reshape((1, len, c.heads * c.head_dim))?;
             outs.push(out);
+            offset += len;
         }
         let out = if outs.len() == 1 {
             outs.swap_remove(0)
@@ -295,6 +249,78 @@ impl QuantizedDecoder {
             Tensor::cat(&outs, 1)?
         };
         self.blocks[index].o.forward(&out)
+    }
+
+    /// The q, k and v projections of `x` (`[1, total, hidden]`) with their biases (Qwen2).
+    fn project_qkv(&self, index: usize, x: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let block = &self.blocks[index];
+        let [mut q, mut k, mut v] = QLinear::forward_group([&block.q, &block.k, &block.v], x)?;
+        if let Some((qb, kb, vb)) = &block.qkv_bias {
+            q = q.broadcast_add(qb)?;
+            k = k.broadcast_add(kb)?;
+            v = v.broadcast_add(vb)?;
+        }
+        Ok((q, k, v))
+    }
+
+    /// Attention of one step's tokens through tensor ops (prompts, and every step off the
+    /// CPU): `qkv` are the step's `[1, len, width]` projections; appends its keys and values
+    /// to the slot's cache and returns `[1, len, heads × head_dim]`.
+    fn prompt_attention(
+        &mut self,
+        index: usize,
+        qkv: [Tensor; 3],
+        step: &SlotStep<'_>,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let len = step.tokens.len();
+        let (q, k, v) = self.prompt_heads(index, qkv, step)?;
+        let c = &self.config;
+        let (k_all, v_all) = self.caches[step.slot][index].append(&k, &v, c.max_context)?;
+        let total = k_all.dim(2)?;
+        let groups = c.heads / c.kv_heads;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        // Grouped-query attention without copying K/V per query head: the query heads
+        // that share a KV head are rows of one matmul against that head's cache.
+        let q = q.reshape((1, c.kv_heads, groups * len, c.head_dim))?;
+        let mut scores = (q.matmul(&k_all.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            scores = scores
+                .reshape((1, c.heads, len, total))?
+                .broadcast_add(mask)?
+                .reshape((1, c.kv_heads, groups * len, total))?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        probs
+            .matmul(&v_all)?
+            .reshape((1, c.heads, len, c.head_dim))?
+            .transpose(1, 2)?
+            .reshape((1, len, c.heads * c.head_dim))
+    }
+
+    /// One step's projections as heads: q `[1, heads, len, head_dim]` and k, v
+    /// `[1, kv_heads, len, head_dim]`, q and k normalised per head (Qwen3) and rotated.
+    fn prompt_heads(
+        &self,
+        index: usize,
+        [q, k, v]: [Tensor; 3],
+        step: &SlotStep<'_>,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let c = &self.config;
+        let len = step.tokens.len();
+        let q = q.reshape((1, len, c.heads, c.head_dim))?;
+        let k = k.reshape((1, len, c.kv_heads, c.head_dim))?;
+        let v = v.reshape((1, len, c.kv_heads, c.head_dim))?.transpose(1, 2)?;
+        let (q, k) = match &self.blocks[index].qk_norm {
+            Some((qn, kn)) => (
+                candle_nn::ops::rms_norm(&q.contiguous()?, qn, c.rms_eps)?,
+                candle_nn::ops::rms_norm(&k.contiguous()?, kn, c.rms_eps)?,
+            ),
+            None => (q, k),
+        };
+        let q = self.rope(&q.transpose(1, 2)?, step.pos, len)?;
+        let k = self.rope(&k.transpose(1, 2)?, step.pos, len)?;
+        Ok((q, k, v))
     }
 
     /// Attention of one new token per step on the CPU (see `decode_attention`): `q`, `k`, `v`
@@ -308,13 +334,27 @@ impl QuantizedDecoder {
         v: &Tensor,
         steps: &[SlotStep<'_>],
     ) -> candle_core::Result<Tensor> {
+        let (mut q, mut k, v) = self.decode_values(index, q, k, v, steps.len())?;
+        self.rope_tokens(&mut q, &mut k, steps)?;
+        self.append_positions(index, &k, &v, steps)?;
+        let mut out = vec![0f32; q.len()];
+        self.attend_cached(index, &q, steps, &mut out)?;
+        let q_width = self.config.heads * self.config.head_dim;
+        Tensor::from_vec(out, (1, steps.len(), q_width), self.cos.device())
+    }
+
+    /// The values of `n` decode tokens' q, k (normalised per head for Qwen3) and v, checked
+    /// to hold `n` tokens each.
+    fn decode_values(
+        &self,
+        index: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        n: usize,
+    ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let c = &self.config;
-        let heads = Heads {
-            heads: c.heads,
-            kv_heads: c.kv_heads,
-            head_dim: c.head_dim,
-        };
-        let (n, d) = (steps.len(), c.head_dim);
+        let d = c.head_dim;
         let (q, k) = match &self.blocks[index].qk_norm {
             Some((qn, kn)) => (
                 candle_nn::ops::rms_norm(&q.reshape((1, n, c.heads, d))?.contiguous()?, qn, c.rms_eps)?,
@@ -322,77 +362,112 @@ impl QuantizedDecoder {
             ),
             None => (q.clone(), k.clone()),
         };
-        let mut q = q.flatten_all()?.to_vec1::<f32>()?;
-        let mut k = k.flatten_all()?.to_vec1::<f32>()?;
+        let q = q.flatten_all()?.to_vec1::<f32>()?;
+        let k = k.flatten_all()?.to_vec1::<f32>()?;
         let v = v.flatten_all()?.to_vec1::<f32>()?;
         let (q_width, kv_width) = (c.heads * d, c.kv_heads * d);
         if q.len() != n * q_width || k.len() != n * kv_width || v.len() != n * kv_width {
             candle_core::bail!("decode attention: q/k/v do not hold {n} tokens");
         }
-        {
-            let (cos_storage, cos_layout) = self.cos.storage_and_layout();
-            let (sin_storage, sin_layout) = self.sin.storage_and_layout();
-            let cos = decode_attention::cpu_values(&cos_storage, cos_layout, "the RoPE table")?;
-            let sin = decode_attention::cpu_values(&sin_storage, sin_layout, "the RoPE table")?;
-            let half = d / 2;
-            let interleaved = c.arch == Arch::Llama;
-            for (i, step) in steps.iter().enumerate() {
-                let row = step.pos * half..(step.pos + 1) * half;
-                let (Some(cos), Some(sin)) = (cos.get(row.clone()), sin.get(row)) else {
-                    candle_core::bail!(
-                        "position {} is beyond the model's context ({})",
-                        step.pos,
-                        c.max_context
-                    );
-                };
-                rope_token(&mut q[i * q_width..(i + 1) * q_width], d, cos, sin, interleaved);
-                rope_token(&mut k[i * kv_width..(i + 1) * kv_width], d, cos, sin, interleaved);
-            }
+        Ok((q, k, v))
+    }
+
+    /// RoPE on each step's token in place (`q`, `k`: one token per step), at the step's
+    /// position.
+    fn rope_tokens(&self, q: &mut [f32], k: &mut [f32], steps: &[SlotStep<'_>]) -> candle_core::Result<()> {
+        let c = &self.config;
+        let d = c.head_dim;
+        let (q_width, kv_width) = (c.heads * d, c.kv_heads * d);
+        let (cos_storage, cos_layout) = self.cos.storage_and_layout();
+        let (sin_storage, sin_layout) = self.sin.storage_and_layout();
+        let cos = decode_attention::cpu_values(&cos_storage, cos_layout, "the RoPE table")?;
+        let sin = decode_attention::cpu_values(&sin_storage, sin_layout, "the RoPE table")?;
+        let half = d / 2;
+        let interleaved = c.arch == Arch::Llama;
+        for (i, step) in steps.iter().enumerate() {
+            let row = step.pos * half..(step.pos + 1) * half;
+            let (Some(cos), Some(sin)) = (cos.get(row.clone()), sin.get(row)) else {
+                candle_core::bail!(
+                    "position {} is beyond the model's context ({})",
+                    step.pos,
+                    c.max_context
+                );
+            };
+            rope_token(&mut q[i * q_width..(i + 1) * q_width], d, cos, sin, interleaved);
+            rope_token(&mut k[i * kv_width..(i + 1) * kv_width], d, cos, sin, interleaved);
         }
-        let max = c.max_context;
+        Ok(())
+    }
+
+    /// Each step's new key and value (one token per step) into its slot's cache of block
+    /// `index`.
+    fn append_positions(
+        &mut self,
+        index: usize,
+        k: &[f32],
+        v: &[f32],
+        steps: &[SlotStep<'_>],
+    ) -> candle_core::Result<()> {
+        let c = &self.config;
+        let kv_width = c.kv_heads * c.head_dim;
         for (i, step) in steps.iter().enumerate() {
             let part = i * kv_width..(i + 1) * kv_width;
             self.caches[step.slot][index].append_position(
                 &k[part.clone()],
                 &v[part],
-                max,
+                c.max_context,
                 &self.cos,
-                heads.kv_heads,
-                d,
+                c.kv_heads,
+                c.head_dim,
             )?;
         }
-        let mut out = vec![0f32; n * q_width];
-        {
-            let buffers = steps
-                .iter()
-                .map(|step| {
-                    let cache = &self.caches[step.slot][index];
-                    match (&cache.k, &cache.v) {
-                        (Some(k), Some(v)) => Ok((
-                            k.storage_and_layout(),
-                            v.storage_and_layout(),
-                            cache.capacity(),
-                            cache.len,
-                        )),
-                        _ => candle_core::bail!("KV cache buffers missing"),
-                    }
+        Ok(())
+    }
+
+    /// `out` = each step's token's attention over its slot's cache of block `index` (its
+    /// own position included), read in place from the cache buffers.
+    fn attend_cached(
+        &self,
+        index: usize,
+        q: &[f32],
+        steps: &[SlotStep<'_>],
+        out: &mut [f32],
+    ) -> candle_core::Result<()> {
+        let buffers = steps
+            .iter()
+            .map(|step| {
+                let cache = &self.caches[step.slot][index];
+                match (&cache.k, &cache.v) {
+                    (Some(k), Some(v)) => Ok((
+                        k.storage_and_layout(),
+                        v.storage_and_layout(),
+                        cache.capacity(),
+                        cache.len,
+                    )),
+                    _ => candle_core::bail!("KV cache buffers missing"),
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let caches = buffers
+            .iter()
+            .map(|((k, k_layout), (v, v_layout), capacity, len)| {
+                Ok(CachedKv {
+                    keys: decode_attention::cpu_values(k, k_layout, "the key cache")?,
+                    values: decode_attention::cpu_values(v, v_layout, "the value cache")?,
+                    capacity: *capacity,
+                    len: *len,
                 })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let caches = buffers
-                .iter()
-                .map(|((k, k_layout), (v, v_layout), capacity, len)| {
-                    Ok(CachedKv {
-                        keys: decode_attention::cpu_values(k, k_layout, "the key cache")?,
-                        values: decode_attention::cpu_values(v, v_layout, "the value cache")?,
-                        capacity: *capacity,
-                        len: *len,
-                    })
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let scale = 1.0 / (d as f32).sqrt();
-            decode_attention::attend(&q, &caches, heads, scale, &mut out);
-        }
-        Tensor::from_vec(out, (1, n, q_width), self.cos.device())
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let c = &self.config;
+        let heads = Heads {
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+        };
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        decode_attention::attend(q, &caches, heads, scale, out);
+        Ok(())
     }
 
     /// Causal mask for `len` new positions after `pos` cached ones: `[len, pos + len]`.

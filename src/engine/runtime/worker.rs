@@ -15,12 +15,10 @@ use super::{
 };
 use crate::{
     backend::{BackendError, ClientId, GenerationEvent, SamplingParams},
+    config::ModelSpec,
     engine::{
         Phase, Shared,
-        load::{
-            hub::{self, ModelSpec},
-            loader,
-        },
+        load::{hub, loader},
         models::qlinear::QLinear,
     },
 };
