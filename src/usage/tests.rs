@@ -164,8 +164,8 @@ fn row(n: u32, attempt: u32) -> AttemptRecord {
             cached_prompt: u64::from(n % 7) * 100,
             reasoning: u64::from(n % 3) * 10,
         },
-        usage_estimated: n % 4 == 0,
-        unpriced: n % 11 == 0,
+        usage_estimated: n.is_multiple_of(4),
+        unpriced: n.is_multiple_of(11),
         cost_nanos: 1_008_000 + i64::from(n) * 7,
         avoided_nanos: if backend_kind == BackendKind::Local {
             2_240_000
@@ -332,7 +332,7 @@ async fn two_writers_on_one_database_lose_and_duplicate_nothing(db: &TestDb) {
         tokio::spawn(async move {
             for (i, r) in rows(requests).into_iter().enumerate() {
                 assert!(ledger.record(r), "the queue is large enough for every row");
-                if i % 40 == 0 {
+                if i.is_multiple_of(40) {
                     tokio::task::yield_now().await;
                 }
             }
