@@ -222,13 +222,15 @@ impl PriceTable {
         PriceTable::default()
     }
 
-    /// DeepSeek's published list prices for `deepseek-chat` and `deepseek-reasoner`, as
-    /// shown on <https://api-docs.deepseek.com/quick_start/pricing> (read 2026-12-08; in
-    /// effect since 2025-09-05 16:00 UTC): both models $0.07 (cache hit) / $0.56 (cache
-    /// miss) input and $1.68 output per million tokens, with the night-time discount
-    /// withdrawn. DeepSeek changes its prices and its discount schedule (the former
-    /// off-peak window was 16:30–00:30 UTC at half price or less), so config overrides
-    /// these and adds any [`PriceWindow`] that is in force.
+    /// DeepSeek's list prices for `deepseek-chat` and `deepseek-reasoner` as published on
+    /// <https://api-docs.deepseek.com/quick_start/pricing> (the copy read on 2026-12-08,
+    /// in effect since 2025-09-05 16:00 UTC): both models $0.07 (cache hit) / $0.56
+    /// (cache miss) input and $1.68 output per million tokens, the night-time discount
+    /// withdrawn. Third-party guides from 2026 report both names moved to DeepSeek-V4
+    /// Flash and due to be retired, and peak/off-peak prices again: DeepSeek changes its
+    /// prices and its discount schedule (the former off-peak window was 16:30–00:30 UTC
+    /// at half price or less), so config overrides these figures and adds whatever
+    /// [`PriceWindow`] is in force.
     pub fn deepseek_defaults() -> PriceTable {
         let list = ModelPrice {
             input_cache_hit: NanosPerToken(70),
