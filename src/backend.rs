@@ -600,6 +600,31 @@ impl ErrorKind {
             ErrorKind::Internal => "internal",
         }
     }
+
+    /// Every kind, for reading a stored label back ([`ErrorKind::from_label`]).
+    pub const ALL: [ErrorKind; 16] = [
+        ErrorKind::Connect,
+        ErrorKind::Timeout(TimeoutPhase::Connect),
+        ErrorKind::Timeout(TimeoutPhase::FirstToken),
+        ErrorKind::Timeout(TimeoutPhase::Idle),
+        ErrorKind::Timeout(TimeoutPhase::Total),
+        ErrorKind::RateLimited,
+        ErrorKind::ServerError,
+        ErrorKind::Unauthorized,
+        ErrorKind::PaymentRequired,
+        ErrorKind::NotFound,
+        ErrorKind::BadRequest,
+        ErrorKind::MalformedFrame,
+        ErrorKind::StreamCut,
+        ErrorKind::Empty,
+        ErrorKind::Unavailable,
+        ErrorKind::Internal,
+    ];
+
+    /// The kind whose [`ErrorKind::as_str`] is `label` (the usage ledger stores labels).
+    pub fn from_label(label: &str) -> Option<ErrorKind> {
+        ErrorKind::ALL.into_iter().find(|kind| kind.as_str() == label)
+    }
 }
 
 /// A failed attempt, classified so the router can decide from the value alone.
@@ -730,6 +755,14 @@ pub trait Backend: Send + Sync + fmt::Debug {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_kind_labels_are_distinct_and_read_back() {
+        for kind in ErrorKind::ALL {
+            assert_eq!(ErrorKind::from_label(kind.as_str()), Some(kind));
+        }
+        assert_eq!(ErrorKind::from_label("no_such_kind"), None);
+    }
 
     #[test]
     fn finish_reasons_round_trip_including_ones_lifeboat_does_not_know() {

@@ -3,9 +3,9 @@
 //!
 //! # Layout
 //!
-//! Dependency direction: `api → router → backend ← {upstream, engine}`; `metrics` and
-//! `alerts` are leaves anyone may call; `cli` sits on top and `app` wires the pieces together. The
-//! README's "Source layout" lists the same modules (`scripts/check-readme-tree` keeps it
+//! Dependency direction: `api → router → backend ← {upstream, engine}`; `metrics`,
+//! `alerts` and `usage` are leaves anyone may call; `cli` sits on top and `app` wires the
+//! pieces together. The README's "Source layout" lists the same modules (`scripts/check-readme-tree` keeps it
 //! equal to `src/`), and `docs/architecture.md` describes how the router decides.
 //!
 //! - [`cli`]: the `lifeboat` subcommands, one file each.
@@ -25,6 +25,8 @@
 //!   OpenAI-compatible target, written as JSON, Markdown and SVG charts.
 //! - [`metrics`]: metric names with units, Prometheus rendering.
 //! - [`alerts`]: breaker changes POSTed to webhooks, in the background.
+//! - [`usage`]: the usage ledger: one row per attempt with tokens and cost (SQLite or
+//!   PostgreSQL), prices in integer nano-dollars, a batching writer off the request path.
 //! - [`mock_upstream`]: the scriptable fake gateway for tests, benches and the CLI.
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
 //! - [`tasks`]: background loops that survive a panic in one iteration.
@@ -47,3 +49,4 @@ pub mod router;
 pub mod shutdown;
 pub mod tasks;
 pub mod upstream;
+pub mod usage;

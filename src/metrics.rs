@@ -51,6 +51,12 @@ pub const GATEWAY_KEY_REQUESTS_TOTAL: &str = "lifeboat_gateway_key_requests_tota
 /// Keys parked after a 401 or 402, by `backend`, `key` (fingerprint) and `status`.
 pub const GATEWAY_KEY_PARKED_TOTAL: &str = "lifeboat_gateway_key_parked_total";
 
+/// Usage-ledger rows committed to the database.
+pub const LEDGER_ROWS_WRITTEN_TOTAL: &str = "lifeboat_ledger_rows_written_total";
+/// Usage-ledger rows lost, by `reason`: `queue_full` (the writer fell behind),
+/// `write_failed` (the database refused the batch), `closed` (the writer had stopped).
+pub const LEDGER_ROWS_DROPPED_TOTAL: &str = "lifeboat_ledger_rows_dropped_total";
+
 /// Latency buckets in seconds, from 1 ms to 10 min.
 const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -106,6 +112,8 @@ fn describe() {
         "Gateway calls per key (by the key's SHA-256 fingerprint)"
     );
     metrics::describe_counter!(GATEWAY_KEY_PARKED_TOTAL, "Gateway keys parked after a 401 or 402");
+    metrics::describe_counter!(LEDGER_ROWS_WRITTEN_TOTAL, "Usage-ledger rows committed");
+    metrics::describe_counter!(LEDGER_ROWS_DROPPED_TOTAL, "Usage-ledger rows lost, by reason");
     metrics::describe_counter!(
         LOCAL_STALLED_CLIENTS_TOTAL,
         "Local sequences cancelled because the client stopped reading"
@@ -190,6 +198,14 @@ pub fn tokens(backend: &str, prompt: u64, completion: u64) {
     metrics::counter!(TOKENS_TOTAL, "backend" => backend.to_string(), "type" => "prompt").increment(prompt);
     metrics::counter!(TOKENS_TOTAL, "backend" => backend.to_string(), "type" => "completion")
         .increment(completion);
+}
+
+pub fn ledger_rows_written(rows: u64) {
+    metrics::counter!(LEDGER_ROWS_WRITTEN_TOTAL).increment(rows);
+}
+
+pub fn ledger_rows_dropped(reason: &'static str, rows: u64) {
+    metrics::counter!(LEDGER_ROWS_DROPPED_TOTAL, "reason" => reason).increment(rows);
 }
 
 pub fn rescued(backend: &str) {
