@@ -111,8 +111,9 @@ mod x86 {
     /// `blocks` is one weight row of `x.blocks` (even) Q8_0 blocks and rows
     /// `first..first + sums.len()` of `x` exist (1 to `MAX_ROWS` of them).
     pub(super) fn dot_rows(blocks: &[u8], x: &Q8Rows, first: usize, sums: &mut [f32]) {
-        debug_assert_eq!(blocks.len(), x.blocks * BLOCK_BYTES);
-        debug_assert!((1..=super::super::MAX_ROWS).contains(&sums.len()) && first + sums.len() <= x.rows);
+        // Checked in release builds too: these bounds keep the kernel's reads in bounds.
+        assert_eq!(blocks.len(), x.blocks * BLOCK_BYTES);
+        assert!((1..=super::super::MAX_ROWS).contains(&sums.len()) && first + sums.len() <= x.rows);
         // SAFETY: `rows`'s `# Safety` terms: `super::dot_rows` calls this only when
         // `available()` found AVX-512F/BW/VNNI, and `matmul` checked that `blocks` is
         // `x.blocks` whole blocks (`weight.len() == n · (k / 32) · 34`, `x.blocks · 32 ==

@@ -42,8 +42,9 @@ pub(super) fn dot_tile(
     macro_rules! rows {
         ($kernel:ident, $x:expr, $bytes:expr) => {{
             let x = $x;
-            debug_assert_eq!(tile.len(), x.blocks * $bytes);
-            debug_assert!((1..=GROUP_ROWS).contains(&sums.len()) && first + sums.len() <= x.rows);
+            // Checked in release builds too: these bounds keep the kernels' reads in bounds.
+            assert_eq!(tile.len(), x.blocks * $bytes);
+            assert!((1..=GROUP_ROWS).contains(&sums.len()) && first + sums.len() <= x.rows);
             // SAFETY: the kernels' `# Safety` terms. `tiles::dot_tile` calls this only when
             // `available()` found AVX-512F/BW/VNNI. `multiply_group` slices `tile` as
             // `(k / per_block) · tile-block bytes` of a `TiledWeight` (`k` a multiple of

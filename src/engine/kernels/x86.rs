@@ -20,9 +20,11 @@ pub(super) fn dot_rows(dtype: GgmlDType, blocks: &[u8], x: &Q8kRows, first: usiz
     } else {
         Q6K_BYTES
     };
-    debug_assert!(matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K), "{dtype:?}");
-    debug_assert_eq!(blocks.len(), x.blocks * block_bytes);
-    debug_assert!((1..=MAX_ROWS).contains(&sums.len()) && first + sums.len() <= x.rows);
+    // Checked in release builds too: these bounds are what keeps the kernels' reads in
+    // bounds, and three comparisons are nothing beside a weight row's dot products.
+    assert!(matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K), "{dtype:?}");
+    assert_eq!(blocks.len(), x.blocks * block_bytes);
+    assert!((1..=MAX_ROWS).contains(&sums.len()) && first + sums.len() <= x.rows);
     macro_rules! rows {
         ($kernel:ident) => {
             // SAFETY: the kernels' `# Safety` terms: `super::dot_rows` calls this only when
