@@ -33,6 +33,14 @@ impl Endpoint {
         }
     }
 
+    /// The prefix of this endpoint's request ids (and of its responses' `id`), as OpenAI's.
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => RequestId::CHAT_PREFIX,
+            Endpoint::Completions => RequestId::COMPLETION_PREFIX,
+        }
+    }
+
     /// Low-cardinality label for metrics and logs.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::{
     error::ApiError,
-    request_ids, sse,
+    sse,
     types::{AssistantMessage, ChatChoice, Completion, TextChoice, ToolCall},
     validate,
 };
@@ -128,15 +128,13 @@ async fn generate(
     let in_flight = InFlight::start();
     // Both middlewares run on every generation route; the fallbacks keep a route that
     // skipped one answering.
-    let id = caller.id.map_or_else(
-        || RequestId::generate(request_ids::id_prefix(endpoint)),
-        |Extension(id)| id,
-    );
+    let id = caller
+        .id
+        .map_or_else(|| RequestId::generate(endpoint.id_prefix()), |Extension(id)| id);
     let request_id = id.clone();
     let result = async move {
         let body = body.map_err(|rejection| body_error(rejection, state.max_body_bytes))?;
-        let mut request = validate::parse(endpoint, &body)?;
-        request.id = id.clone();
+        let mut request = validate::parse_as(endpoint, &body, id.clone())?;
         request.client = caller.client.map(|Extension(client)| client).unwrap_or_default();
         let (stream, include_usage) = (request.stream, request.include_usage);
         // One router snapshot for the whole request (a reload swaps in a new one); an

@@ -14,14 +14,6 @@ use crate::{
     request_id::{RequestId, X_REQUEST_ID},
 };
 
-/// The prefix of `endpoint`'s ids (and of its responses' `id`), as OpenAI's.
-pub(crate) fn id_prefix(endpoint: Endpoint) -> &'static str {
-    match endpoint {
-        Endpoint::ChatCompletions => RequestId::CHAT_PREFIX,
-        Endpoint::Completions => RequestId::COMPLETION_PREFIX,
-    }
-}
-
 /// Middleware for the generation routes: make the request's id (the handler finds it as
 /// an extension) and answer `x-request-id` on whatever response comes back.
 pub(crate) async fn tag(mut request: Request, next: Next) -> Response {
@@ -31,7 +23,7 @@ pub(crate) async fn tag(mut request: Request, next: Next) -> Response {
         Endpoint::Completions
     };
     let header = HeaderName::from_static(X_REQUEST_ID);
-    let id = RequestId::generate(id_prefix(endpoint))
+    let id = RequestId::generate(endpoint.id_prefix())
         .with_client_header(request.headers().get(&header).map(HeaderValue::as_bytes));
     // Both ids are printable ASCII by construction, so this never fails.
     let echo = HeaderValue::from_str(id.header_value());

@@ -47,8 +47,18 @@ impl ValidationError {
     }
 }
 
-/// Parse and validate a body for `endpoint`.
+/// Parse and validate a body for `endpoint`, under a fresh id (callers outside the API).
 pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<GenerationRequest, ValidationError> {
+    parse_as(endpoint, body, RequestId::generate(endpoint.id_prefix()))
+}
+
+/// Parse and validate a body for `endpoint` as the request `id` (made before parsing, so
+/// that even a refused request's answer carries it).
+pub fn parse_as(
+    endpoint: Endpoint,
+    body: &[u8],
+    id: RequestId,
+) -> Result<GenerationRequest, ValidationError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ValidationError::InvalidJson(
             "the body is empty; send a JSON object (Content-Type: application/json)".into(),
@@ -63,8 +73,8 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<GenerationRequest, Valid
         )));
     };
     match endpoint {
-        Endpoint::ChatCompletions => chat(raw),
-        Endpoint::Completions => completion(raw),
+        Endpoint::ChatCompletions => chat(raw, id),
+        Endpoint::Completions => completion(raw, id),
     }
 }
 
@@ -222,7 +232,7 @@ fn check_sampling(sampling: &SamplingParams) -> Result<(), ValidationError> {
     Ok(())
 }
 
-fn chat(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationError> {
+fn chat(raw: Map<String, Value>, id: RequestId) -> Result<GenerationRequest, ValidationError> {
     let (mut req, raw): (ChatCompletionRequest, _) = typed(raw)?;
     if req.messages.is_empty() {
         return Err(ValidationError::invalid(
@@ -261,8 +271,7 @@ fn chat(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationError> {
         &mut sampling,
     )?;
     Ok(GenerationRequest {
-        // The API gives it the id it made before parsing; other callers keep this one.
-        id: RequestId::generate(RequestId::CHAT_PREFIX),
+        id,
         endpoint: Endpoint::ChatCompletions,
         model,
         stream,
@@ -498,7 +507,7 @@ fn text_prompts(prompt: &Value) -> Result<Vec<String>, ValidationError> {
     })
 }
 
-fn completion(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationError> {
+fn completion(raw: Map<String, Value>, id: RequestId) -> Result<GenerationRequest, ValidationError> {
     let (req, raw): (CompletionRequest, _) = typed(raw)?;
     let prompts = text_prompts(&req.prompt)?;
     let mut sampling = SamplingParams {
@@ -525,7 +534,7 @@ fn completion(raw: Map<String, Value>) -> Result<GenerationRequest, ValidationEr
         &mut sampling,
     )?;
     Ok(GenerationRequest {
-        id: RequestId::generate(RequestId::COMPLETION_PREFIX),
+        id,
         endpoint: Endpoint::Completions,
         model,
         stream,

@@ -51,15 +51,6 @@ enum Skip {
     ContextWindow,
 }
 
-/// What a local hedge that answered first brings back.
-struct HedgeWin {
-    /// The local backend's id and the model it served.
-    target: (String, String),
-    events: EventStream,
-    /// How the remote had failed by then, if it had.
-    primary_error: Option<BackendError>,
-}
-
 /// Where one attempt goes.
 #[derive(Clone, Copy)]
 struct Aim<'a> {
@@ -240,7 +231,6 @@ impl Router {
         let mut attempt = BackendRequest::new(target.model.clone(), request.clone());
         attempt.deadlines = self.adaptive_deadlines(backend.id(), &target.model);
         let plan = self.hedge_plan(route, backend);
-        let hedge_target = plan.as_ref().map(|p| (p.local.id().to_string(), p.model.clone()));
         let work = hedge::attempt(backend, attempt, plan).instrument(trace.span().clone());
         let Some(outcome) = self.rescuable(backend.id(), work).await else {
             // The breaker is already open: this request only stopped waiting on it.
@@ -263,17 +253,7 @@ impl Router {
                     accounted: false,
                 };
             }
-            hedge::Outcome::HedgeWon {
-                events,
-                primary_error,
-            } => {
-                let won = HedgeWin {
-                    target: hedge_target.unwrap_or_default(),
-                    events,
-                    primary_error,
-                };
-                return self.hedge_won(backend, won, permit, trace, trail);
-            }
+            hedge::Outcome::HedgeWon(won) => return self.hedge_won(backend, won, permit, trace, trail),
         };
         trace.first_output();
         self.committed(aim, events, permit, started, trail, trace).await
@@ -305,7 +285,7 @@ impl Router {
     fn hedge_won(
         &self,
         primary: &dyn Backend,
-        won: HedgeWin,
+        won: hedge::HedgeWin,
         permit: Option<Permit>,
         trace: AttemptTrace,
         trail: &Trail,
@@ -323,11 +303,10 @@ impl Router {
             );
         });
         trace.committed();
-        let (backend, model) = won.target;
         Attempt::Committed(Routed {
-            backend,
+            backend: won.backend,
             backend_kind: BackendKind::Local,
-            model,
+            model: won.model,
             attempts: trail.attempts + 1,
             fallback_reason: Some("hedge"),
             events: trace::traced(won.events, trace),

@@ -23,12 +23,19 @@ pub(super) struct HedgePlan {
 pub(super) enum Outcome {
     /// The primary answered first, or failed and no hedge won.
     Primary(Result<EventStream, BackendError>),
-    /// The local hedge produced the first token; `primary_error` is set when the primary
-    /// had already failed by then (it is accounted as a failure).
-    HedgeWon {
-        events: EventStream,
-        primary_error: Option<BackendError>,
-    },
+    /// The local hedge produced the first token.
+    HedgeWon(HedgeWin),
+}
+
+/// What a local hedge that answered first brings back.
+pub(super) struct HedgeWin {
+    /// The local backend's id.
+    pub backend: String,
+    /// The model it served.
+    pub model: String,
+    pub events: EventStream,
+    /// Set when the primary had already failed by then (it is accounted as a failure).
+    pub primary_error: Option<BackendError>,
 }
 
 async fn start(backend: &dyn Backend, request: BackendRequest) -> Result<EventStream, BackendError> {
@@ -74,7 +81,7 @@ pub(super) async fn attempt(
             Err(error) => match second.await {
                 Ok(events) => {
                     metrics::hedge("hedge_won");
-                    Outcome::HedgeWon { events, primary_error: Some(error) }
+                    Outcome::HedgeWon(won(&plan, events, Some(error)))
                 }
                 Err(_) => Outcome::Primary(Err(error)),
             },
@@ -82,7 +89,7 @@ pub(super) async fn attempt(
         result = &mut second => match result {
             Ok(events) => {
                 metrics::hedge("hedge_won");
-                Outcome::HedgeWon { events, primary_error: None }
+                Outcome::HedgeWon(won(&plan, events, None))
             }
             Err(error) => {
                 tracing::debug!(%error, "hedge failed; waiting for the primary");
@@ -90,6 +97,15 @@ pub(super) async fn attempt(
                 Outcome::Primary(first.await)
             }
         },
+    }
+}
+
+fn won(plan: &HedgePlan, events: EventStream, primary_error: Option<BackendError>) -> HedgeWin {
+    HedgeWin {
+        backend: plan.local.id().to_string(),
+        model: plan.model.clone(),
+        events,
+        primary_error,
     }
 }
 
@@ -184,10 +200,10 @@ mod tests {
         let outcome = attempt(remote.as_ref(), request(), plan(&local)).await;
         assert!(matches!(
             outcome,
-            Outcome::HedgeWon {
+            Outcome::HedgeWon(HedgeWin {
                 primary_error: None,
                 ..
-            }
+            })
         ));
         assert_eq!(
             started.elapsed(),
@@ -203,7 +219,7 @@ mod tests {
             fake(BackendKind::Local, 500, false),
         );
         let outcome = attempt(remote.as_ref(), request(), plan(&local)).await;
-        let Outcome::HedgeWon { primary_error, .. } = outcome else {
+        let Outcome::HedgeWon(HedgeWin { primary_error, .. }) = outcome else {
             panic!("the hedge should answer")
         };
         assert_eq!(primary_error.map(|e| e.kind), Some(ErrorKind::ServerError));
